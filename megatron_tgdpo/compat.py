@@ -1,0 +1,154 @@
+"""The one place that knows about megatron-core versions and about running it without CUDA.
+
+Two jobs, nothing else:
+
+1. **Version differences.** The project supports megatron-core 0.16.x (the newest that installs on
+   Python 3.11, our CI) and 0.19.x (clusters, Python 3.12). Anything that differs between them is
+   guarded here, so the rest of the code calls one name.
+
+2. **CPU shims.** megatron-core assumes CUDA in a handful of places (RNG tracker, buffer devices,
+   ``torch.cuda.synchronize`` in p2p and checkpoint save, a few hard-coded ``device="cuda"``).
+   :func:`apply_cpu_shims` makes those run on a CPU-only torch so that TP/PP/CP/DP can be tested with
+   gloo. It is a no-op whenever CUDA is available: GPU runs never see a shim.
+
+   What it does, and why each piece is needed:
+
+   * ``torch.cuda.current_device`` returns ``torch.device("cpu")``: megatron allocates buffers on
+     ``device=torch.cuda.current_device()`` everywhere (p2p shapes, embeddings, RoPE, gathers).
+   * ``torch.cuda.synchronize`` / ``torch.cuda.empty_cache`` become no-ops (p2p, checkpointing).
+   * The CUDA RNG API used by megatron's ``CudaRNGStatesTracker`` is routed to the CPU generator,
+     so ``model_parallel_cuda_manual_seed`` and ``tracker.fork()`` work (the tracker then switches
+     CPU generator states, which is exactly the semantics it has for the CUDA generator).
+   * A :class:`torch.overrides.TorchFunctionMode` rewrites a ``cuda`` device argument to ``cpu`` and
+     makes ``Tensor.cuda()`` return the tensor itself: it catches the hard-coded
+     ``torch.zeros(..., device="cuda")`` in schedules, grad clipping and the optimizer without
+     patching those modules one by one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any
+
+import torch
+from packaging.version import Version
+
+# --------------------------------------------------------------------------------------------
+# megatron-core version
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def mcore_version() -> Version:
+    """Installed megatron-core version."""
+    from megatron.core import package_info
+
+    return Version(package_info.__version__)
+
+
+def mcore_at_least(version: str) -> bool:
+    return mcore_version() >= Version(version)
+
+
+def silence_known_warnings() -> None:
+    """0.19 warns that ``GPTModel`` is deprecated in favour of ``HybridModel``; it still works and is
+    the documented model class for the versions we support, so the notice is noise in every rank's log."""
+    warnings.filterwarnings("ignore", message=".*GPTModel.*deprecated.*")
+    warnings.filterwarnings("ignore", message=".*HybridModel.*")
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer Engine availability (GPU only)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def te_available() -> bool:
+    """TransformerEngine's torch extension is importable and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# CPU shims
+# --------------------------------------------------------------------------------------------
+
+_CPU = torch.device("cpu")
+_SHIMS_APPLIED = False
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means "CUDA device index" in torch factory functions.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU; ``Tensor.cuda()`` returns the tensor unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device=_CPU)
+        if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:  # noqa: ARG001 - signature of torch's
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:  # noqa: ARG001
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which is this function.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def cpu_shims_active() -> bool:
+    return _SHIMS_APPLIED
+
+
+def apply_cpu_shims() -> None:
+    """Make megatron-core usable on a CPU-only torch. Idempotent; a no-op when CUDA is available."""
+    global _SHIMS_APPLIED
+    if _SHIMS_APPLIED or torch.cuda.is_available():
+        return
+    if os.environ.get("MEGATRON_TGDPO_NO_CPU_SHIMS") == "1":
+        return
+
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    torch.cuda.manual_seed = _cpu_manual_seed  # type: ignore[assignment]
+    torch.cuda.manual_seed_all = _cpu_manual_seed  # type: ignore[assignment]
+    torch.cuda.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
+    torch.cuda.set_rng_state = _cpu_set_rng_state  # type: ignore[assignment]
+    torch.cuda.random.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
+    torch.cuda.random.set_rng_state = _cpu_set_rng_state  # type: ignore[assignment]
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # The tracker calls these module-level helpers, bound at import time.
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    if hasattr(mcore_random, "_get_cuda_rng_state"):
+        mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
+    _SHIMS_APPLIED = True

@@ -1,0 +1,29 @@
+"""Install megatron_tgdpo: DPO / TGDPO preference optimisation on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_tgdpo",
+    version="0.1.0",
+    description="Token-level reward-guided DPO (TGDPO) and DPO on megatron-core, at cluster scale",
+    packages=find_packages(include=["megatron_tgdpo", "megatron_tgdpo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned by the installer (CPU wheel on dev/CI machines, CUDA wheel on clusters).
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "psutil",  # megatron-core dist_checkpointing needs it without declaring it
+        "pyyaml",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "jinja2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.45"],
+        # GPU only: TransformerEngine with its torch extension (FP8 layers, CP attention).
+        "te": ["transformer-engine[pytorch]"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["megatron-tgdpo-train=megatron_tgdpo.train:main"]},
+)
