@@ -152,3 +152,30 @@ def apply_cpu_shims() -> None:
 
     _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
     _SHIMS_APPLIED = True
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline stage helpers (signatures moved between 0.16 and 0.19)
+# --------------------------------------------------------------------------------------------
+
+
+def num_layers_on_stage(config, *, vp_stage: int | None = None) -> int:
+    """Transformer layers this (virtual) pipeline stage builds."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    try:
+        return get_num_layers_to_build(config, vp_stage=vp_stage)
+    except TypeError:  # older signature without vp_stage
+        return get_num_layers_to_build(config)
+
+
+def stage_position(vp_stage: int | None) -> tuple[bool, bool]:
+    """(is first stage, is last stage) of this rank's (virtual) pipeline chunk."""
+    from megatron.core import parallel_state as ps
+
+    if vp_stage is None:
+        return ps.is_pipeline_first_stage(ignore_virtual=True), ps.is_pipeline_last_stage(ignore_virtual=True)
+    return (
+        ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+    )
