@@ -19,10 +19,11 @@ Two jobs, nothing else:
    * The CUDA RNG API used by megatron's ``CudaRNGStatesTracker`` is routed to the CPU generator,
      so ``model_parallel_cuda_manual_seed`` and ``tracker.fork()`` work (the tracker then switches
      CPU generator states, which is exactly the semantics it has for the CUDA generator).
-   * A :class:`torch.overrides.TorchFunctionMode` rewrites a ``cuda`` device argument to ``cpu`` and
-     makes ``Tensor.cuda()`` return the tensor itself: it catches the hard-coded
-     ``torch.zeros(..., device="cuda")`` in schedules, grad clipping and the optimizer without
-     patching those modules one by one.
+   * A :class:`torch.overrides.TorchFunctionMode` rewrites a ``cuda`` device argument to ``cpu``,
+     makes ``Tensor.cuda()`` return the tensor itself, and reports CPU tensor types under their CUDA
+     names (``Tensor.type()``): it catches the hard-coded ``torch.zeros(..., device="cuda")`` in
+     schedules, grad clipping and the optimizer, and their ``'torch.cuda.FloatTensor'`` checks,
+     without patching those modules one by one.
 """
 from __future__ import annotations
 
@@ -99,6 +100,9 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron checks ``param.type() == 'torch.cuda.FloatTensor'`` (grad clipping, optimizers).
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device=_CPU)
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
@@ -179,3 +183,18 @@ def stage_position(vp_stage: int | None) -> tuple[bool, bool]:
         ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer checkpoint state
+# --------------------------------------------------------------------------------------------
+
+# Distributed-optimizer state is saved per DP shard ("dp_reshardable"): fully parallel, no gather
+# onto one rank (which would not fit at 70B). It reshards across DP sizes, not across TP/PP;
+# checkpointing.load_checkpoint refuses a TP/PP change for optimizer state with a clear message.
+OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    metadata = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING, "chained_optim_avoid_prefix": True}
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)

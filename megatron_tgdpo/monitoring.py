@@ -1,0 +1,133 @@
+"""Progress and metrics: rank-0 console lines, ``metrics.jsonl``, TensorBoard, FLOP accounting.
+
+(Named ``monitoring`` rather than ``logging`` so it never shadows the standard library module.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Dense bf16 peak of the GPUs we quote MFU for (per device, TFLOP/s).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Matmul FLOPs per token of a Llama network (forward), attention scores included."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+
+    def forward_flops_per_token(self, seq_length: int) -> float:
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        kv = h * self.num_query_groups // self.num_attention_heads
+        qkv_o = 2 * h * (h + 2 * kv) + 2 * h * h
+        mlp = 2 * 3 * h * f
+        attn = 2 * 2 * h * seq_length / 2  # QK^T and AV, causal: half the square on average
+        return L * (qkv_o + mlp + attn) + 2 * h * self.vocab_size
+
+    def step_flops(self, *, tokens: int, seq_length: int, frozen_models: int) -> float:
+        """Policy forward+backward (3x forward) plus forward-only reference/guidance models."""
+        per_token = self.forward_flops_per_token(seq_length)
+        return tokens * per_token * (3 + frozen_models)
+
+
+class MetricsLogger:
+    """Writes on one rank only (the caller decides which); a no-op elsewhere."""
+
+    def __init__(self, *, log_dir: Optional[str], enabled: bool, total_iters: int, tensorboard: bool = True):
+        self.enabled = enabled
+        self.total = total_iters
+        self.start = time.monotonic()
+        self.first_iteration: Optional[int] = None
+        self.jsonl = None
+        self.tb = None
+        if enabled and log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
+                except Exception:  # noqa: BLE001 - TensorBoard is optional
+                    self.tb = None
+
+    def log_step(self, iteration: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.first_iteration is None:
+            self.first_iteration = iteration - 1
+            self.start = time.monotonic() - metrics.get("step_time_s", 0.0)
+        record = {"iteration": iteration, **{k: _plain(v) for k, v in metrics.items()}}
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, iteration)
+        print(self._console_line(iteration, metrics), flush=True)
+
+    def _console_line(self, iteration: int, m: dict[str, float]) -> str:
+        done = iteration - (self.first_iteration or 0)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / max(done, 1) * (self.total - iteration)
+        parts = [
+            f"iter {iteration:>6}/{self.total}",
+            f"eta {_duration(eta)}",
+            f"loss {m['loss']:.4f}",
+            f"acc {m['rewards/accuracy']:.3f}",
+            f"margin {m['rewards/margin']:+.4f}",
+            f"lr {m['lr']:.3e}",
+            f"grad-norm {m['grad_norm']:.3f}",
+            f"tok/s {m['tokens_per_s']:.0f}",
+            f"TFLOP/s {m['tflops']:.3g}",
+        ]
+        if "mfu" in m:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        return " | ".join(parts)
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def warn(text: str) -> None:
+    print(f"WARNING: {text}", file=sys.stderr, flush=True)
