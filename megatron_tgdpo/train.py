@@ -26,6 +26,7 @@ from megatron_tgdpo import checkpointing, compat, distributed
 from megatron_tgdpo.config import TrainConfig, parse_args, validate
 from megatron_tgdpo.losses import preference_loss
 from megatron_tgdpo.models import llama
+from megatron_tgdpo.models.state_dict import seeded_init
 from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, peak_tflops, warn
 from megatron_tgdpo.scoring import run_schedule, score_logps
 
@@ -98,6 +99,8 @@ def build_frozen(arch, cfg: TrainConfig, path: Optional[str]) -> list:
     chunks = llama.build_model(arch, llama.transformer_config(arch, layout_of(cfg), precision))
     if path is not None:
         checkpointing.load_model_weights(path, chunks)
+    else:
+        seeded_init(chunks, seed=cfg.seed, std=chunks[0].config.init_method_std)
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)

@@ -88,3 +88,34 @@ def local_full_names(chunks: list[torch.nn.Module]) -> dict[str, tuple[torch.nn.
             dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else -1
             out[to_global_name(name, offset)] = (param, dim, getattr(param, "partition_stride", 1))
     return out
+
+
+def seeded_init(chunks: list[torch.nn.Module], *, seed: int, std: float) -> None:
+    """Initialise every parameter from a generator keyed by (seed, global parameter name).
+
+    megatron-core's own initialisation draws from one RNG stream in build order, so the weights
+    depend on the parallel layout (a PP stage builds only its layers). Drawing each *full* tensor
+    from its own keyed generator and then taking this rank's shard gives the same model at every
+    TP/PP/CP layout, which is what makes from-scratch runs comparable across layouts. Norm weights
+    are ones; output projections (``linear_proj``, ``linear_fc2``) use megatron's scaled std.
+    """
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    num_layers = chunks[0].config.num_layers
+    for name, (param, dim, stride) in local_full_names(chunks).items():
+        if param.dim() == 1:
+            full = torch.ones(param.shape[0], dtype=torch.float32)
+        else:
+            shape = list(param.shape)
+            if dim >= 0:
+                shape[dim] *= size
+            scaled = name.endswith(("linear_proj.weight", "linear_fc2.weight"))
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            full = torch.randn(shape, generator=gen) * (std / (2 * num_layers) ** 0.5 if scaled else std)
+        if dim >= 0:
+            full = shard_tensor(full, dim=dim, stride=stride, rank=rank, size=size)
+        with torch.no_grad():
+            param.copy_(full.to(param.dtype))
