@@ -44,8 +44,28 @@ def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def incomplete_reason(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint, or None when it is.
+
+    Complete means: our metadata (written after every rank finished) is there, and every file it
+    lists has the size recorded at publish time, so a copy truncated later is caught too."""
+    if not (path / METADATA).is_file():
+        return f"no {METADATA} (the save was interrupted before it was published)"
+    try:
+        meta = json.loads((path / METADATA).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable {METADATA} ({exc})"
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, {size} were written (truncated copy?)"
+    return None
+
+
 def is_complete(path: Path) -> bool:
-    return (path / METADATA).is_file() and (path / "metadata.json").is_file()
+    return incomplete_reason(path) is None
 
 
 def read_metadata(path: Path) -> dict:
@@ -82,8 +102,8 @@ def find_latest(root: str | os.PathLike) -> Optional[Path]:
                 log.warning("%s names iteration %s but the newest complete checkpoint is %s; using it",
                             root / TRACKER, tracked, path.name)
             return path
-        log.warning("skipping %s: incomplete checkpoint (no %s or torch_dist metadata); "
-                    "it was interrupted mid-write", path, METADATA)
+        log.warning("skipping %s: incomplete checkpoint: %s; falling back to an older one",
+                    path, incomplete_reason(path))
     return None
 
 
@@ -94,12 +114,27 @@ def resolve(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint directory; check --load / --ref-load / --guidance-load")
     if _ITER_DIR.match(path.name):
         if not is_complete(path):
-            raise CheckpointError(f"{path}: incomplete checkpoint (interrupted save); pick another iteration")
+            raise CheckpointError(f"{path}: incomplete checkpoint ({incomplete_reason(path)}); "
+                                  "pick another iteration or the save root to use the newest complete one")
         return path
     latest = find_latest(path)
     if latest is None:
         raise CheckpointError(f"{path}: contains no complete checkpoint (iter_XXXXXXX with {METADATA})")
     return latest
+
+
+def current_layout() -> dict:
+    """The parallel layout that decides whether optimizer and RNG state can be restored as saved."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "context_parallel_size": ps.get_context_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +220,9 @@ def save_checkpoint(
     _barrier()
 
     if _rank0():
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **(state or {})}
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "layout": current_layout(),
+                **(state or {}), "files": files}
         _write_atomic(tmp / METADATA, json.dumps(meta, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -263,32 +300,48 @@ def load_checkpoint(
     chunks: list[torch.nn.Module],
     optimizer=None,
     scheduler=None,
-    restore_rng: bool = True,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
 ) -> Optional[dict]:
-    """Resume from the newest complete checkpoint under ``root``; None if there is none yet."""
+    """Resume from the newest complete checkpoint under ``root``; None if there is none yet.
+
+    Model weights reshard to any TP/PP/CP/DP layout. Optimizer state reshards across DP sizes only
+    (see ``compat.OPTIMIZER_SHARDING``): a TP/PP change raises with what to do. RNG state is restored
+    only at the same world size and layout (it is per rank)."""
     from megatron.core import dist_checkpointing
 
     ckpt = find_latest(root)
     if ckpt is None:
         return None
     meta = read_metadata(ckpt)
+    saved, now = meta.get("layout", {}), current_layout()
+    model_axes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
+    changed = [f"{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in model_axes if saved.get(k) != now[k]]
+    if optimizer is not None and load_optimizer and changed:
+        raise CheckpointError(
+            f"{ckpt}: optimizer state was saved at a different layout ({', '.join(changed)}) and cannot be "
+            "resharded across tensor/pipeline parallelism; pass --no-load-optim to load the model weights "
+            "(resharded) with a fresh optimizer, or resume at the saved layout"
+        )
     sharded = model_sharded_state_dict(chunks)
-    if optimizer is not None:
+    if optimizer is not None and load_optimizer:
         from megatron_tgdpo import compat
 
         sharded["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, sharded, is_loading=True)
-    sharded["rng_state"] = _per_rank_object("rng_state", None)
-    same_layout = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
-    if not same_layout or not restore_rng:
-        sharded.pop("rng_state")
+    restore_rng = load_rng and saved == now
+    if restore_rng:
+        sharded["rng_state"] = _per_rank_object("rng_state", None)
+    elif load_rng:
+        log.warning("%s: saved at layout %s, now %s: RNG state is not restored (it is per rank)", ckpt, saved, now)
     loaded = dist_checkpointing.load(sharded, str(ckpt))
     _assign_model(chunks, loaded)
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-    if "rng_state" in loaded:
+    if "optimizer" in sharded:
+        from megatron_tgdpo import compat
+
+        compat.load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_rng:
         set_rng_state(loaded["rng_state"])
     meta["path"] = str(ckpt)
     return meta

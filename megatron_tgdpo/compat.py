@@ -195,6 +195,70 @@ def stage_position(vp_stage: int | None) -> tuple[bool, bool]:
 OPTIMIZER_SHARDING = "dp_reshardable"
 
 
+def _torch_adams(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = [getattr(o, "optimizer", None) for o in chained]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _prime_torch_adam_state(optimizer) -> None:
+    """Without apex/TE megatron falls back to torch Adam, whose state megatron's ``init_state_fn``
+    creates without ``step``; the distributed optimizer's ``state_dict`` then cannot build the
+    loading template. Give never-stepped parameters the complete state torch Adam would create."""
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                state = adam.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    if is_loading:
+        _prime_torch_adam_state(optimizer)
     metadata = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING, "chained_optim_avoid_prefix": True}
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+
+
+def _param_group_steps(state) -> set:
+    """Every ``step`` recorded in the ``param_groups`` of a (possibly chained) optimizer state dict."""
+    found = set()
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "param_groups" and isinstance(value, list):
+                found.update(float(g["step"]) for g in value if isinstance(g, dict) and g.get("step") is not None)
+            else:
+                found |= _param_group_steps(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            found |= _param_group_steps(value)
+    return found
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` plus a fix for the torch-Adam fallback (no apex/TE).
+
+    megatron-core's distributed optimizer keeps torch Adam's ``step`` only in the param groups of its
+    checkpoint (the per-parameter sharded state has no ``step``) and on load writes one *shared*
+    tensor into every parameter's state, which torch Adam then increments once per parameter. Either
+    way the bias correction after a resume would differ from an uninterrupted run, so each parameter
+    gets its own ``step`` equal to the checkpoint's.
+    """
+    with torch.no_grad():  # fp32 distributed optimizer: main params are views of leaf params
+        optimizer.load_state_dict(state)
+    adams = _torch_adams(optimizer)
+    if not adams:
+        return
+    steps = _param_group_steps(state)
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer checkpoint has inconsistent step counts {sorted(steps)}")
+    for adam in adams:
+        for group in adam.param_groups:
+            for p in group["params"]:
+                param_state = adam.state[p]
+                if steps:
+                    param_state["step"] = torch.tensor(next(iter(steps)), dtype=torch.float32)
+                elif "step" in param_state:
+                    param_state["step"] = param_state["step"].clone()

@@ -67,6 +67,8 @@ class TrainConfig:
     guidance_load: Optional[str] = field(default=None, metadata={"help": "guidance model for tgdpo"})
     logprob_cache: Optional[str] = field(default=None, metadata={"help": "offline ref/guidance log-prob cache"})
     # --- checkpoints --------------------------------------------------------------------------
+    load_optim: bool = field(default=True, metadata={"help": "restore optimizer state on resume (--no-load-optim)"})
+    load_rng: bool = field(default=True, metadata={"help": "restore RNG state on resume (--no-load-rng)"})
     save: Optional[str] = None
     save_interval: Optional[int] = None
     keep_last: Optional[int] = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import time
@@ -33,6 +34,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_PRELOADED = False
+
+
+def _preload() -> None:
+    """Import the heavy modules once in the parent so that every forked rank inherits them
+    (megatron-core's import alone takes 4-10 s on 2 cores; paid per rank otherwise)."""
+    global _PRELOADED
+    if not _PRELOADED:
+        import megatron_tgdpo.train  # noqa: F401 - pulls in megatron-core, models, data, losses, ops
+        import megatron.core.dist_checkpointing  # noqa: F401
+
+        _PRELOADED = True
 
 
 def _rank_main(rank: int, world_size: int, port: int, conn, fn, args, kwargs, parallel: dict) -> None:
@@ -57,17 +72,17 @@ def _rank_main(rank: int, world_size: int, port: int, conn, fn, args, kwargs, pa
         status = ("ok", fn(*args, **kwargs))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         status = ("error", traceback.format_exc())
+    # Plain pickle, not multiprocessing's: with torch.multiprocessing imported, the latter sends tensors
+    # as shared-memory handles that the parent would fetch from this (by then exited) process.
     try:
-        conn.send(status)
+        payload = pickle.dumps(status)
     except Exception:  # noqa: BLE001 - an unpicklable result is a failure too
-        conn.send(("error", f"rank {rank}: result could not be sent back:\n{traceback.format_exc()}"))
+        payload = pickle.dumps(("error", f"rank {rank}: result could not be pickled:\n{traceback.format_exc()}"))
+    conn.send_bytes(payload)
     conn.close()
-    try:
-        from megatron_tgdpo import distributed
-
-        distributed.destroy()
-    finally:
-        os._exit(0)
+    # No orderly teardown: destroy_process_group can linger for seconds after checkpoint I/O or DDP,
+    # and the parent kills this rank's whole process group anyway.
+    os._exit(0)
 
 
 def run_on_ranks(
@@ -87,6 +102,7 @@ def run_on_ranks(
 
     With ``model_parallel=False`` only the process group is created (no megatron-core state).
     """
+    _preload()
     ctx = mp.get_context("fork")
     port = free_port()
     parallel = None
@@ -117,7 +133,7 @@ def run_on_ranks(
             remaining = deadline - time.monotonic()
             if remaining > 0 and conn.poll(remaining):
                 try:
-                    kind, payload = conn.recv()
+                    kind, payload = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     kind, payload = "error", "process died without reporting (killed or crashed)"
             else:
@@ -130,7 +146,7 @@ def run_on_ranks(
                     break  # the rest are waiting on this one; do not wait out the clock per rank
     finally:
         for proc in procs:
-            proc.join(timeout=5 if not errors else 0.5)
+            proc.join(timeout=2 if not errors else 0.5)
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -395,7 +395,8 @@ def run(cfg: TrainConfig) -> int:
 
     start_iteration, consumed = 0, 0
     if cfg.load is not None:
-        meta = checkpointing.load_checkpoint(cfg.load, chunks=models.policy, optimizer=optimizer, scheduler=scheduler)
+        meta = checkpointing.load_checkpoint(cfg.load, chunks=models.policy, optimizer=optimizer, scheduler=scheduler,
+                                             load_optimizer=cfg.load_optim, load_rng=cfg.load_rng)
         if meta is not None:
             start_iteration, consumed = meta["iteration"], meta["consumed_samples"]
 
@@ -445,8 +446,7 @@ def run(cfg: TrainConfig) -> int:
             mid = evaluate(cfg, models, eval_source(), cfg.eval_iters)
             if mid:
                 logger.info(f"held-out at iteration {iteration}: " + _summary_line(mid))
-        state = {"consumed_samples": consumed, "world_size": dist.get_world_size(), "config": cfg.to_dict(),
-                 "arch": arch.__dict__}
+        state = {"consumed_samples": consumed, "config": cfg.to_dict(), "arch": arch.__dict__}
         reason = stop.should_stop()
         if cfg.save and ((cfg.save_interval and iteration % cfg.save_interval == 0) or reason):
             path = checkpointing.save_checkpoint(cfg.save, iteration=iteration, chunks=models.policy,

@@ -63,6 +63,8 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch
         missing = []
         for name, param in tp_parameters(chunk):
             key = to_global_name(name, offset)
+            if key not in full and key == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
+                key = "embedding.word_embeddings.weight"  # tied: the last PP stage holds a copy
             if key not in full:
                 missing.append(key)
                 continue

@@ -1,0 +1,102 @@
+"""File layout and manifest of a prepared preference data set.
+
+A data set at ``PREFIX`` is three files:
+
+* ``PREFIX.bin`` / ``PREFIX.idx``: a megatron-core ``IndexedDataset`` with three sequences per pair
+  (prompt, chosen response, rejected response) and one document per pair;
+* ``PREFIX.manifest.json``: what was prepared from what, and how. It is published last, so its
+  presence means the ``.bin``/``.idx`` next to it are complete; their sizes and sha256 are in it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_tgdpo.data.errors import DataFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SEQUENCES_PER_PAIR",
+    "bin_path",
+    "check_data_files",
+    "idx_path",
+    "manifest_path",
+    "read_manifest",
+    "sha256_file",
+]
+
+FORMAT_NAME = "megatron_tgdpo.preference_pairs"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+SEQUENCES_PER_PAIR = 3  # prompt, chosen response, rejected response
+
+
+def bin_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def idx_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def manifest_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.manifest.json")
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(prefix: str | Path) -> dict[str, Any]:
+    """The manifest of ``prefix``; raises :class:`DataFormatError` saying what is wrong and what to do."""
+    path = manifest_path(prefix)
+    if not path.is_file():
+        present = [p.name for p in (bin_path(prefix), idx_path(prefix)) if p.exists()]
+        state = (
+            f"{' and '.join(present)} exist but no manifest: the preparation did not finish"
+            if present
+            else "no prepared data set there"
+        )
+        raise DataFormatError(
+            f"{path}: missing ({state}); prepare the data with "
+            f"`python tools/prepare_data.py --input ... --output-prefix {prefix} --tokenizer ...`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataFormatError(f"{path}: unreadable manifest ({exc}); prepare the data again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataFormatError(f"{path}: not a preference data manifest (format {found!r}, expected {FORMAT_NAME!r})")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise DataFormatError(
+            f"{path}: unknown format_version {version!r}; this code reads version(s) "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Prepare the data again with this version of "
+            "tools/prepare_data.py, or use the version of megatron_tgdpo that wrote it"
+        )
+    return manifest
+
+
+def check_data_files(prefix: str | Path, manifest: dict[str, Any], *, verify_sha256: bool = False) -> None:
+    """The .bin/.idx exist and match the sizes (and, if asked, the sha256) recorded in the manifest."""
+    files = manifest.get("files", {})
+    for kind, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
+        expected = files.get(kind, {})
+        if not path.is_file():
+            raise DataFormatError(f"{path}: missing, though {manifest_path(prefix).name} lists it; prepare the data again")
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            raise DataFormatError(
+                f"{path}: {size} bytes, but the manifest says {expected.get('bytes')}: the file was changed or "
+                "replaced after preparation; prepare the data again"
+            )
+        if verify_sha256 and sha256_file(path) != expected.get("sha256"):
+            raise DataFormatError(f"{path}: sha256 differs from the manifest: the file is corrupt; prepare the data again")

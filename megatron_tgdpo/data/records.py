@@ -1,0 +1,271 @@
+"""Parse and validate one JSONL preference record into a normalised :class:`PreferenceRecord`.
+
+Accepted forms (one JSON object per line; other top-level keys are ignored):
+
+* ``{"prompt": str, "chosen": str, "rejected": str}`` (completion style, as TRL's "standard" form);
+* ``{"prompt": [messages] | str, "chosen": [messages] | str, "rejected": [messages] | str}``
+  (conversational); when both responses repeat the prompt messages at their start (the
+  UltraFeedback-binarized layout), the repeat is removed;
+* ``{"chosen": [conversation], "rejected": [conversation]}``: the prompt is the longest common
+  message prefix, the responses are what follows it (assistant messages only).
+
+A string prompt becomes one user message, a string response one assistant message, so everything
+downstream sees messages only. Validation stops at the first problem of a record and reports it as
+``file:line: field: reason``: one precise line per bad record is more useful than a cascade.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "PROBLEM_CODES",
+    "ROLES",
+    "Message",
+    "PreferenceRecord",
+    "Problem",
+    "parse_record",
+]
+
+ROLES = ("system", "user", "assistant")
+
+# Every reason code a bad record can be counted under in the manifest, with what it means.
+PROBLEM_CODES: dict[str, str] = {
+    "invalid_utf8": "the line is not valid UTF-8",
+    "invalid_json": "the line is not valid JSON",
+    "not_an_object": "the line is JSON but not an object",
+    "missing_field": "a required field (chosen, rejected, prompt, role, content) is absent",
+    "wrong_type": "a field has the wrong JSON type",
+    "empty_prompt": "the prompt is empty or whitespace only",
+    "empty_list": "a message list is empty",
+    "empty_response": "a response has no text",
+    "not_a_message": "a list element is not a {role, content} object",
+    "unknown_role": "a role other than system, user, assistant",
+    "prompt_last_role": "the prompt does not end with a user message",
+    "response_role": "a response contains a non-assistant message",
+    "response_last_role": "a response does not end with an assistant message",
+    "no_shared_prompt": "full conversations that share no first message",
+    "no_response": "nothing follows the prompt on one side",
+    "identical_responses": "chosen and rejected are the same",
+    "template_error": "the chat template failed to render the record",
+    "template_mismatch": "the rendered prompt is not a prefix of the rendered conversation",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceRecord:
+    """One validated pair: a shared prompt and two responses, all as messages."""
+
+    prompt: tuple[Message, ...]
+    chosen: tuple[Message, ...]
+    rejected: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why one input record was rejected; ``str()`` gives the ``file:line: field: reason`` line."""
+
+    source: str
+    line: int
+    field: str
+    reason: str
+    code: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.source}:{self.line}: {self.field}: {self.reason}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str, reason: str, code: str, hint: str = "") -> None:
+        super().__init__(reason)
+        self.field, self.reason, self.code, self.hint = field, reason, code, hint
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _message(field: str, obj: Any) -> Message:
+    if not isinstance(obj, dict):
+        raise _Invalid(
+            field, f'expected a message object with "role" and "content", got {_json_type(obj)}', "not_a_message"
+        )
+    if "role" not in obj:
+        hint = 'ShareGPT-style {"from", "value"} messages must be converted to {"role", "content"}' if "from" in obj else ""
+        raise _Invalid(f"{field}.role", "missing", "missing_field", hint)
+    role = obj["role"]
+    if not isinstance(role, str):
+        raise _Invalid(f"{field}.role", f"expected a string, got {_json_type(role)}", "wrong_type")
+    if role not in ROLES:
+        raise _Invalid(f"{field}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})", "unknown_role")
+    if "content" not in obj:
+        raise _Invalid(f"{field}.content", "missing", "missing_field")
+    content = obj["content"]
+    if not isinstance(content, str):
+        hint = "multimodal content parts are not supported; give the text as one string" if isinstance(content, list) else ""
+        raise _Invalid(f"{field}.content", f"expected a string, got {_json_type(content)}", "wrong_type", hint)
+    return Message(role, content)
+
+
+def _messages(field: str, value: list) -> tuple[Message, ...]:
+    if not value:
+        raise _Invalid(field, "empty list of messages", "empty_list")
+    return tuple(_message(f"{field}[{i}]", m) for i, m in enumerate(value))
+
+
+def _prompt(value: Any) -> tuple[Message, ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Invalid("prompt", "empty prompt", "empty_prompt")
+        return (Message("user", value),)
+    if not isinstance(value, list):
+        raise _Invalid("prompt", f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
+    if not value:
+        raise _Invalid("prompt", "empty prompt", "empty_prompt")
+    messages = _messages("prompt", value)
+    if not any(m.content.strip() for m in messages):
+        raise _Invalid("prompt", "empty prompt (every message is blank)", "empty_prompt")
+    if messages[-1].role != "user":
+        raise _Invalid(
+            f"prompt[{len(messages) - 1}].role",
+            f"the prompt must end with a user message, got {messages[-1].role!r}",
+            "prompt_last_role",
+        )
+    return messages
+
+
+def _response_messages(field: str, value: Any) -> tuple[Message, ...]:
+    """Structure only: a string becomes one assistant message; a list is checked message by message."""
+    if isinstance(value, str):
+        return (Message("assistant", value),)
+    if not isinstance(value, list):
+        raise _Invalid(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
+    return _messages(field, value)
+
+
+def _check_response(field: str, messages: tuple[Message, ...], *, offset: int, why: str = "") -> None:
+    """``offset``: index of ``messages[0]`` in the record's original list, so fields name real positions."""
+    if not messages:
+        raise _Invalid(field, "nothing after the prompt", "no_response", why)
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m.role == "assistant":
+            continue
+        where = f"{field}[{offset + i}].role"
+        if i == last:
+            raise _Invalid(where, f"a response must end with an assistant message, got {m.role!r}", "response_last_role", why)
+        raise _Invalid(
+            where,
+            f"a response may contain only assistant messages, got {m.role!r}",
+            "response_role",
+            why or "the prompt's turns belong in the prompt",
+        )
+    if not any(m.content.strip() for m in messages):
+        raise _Invalid(field, "empty response", "empty_response", "give a non-empty response or remove the record")
+
+
+def _with_prompt(obj: dict) -> PreferenceRecord:
+    prompt = _prompt(obj["prompt"])
+    chosen = _response_messages("chosen", obj["chosen"])
+    rejected = _response_messages("rejected", obj["rejected"])
+    n = len(prompt)
+    # UltraFeedback-binarized repeats the prompt at the start of both conversations.
+    offset = 0
+    if len(chosen) > n and len(rejected) > n and chosen[:n] == prompt and rejected[:n] == prompt:
+        chosen, rejected, offset = chosen[n:], rejected[n:], n
+    why = "" if offset else "a response that repeats the conversation must start with the whole prompt, on both sides"
+    _check_response("chosen", chosen, offset=offset, why=why if chosen[0].role != "assistant" else "")
+    _check_response("rejected", rejected, offset=offset, why=why if rejected[0].role != "assistant" else "")
+    return PreferenceRecord(prompt, chosen, rejected)
+
+
+def _shared_prefix(obj: dict) -> PreferenceRecord:
+    chosen_raw, rejected_raw = obj["chosen"], obj["rejected"]
+    for field, value in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+        if not isinstance(value, (str, list)):
+            raise _Invalid(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
+    if not (isinstance(chosen_raw, list) and isinstance(rejected_raw, list)):
+        raise _Invalid(
+            "prompt",
+            "missing",
+            "missing_field",
+            'without "prompt", chosen and rejected must be full conversations (lists of messages) sharing the prompt',
+        )
+    chosen = _messages("chosen", chosen_raw)
+    rejected = _messages("rejected", rejected_raw)
+    if chosen == rejected:
+        raise _Invalid("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise _Invalid(
+            "chosen/rejected",
+            "the conversations differ from their first message, so there is no shared prompt",
+            "no_shared_prompt",
+            'give the prompt in a "prompt" field',
+        )
+    for field, side, other in (("chosen", chosen, "rejected"), ("rejected", rejected, "chosen")):
+        if n == len(side):
+            raise _Invalid(field, "nothing after the prompt", "no_response", f"this conversation is a prefix of {other}")
+    prompt = chosen[:n]
+    if prompt[-1].role != "user":
+        raise _Invalid(
+            f"chosen[{n - 1}].role",
+            f"the shared prompt (the first {n} messages) must end with a user message, got {prompt[-1].role!r}",
+            "prompt_last_role",
+        )
+    why = f"the conversations diverge at message {n}; everything after the shared prompt is the response"
+    _check_response("chosen", chosen[n:], offset=n, why=why)
+    _check_response("rejected", rejected[n:], offset=n, why=why)
+    return PreferenceRecord(prompt, chosen[n:], rejected[n:])
+
+
+def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecord | Problem | None:
+    """Parse one JSONL line. Returns the record, the first :class:`Problem` found, or ``None`` for a blank line."""
+    try:
+        if isinstance(raw, bytes):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _Invalid("<record>", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8") from None
+        else:
+            text = raw
+        if line == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            return None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _Invalid("<record>", f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json") from None
+        if not isinstance(obj, dict):
+            raise _Invalid("<record>", f"expected a JSON object, got {_json_type(obj)}", "not_an_object")
+        for key in ("chosen", "rejected"):
+            if key not in obj:
+                raise _Invalid(key, "missing", "missing_field", 'every record needs "chosen" and "rejected"')
+        record = _with_prompt(obj) if "prompt" in obj else _shared_prefix(obj)
+        if record.chosen == record.rejected:
+            raise _Invalid("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
+        return record
+    except _Invalid as bad:
+        return Problem(source, line, bad.field, bad.reason, bad.code, bad.hint)

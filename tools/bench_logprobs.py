@@ -1,0 +1,419 @@
+#!/usr/bin/env python
+"""Time and peak memory of ``vocab_parallel_logprobs`` against megatron-core's vocab-parallel cross entropy.
+
+    python tools/bench_logprobs.py                        # tokens 2048, V 32000 and 128256, fp32 and bf16
+    python tools/bench_logprobs.py --vocab 128256 --dtype bf16 --chunk-size 512
+    python tools/bench_logprobs.py --tp 2                 # forked gloo ranks (CPU) via run_on_ranks
+
+Compared on the same inputs in the same run:
+
+* ``mcore``: ``tensor_parallel.vocab_parallel_cross_entropy`` (returns the loss = -logprob). It
+  modifies an fp32 input in place, so it gets a fresh clone each call; the clone is made *before* the
+  timer starts and before the memory baseline is taken, so neither its time nor its memory is counted
+  against megatron-core (a caller that still needs its logits would pay that clone on top).
+* ``ours``: ``vocab_parallel_logprobs`` with ``chunk_size=None``, and ``ours chunkN`` with chunking.
+
+Modes: ``fwd`` (no autograd, e.g. the reference model's pass) and ``fwd+bwd`` (``out.sum().backward()``).
+
+Peak memory is the extra memory the call needs on top of its inputs, *including the gradient it
+returns* in fwd+bwd. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the
+call. On CPU: the kernel's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``, reset by
+writing ``5`` to ``/proc/self/clear_refs``) minus the resident set before the call; torch's CPU
+allocator hands large blocks straight to/from the OS (mmap), so this tracks live tensor memory, and a
+calibration line shows how a tensor of known size reads. Where ``clear_refs`` cannot be written, a
+thread samples the resident set every 0.5 ms instead (can miss short peaks; the output says so).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (imported before forking ranks)
+
+from megatron_tgdpo import distributed  # noqa: E402
+from megatron_tgdpo.ops import vocab_parallel_logprobs  # noqa: E402
+
+MIB = 2**20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------------
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _mmap_large_blocks(threshold: int = MIB) -> bool:
+    """Make glibc serve every block >= ``threshold`` by mmap and unmap it on free.
+
+    By default glibc raises its mmap threshold dynamically up to 32 MiB, after which freed blocks below
+    that size stay in the heap and a later block may or may not reuse them: resident memory would then
+    depend on allocation history rather than on what is live. A fixed threshold also disables the
+    dynamic adjustment. Blocks over 32 MiB (the large logits buffers) are mmapped either way."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def _release_free_heap() -> None:
+    """Give freed heap back to the OS so the baseline RSS is live memory, not glibc's cache."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Extra memory (bytes) the body needed at its peak, over what was resident/allocated before."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._sampler: Optional[threading.Thread] = None
+
+    @staticmethod
+    def method(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "torch.cuda.max_memory_allocated minus allocated before the call"
+        heap = " (glibc mmap threshold fixed at 1 MiB)" if _MMAP_FIXED else ""
+        if _reset_hwm():
+            return f"kernel RSS high-water mark (VmHWM, reset via /proc/self/clear_refs) minus RSS before the call{heap}"
+        return f"RSS sampled every 0.5 ms by a thread (psutil) minus RSS before the call; may miss short peaks{heap}"
+
+    def __enter__(self) -> "PeakMemory":
+        _release_free_heap()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        elif _reset_hwm():
+            self._base = _read_status_kib("VmRSS") * 1024
+        else:
+            import psutil
+
+            proc = psutil.Process()
+            self._base = proc.memory_info().rss
+            self._sampled = self._base
+            self._stop = threading.Event()
+
+            def sample() -> None:
+                while not self._stop.is_set():
+                    self._sampled = max(self._sampled, proc.memory_info().rss)
+                    time.sleep(0.0005)
+
+            self._sampler = threading.Thread(target=sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        elif self._sampler is None:
+            peak = _read_status_kib("VmHWM") * 1024
+        else:
+            self._stop.set()
+            self._sampler.join()
+            peak = self._sampled
+        self.peak = max(0, peak - self._base)
+
+
+def calibrate(device: torch.device, nbytes: int) -> float:
+    """How many bytes the meter reports for a tensor of ``nbytes`` filled inside it."""
+    with PeakMemory(device) as meter:
+        tensor = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        del tensor
+    return meter.peak
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    vocab: int
+    dtype: str
+    path: str
+    mode: str
+    time_ms: float
+    cpu_ms: float  # process CPU time (all threads, user + sys): steadier than wall time on a busy machine
+    peak_bytes: int
+    max_abs_diff: float  # vs megatron-core's -loss on the same input
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_call(path: str, chunk_size: Optional[int], backward: bool, logits: torch.Tensor, target: torch.Tensor):
+    """(prepare, call): ``prepare`` builds the input outside the timer, ``call`` runs the op and returns
+    the log-probs (detached)."""
+
+    if path == "mcore":
+
+        def prepare() -> torch.Tensor:
+            x = logits.clone()  # megatron-core subtracts the max from an fp32 input in place
+            return x.requires_grad_() if backward else x
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = -tensor_parallel.vocab_parallel_cross_entropy(x, target)
+            if backward:
+                out.sum().backward()
+            return out.detach()
+
+    else:
+
+        def prepare() -> torch.Tensor:
+            x = logits.detach()  # shares storage: the op does not modify its input
+            return x.requires_grad_() if backward else x
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = vocab_parallel_logprobs(x, target, chunk_size=chunk_size)
+            if backward:
+                out.sum().backward()
+            return out.detach()
+
+    return prepare, call
+
+
+def bench_case(
+    path: str,
+    chunk_size: Optional[int],
+    backward: bool,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    repeats: int,
+    warmup: int,
+) -> tuple[float, float, int, torch.Tensor]:
+    """Best wall time (s), best process CPU time (s), peak extra memory (bytes) and the log-probs.
+
+    The minimum over repeats, not the median: on a shared machine other processes only ever add time,
+    so the fastest run is the best estimate of the op's own cost."""
+    device = logits.device
+    prepare, call = _make_call(path, chunk_size, backward, logits, target)
+    grad_ctx: Callable = torch.enable_grad if backward else torch.no_grad
+
+    # Memory first, on its own run (it doubles as the first warm-up).
+    x = prepare()
+    with grad_ctx(), PeakMemory(device) as meter:
+        out = call(x)
+    del x
+    for _ in range(max(0, warmup - 1)):
+        x = prepare()
+        with grad_ctx():
+            call(x)
+        del x
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        x = prepare()
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with grad_ctx():
+            call(x)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        del x
+    return min(times), min(cpu_times), meter.peak, out
+
+
+def run_benchmark(args: argparse.Namespace) -> list[Result]:
+    """All cases on this rank's shard; returns rows (times are per rank)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    paths = [("mcore", None), ("ours", None)] + [(f"ours chunk{c}", c) for c in args.chunk_size]
+    results = []
+    for vocab in args.vocab:
+        if vocab % tp:
+            raise SystemExit(f"--vocab {vocab} is not divisible by --tp {tp}")
+        for dtype_name in args.dtype:
+            gen = torch.Generator().manual_seed(1000 * rank + vocab)
+            logits = (torch.randn(args.tokens, vocab // tp, generator=gen) * 3).to(DTYPES[dtype_name]).to(device)
+            # Megatron layout [s, b, V/tp]; the ops flatten the leading dims anyway.
+            logits = logits.view(args.tokens, 1, vocab // tp)
+            target = torch.randint(0, vocab, (args.tokens, 1), generator=torch.Generator().manual_seed(vocab)).to(device)
+            for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                reference = None
+                for path, chunk in paths:
+                    seconds, cpu_seconds, peak, out = bench_case(
+                        path.split()[0], chunk, backward, logits, target, repeats=args.repeats, warmup=args.warmup
+                    )
+                    reference = out if reference is None else reference
+                    diff = (out - reference).abs().max().item()
+                    results.append(Result(vocab, dtype_name, path, mode, seconds * 1e3, cpu_seconds * 1e3, peak, diff))
+            del logits, target
+            _release_free_heap()
+    return results
+
+
+def _rank_main(args: argparse.Namespace) -> list[Result]:
+    torch.set_num_threads(args.threads or 1)
+    return run_benchmark(args)
+
+
+def _single_process(args: argparse.Namespace) -> list[Result]:
+    """TP=1 in this process: megatron-core's op needs parallel state, so start a 1-rank group."""
+    from megatron_tgdpo.testing import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    distributed.init_process_group(distributed.read_launch_env())
+    distributed.init_model_parallel(tensor_model_parallel_size=1)
+    try:
+        return run_benchmark(args)
+    finally:
+        distributed.destroy()
+
+
+def print_table(results: list[Result], args: argparse.Namespace, device: torch.device, ranks: int) -> None:
+    method = PeakMemory.method(device)
+    cal_bytes = 256 * MIB
+    cal = calibrate(device, cal_bytes)
+    threads = torch.get_num_threads() if ranks == 1 else args.threads or 1
+    print(
+        f"\nvocab_parallel_logprobs vs megatron-core {_mcore_version()} vocab_parallel_cross_entropy"
+        f"\ndevice {device.type}{'' if device.type == 'cpu' else ' ' + torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, {threads} thread(s) per rank, tokens {args.tokens}, TP {args.tp} "
+        f"(each rank holds V/TP vocab rows), time = best of {args.repeats} after {args.warmup} warm-up"
+    )
+    print(f"peak = extra memory the call needs over its inputs (incl. the returned gradient): {method}")
+    print(f"calibration: a {cal_bytes / MIB:.0f} MiB tensor reads as {cal / MIB:.1f} MiB")
+    print("time = wall clock, cpu = this process's CPU time over all its threads (user + sys; on GPU only host time)")
+    if ranks > 1:
+        print("time = slowest rank, peak = largest rank (ranks share the CPU cores)")
+    header = (
+        f"{'V':>7} {'dtype':>5}  {'path':<16}{'mode':<8}{'time ms':>10}{'x mcore':>9}{'cpu ms':>10}{'x mcore':>9}"
+        f"{'peak MiB':>11}{'x mcore':>9}  {'|diff|':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = {}
+    for row in results:
+        key = (row.vocab, row.dtype, row.mode)
+        if row.path == "mcore":
+            base[key] = row
+        ref = base[key]
+        time_ratio = row.time_ms / ref.time_ms if ref.time_ms else float("nan")
+        cpu_ratio = row.cpu_ms / ref.cpu_ms if ref.cpu_ms else float("nan")
+        mem_ratio = f"{row.peak_bytes / ref.peak_bytes:9.2f}" if ref.peak_bytes > MIB else f"{'-':>9}"
+        print(
+            f"{row.vocab:>7} {row.dtype:>5}  {row.path:<16}{row.mode:<8}{row.time_ms:>10.1f}{time_ratio:>9.2f}"
+            f"{row.cpu_ms:>10.1f}{cpu_ratio:>9.2f}{row.peak_bytes / MIB:>11.1f}{mem_ratio}  {row.max_abs_diff:>8.1e}"
+        )
+    shard_bytes = {name: DTYPES[name].itemsize for name in args.dtype}
+    sizes = ", ".join(
+        f"V={v} {d}: {args.tokens * v // args.tp * shard_bytes[d] / MIB:.0f} MiB ({args.tokens * v // args.tp * 4 / MIB:.0f} MiB as fp32)"
+        for v in args.vocab
+        for d in args.dtype
+    )
+    print(f"logits shard per rank: {sizes}")
+    print("mcore's fresh clone per call (fp32 input is modified in place) is excluded from its time and peak.")
+    print("|diff| = max |logprob - (-mcore loss)| on the same input.")
+
+
+def _mcore_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def _merge_ranks(per_rank: list[list[Result]]) -> list[Result]:
+    merged = []
+    for rows in zip(*per_rank):
+        first = rows[0]
+        merged.append(
+            Result(
+                first.vocab, first.dtype, first.path, first.mode, max(r.time_ms for r in rows),
+                max(r.cpu_ms for r in rows), max(r.peak_bytes for r in rows), max(r.max_abs_diff for r in rows),
+            )
+        )
+    return merged
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens (s*b) per call")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="full vocab sizes")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[256], help="chunk sizes for the chunked rows")
+    parser.add_argument("--tp", type=int, default=1, help=">1: that many forked gloo ranks (CPU only)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per rank (default: torch's default with --tp 1, 1 per rank otherwise); on a busy "
+        "machine use 1: OpenMP threads that wait for a descheduled sibling make multi-thread times erratic",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+_MMAP_FIXED = False
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    global _MMAP_FIXED
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        _MMAP_FIXED = _mmap_large_blocks()  # before forking, so ranks inherit it
+    if args.threads and args.tp == 1:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if args.tp == 1:
+        results = _single_process(args)
+    else:
+        if device.type == "cuda":
+            raise SystemExit("--tp > 1 forks gloo ranks and is CPU only; on GPUs launch with torchrun instead")
+        from megatron_tgdpo.testing import run_on_ranks
+
+        results = _merge_ranks(
+            run_on_ranks(args.tp, _rank_main, args, tensor_model_parallel_size=args.tp, timeout=3600.0)
+        )
+    print_table(results, args, device, args.tp)
+    load_after = os.getloadavg()
+    print(
+        f"1-min load average before/after: {load_before[0]:.1f}/{load_after[0]:.1f} on {os.cpu_count()} cores "
+        "(times are only comparable when nothing else runs)"
+    )
+
+
+if __name__ == "__main__":
+    main()
