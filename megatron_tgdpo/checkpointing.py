@@ -287,6 +287,18 @@ def load_model_weights(path: str | os.PathLike, chunks: list[torch.nn.Module]) -
     return ckpt
 
 
+def checkpoint_arch(path: str | os.PathLike):
+    """The ``LlamaArch`` a checkpoint records (HF, converted, or ours), or None if it records none."""
+    from megatron_tgdpo import convert
+    from megatron_tgdpo.models.llama import LlamaArch
+
+    src = Path(path)
+    if convert.is_hf_directory(src) or convert.is_converted_directory(src):
+        return convert.checkpoint_arch(src)
+    arch = read_metadata(resolve(src)).get("arch")
+    return LlamaArch(**arch) if arch else None
+
+
 def _assign_model(chunks: list[torch.nn.Module], loaded: dict) -> None:
     for i, chunk in enumerate(chunks):
         module = chunk.module if hasattr(chunk, "module") and not hasattr(chunk, "decoder") else chunk

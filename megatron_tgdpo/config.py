@@ -190,11 +190,12 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
             p.append(f"{_flag(name)} must be >= 1")
     if p:
         return p
+    dp = None  # unknown until the rank count fits the model-parallel sizes
     if world_size % (tp * pp * cp):
         p.append(f"{world_size} ranks are not divisible by TP*PP*CP = {tp}*{pp}*{cp}; "
                  "change --tensor/--pipeline/--context-parallel sizes or the number of ranks")
-        return p
-    dp = world_size // (tp * pp * cp)
+    else:
+        dp = world_size // (tp * pp * cp)
     if num_heads % tp or num_query_groups % tp:
         p.append(f"--tensor-model-parallel-size {tp} must divide the attention heads ({num_heads}) "
                  f"and KV heads ({num_query_groups}) of --model {cfg.model}")
@@ -203,7 +204,9 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
                  f"must divide the {num_layers} layers of --model {cfg.model}")
     if vpp is not None and pp == 1:
         p.append("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+    if dp is None:
+        pass
+    elif cfg.global_batch_size % (cfg.micro_batch_size * dp):
         p.append(f"--global-batch-size {cfg.global_batch_size} must be divisible by --micro-batch-size "
                  f"{cfg.micro_batch_size} x data-parallel size {dp}")
     elif vpp is not None and (cfg.global_batch_size // (cfg.micro_batch_size * dp)) % pp:
@@ -238,6 +241,12 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
         p.append("--lr-warmup-fraction must be in [0, 1]")
     if cfg.min_lr > cfg.lr:
         p.append(f"--min-lr {cfg.min_lr} exceeds --lr {cfg.lr}")
+    if cfg.weight_clamp() is not None and cfg.loss_type != "tgdpo":
+        p.append("--weight-clamp-min/--weight-clamp-max apply to TGDPO token weights; drop them or use --loss-type tgdpo")
+    if cfg.label_smoothing and cfg.loss_type == "ipo":
+        p.append("--label-smoothing does not apply to --loss-type ipo")
+    if not 0.0 <= cfg.label_smoothing <= 0.5:
+        p.append("--label-smoothing must be in [0, 0.5]")
     if cfg.beta <= 0:
         p.append("--beta must be > 0")
     if cfg.fp8_format is not None and cfg.fp8_format not in ("hybrid", "e4m3"):

@@ -46,6 +46,7 @@ class Models:
     reference: list
     guidance: Optional[list]
     arch: llama.LlamaArch
+    cache: Optional[object] = None  # logprob_cache.LogprobCache: offline reference/guidance log-probs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,6 +76,14 @@ def resolve_data(cfg: TrainConfig) -> tuple[str, Optional[str], int, int]:
 
 
 def model_arch(cfg: TrainConfig, tokenizer_vocab: int) -> llama.LlamaArch:
+    """The network to build: what ``--ref-load`` records (HF, converted or our checkpoint), else the preset."""
+    if cfg.ref_load is not None:
+        arch = checkpointing.checkpoint_arch(cfg.ref_load)
+        if arch is not None:
+            if tokenizer_vocab > arch.vocab_size:
+                raise ConfigError(f"tokenizer has {tokenizer_vocab} tokens but --ref-load {cfg.ref_load} only "
+                                  f"{arch.vocab_size}; use the tokenizer of that model")
+            return arch
     arch = llama.preset(cfg.model)
     if cfg.model == "tiny":
         # Trained from scratch: size the vocabulary to the tokenizer (rounded for any TP <= 8).
@@ -115,7 +124,7 @@ def build_models(cfg: TrainConfig, arch: llama.LlamaArch) -> Models:
     for dst, src in zip(policy, reference):
         dst.load_state_dict(src.state_dict())
     guidance = None
-    if cfg.loss_type == "tgdpo" and cfg.guidance_load is not None:
+    if cfg.loss_type == "tgdpo" and cfg.guidance_load is not None and cfg.logprob_cache is None:
         guidance = build_frozen(arch, cfg, cfg.guidance_load)
     return Models(policy=policy, reference=reference, guidance=guidance, arch=arch)
 
@@ -224,8 +233,8 @@ class BatchSource:
 # ------------------------------------------------------------------------------------------------
 
 
-def metric_keys(cfg: TrainConfig) -> tuple[str, ...]:
-    return BASE_METRICS + (TGDPO_METRICS if cfg.loss_type == "tgdpo" else ())
+def metric_keys(cfg: TrainConfig, *, guided: bool) -> tuple[str, ...]:
+    return BASE_METRICS + (TGDPO_METRICS if cfg.loss_type == "tgdpo" and guided else ())
 
 
 def loss_options(cfg: TrainConfig) -> dict:
@@ -268,13 +277,16 @@ def _cp_group():
 
 
 def train_step(cfg: TrainConfig, models: Models, optimizer, batches: list[dict]) -> dict[str, float]:
-    ref = score_logps(models.reference, batches, logits_chunk_size=cfg.logits_chunk_size)
-    guide = None
-    if models.guidance is not None:
-        guide = score_logps(models.guidance, batches, logits_chunk_size=cfg.logits_chunk_size)
-    options = loss_options(cfg)
-    if guide is None and cfg.loss_type == "tgdpo":
-        options["loss_type"] = "dpo"  # alpha == 0 without a guidance model: exactly DPO
+    if models.cache is not None:
+        from megatron_tgdpo.logprob_cache import cached_logps
+
+        ref, guide = cached_logps(models.cache, batches)
+    else:
+        ref = score_logps(models.reference, batches, logits_chunk_size=cfg.logits_chunk_size)
+        guide = None
+        if models.guidance is not None:
+            guide = score_logps(models.guidance, batches, logits_chunk_size=cfg.logits_chunk_size)
+    options = loss_options(cfg)  # tgdpo without guidance (alpha == 0) is exactly DPO inside the loss
     per_micro: list[dict] = []
 
     def loss_fn(index: int, batch: dict, logps: torch.Tensor):
@@ -301,7 +313,7 @@ def train_step(cfg: TrainConfig, models: Models, optimizer, batches: list[dict])
     optimizer.zero_grad()
     run_schedule(models.policy, batches, loss_fn, forward_only=False, logits_chunk_size=cfg.logits_chunk_size)
     _, grad_norm, _ = optimizer.step()
-    out = reduce_metrics(per_micro, metric_keys(cfg))
+    out = reduce_metrics(per_micro, metric_keys(cfg, guided=guide is not None))
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     return out
 
@@ -391,6 +403,16 @@ def run(cfg: TrainConfig) -> int:
 
     iters = total_iterations(cfg, len(PreferenceDataset(train_prefix)))
     models = build_models(cfg, arch)
+    if cfg.logprob_cache:
+        from megatron_tgdpo.logprob_cache import LogprobCache, LogprobCacheError
+
+        try:
+            models.cache = LogprobCache(
+                cfg.logprob_cache, dataset_prefix=train_prefix, ref_load=cfg.ref_load, guidance_load=cfg.guidance_load,
+                seed=cfg.seed, need_guidance=cfg.loss_type == "tgdpo" and cfg.alpha != 0, model=cfg.model,
+            )
+        except LogprobCacheError as exc:
+            raise ConfigError(str(exc)) from None
     models.policy, optimizer, scheduler = wrap_policy(cfg, models.policy, iters)
 
     start_iteration, consumed = 0, 0
@@ -419,7 +441,7 @@ def run(cfg: TrainConfig) -> int:
 
     flops = FlopModel(arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
                       arch.num_query_groups, arch.vocab_size)
-    frozen = 1 + (models.guidance is not None)
+    frozen = 0 if models.cache is not None else 1 + (models.guidance is not None)
     peak = peak_tflops()
     stop = StopRequest(cfg.exit_duration_in_mins)
     exit_code = 0

@@ -70,3 +70,9 @@ def test_tgdpo_without_guidance_is_refused():
 def test_iters_or_epochs_exactly_one():
     assert any("--train-iters or --train-epochs" in p for p in _problems(["--loss-type", "dpo"]))
     assert any("only one of" in p for p in _problems(BASE + ["--train-epochs", "1"]))
+
+
+def test_loss_options_that_do_not_apply_are_refused():
+    assert any("--weight-clamp" in p for p in _problems(BASE + ["--weight-clamp-min", "0"]))
+    assert any("--label-smoothing does not apply" in p for p in
+               _problems(["--train-iters", "5", "--loss-type", "ipo", "--label-smoothing", "0.1"]))
