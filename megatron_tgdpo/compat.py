@@ -15,7 +15,8 @@ Two jobs, nothing else:
 
    * ``torch.cuda.current_device`` returns ``torch.device("cpu")``: megatron allocates buffers on
      ``device=torch.cuda.current_device()`` everywhere (p2p shapes, embeddings, RoPE, gathers).
-   * ``torch.cuda.synchronize`` / ``torch.cuda.empty_cache`` become no-ops (p2p, checkpointing).
+   * ``torch.cuda.synchronize`` / ``torch.cuda.empty_cache`` become no-ops (p2p, checkpointing), and
+     ``torch.cuda.current_stream`` / ``torch.cuda.stream`` give a no-op stream (0.19 DDP grad sync).
    * The CUDA RNG API used by megatron's ``CudaRNGStatesTracker`` is routed to the CPU generator,
      so ``model_parallel_cuda_manual_seed`` and ``tracker.fork()`` work (the tracker then switches
      CPU generator states, which is exactly the semantics it has for the CUDA generator).
@@ -112,6 +113,26 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuStream:
+    """Stand-in for a CUDA stream: CPU execution is synchronous, so ordering calls are no-ops
+    (0.19's DDP grad sync asks for ``torch.cuda.current_stream()`` and waits on events)."""
+
+    def wait_stream(self, *_: Any) -> None: ...
+    def wait_event(self, *_: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def record_event(self, *_: Any, **__: Any) -> None: ...
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_: Any) -> None: ...
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:  # noqa: ARG001 - signature of torch's
     return torch.get_rng_state()
 
@@ -140,6 +161,8 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: _CPU_STREAM  # type: ignore[assignment]
     torch.cuda.manual_seed = _cpu_manual_seed  # type: ignore[assignment]
     torch.cuda.manual_seed_all = _cpu_manual_seed  # type: ignore[assignment]
     torch.cuda.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
