@@ -166,6 +166,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return cfg
 
 
+def parse_tool_args(
+    tool_parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], *, applies: str
+) -> tuple[argparse.Namespace, TrainConfig]:
+    """For tools that take their own flags plus the training flags: the tool's flags first, the rest
+    through :func:`parse_args`. ``--help`` prints both, saying which training flags ``applies``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        tool_parser.print_help()
+        print(f"\ntraining flags ({applies} apply):\n")
+        build_parser().print_help()
+        raise SystemExit(0)
+    tool_args, rest = tool_parser.parse_known_args(argv)
+    return tool_args, parse_args(rest)
+
+
 def _coerce_types(cfg: TrainConfig) -> None:
     """YAML may give ints for floats etc.; normalise so equality and arithmetic behave."""
     for f in fields(TrainConfig):

@@ -47,6 +47,7 @@ def main() -> None:
     launch(common + ["--loss-type", "tgdpo", "--alpha", "0.5", "--guidance-load", str(work / "dpo"),
                      "--save", str(work / "tgdpo"), "--log-dir", str(work / "tgdpo-log")], nproc=opts.nproc)
     print(f"\n=== summary: held-out reward accuracy / margin ({time.monotonic() - start:.0f} s) ===")
+    print("(before training the policy equals the reference, so every pair ties and counts as not preferred)")
     for name in ("dpo", "tgdpo"):
         s = json.loads((work / f"{name}-log" / "summary.json").read_text())
         b, a = s["before"], s["after"]

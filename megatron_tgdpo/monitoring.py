@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -127,7 +126,3 @@ def _plain(value):
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def warn(text: str) -> None:
-    print(f"WARNING: {text}", file=sys.stderr, flush=True)

@@ -85,7 +85,24 @@ def _rank_main(rank: int, world_size: int, port: int, conn, fn, args, kwargs, pa
     os._exit(0)
 
 
-def run_on_ranks(
+def run_on_ranks(*args: Any, **kwargs: Any) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return each rank's result.
+
+    Signature: ``run_on_ranks(world_size, fn, *args, tensor_model_parallel_size=1,
+    pipeline_model_parallel_size=1, context_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+    model_parallel=True, seed=1234, timeout=180.0, **kwargs)``. With ``model_parallel=False`` only the
+    process group is created (no megatron-core state). A start-up that loses its loopback port to
+    another process (the port is free when picked, taken before the ranks bind it) is retried once.
+    """
+    try:
+        return _run_on_ranks(*args, **kwargs)
+    except RankFailure as exc:
+        if "Address already in use" not in str(exc) and "EADDRINUSE" not in str(exc):
+            raise
+        return _run_on_ranks(*args, **kwargs)
+
+
+def _run_on_ranks(
     world_size: int,
     fn: Callable[..., Any],
     *args: Any,
@@ -98,10 +115,6 @@ def run_on_ranks(
     timeout: float = 180.0,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return each rank's result.
-
-    With ``model_parallel=False`` only the process group is created (no megatron-core state).
-    """
     _preload()
     ctx = mp.get_context("fork")
     port = free_port()

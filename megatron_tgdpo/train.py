@@ -27,7 +27,7 @@ from megatron_tgdpo.config import TrainConfig, parse_args, validate
 from megatron_tgdpo.losses import preference_loss
 from megatron_tgdpo.models import llama
 from megatron_tgdpo.models.state_dict import seeded_init
-from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, peak_tflops, warn
+from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, peak_tflops
 from megatron_tgdpo.scoring import run_schedule, score_logps
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: saved on a signal or time budget; requeue the job to continue
@@ -91,6 +91,17 @@ def model_arch(cfg: TrainConfig, tokenizer_vocab: int) -> llama.LlamaArch:
     if tokenizer_vocab > arch.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer_vocab} tokens but --model {cfg.model} only {arch.vocab_size}")
     return arch
+
+
+def init_parallel(cfg: TrainConfig) -> None:
+    """megatron-core parallel groups and seeded RNG tracker for ``cfg``'s layout."""
+    distributed.init_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        seed=cfg.seed,
+    )
 
 
 def layout_of(cfg: TrainConfig) -> llama.ParallelLayout:
@@ -390,13 +401,7 @@ def run(cfg: TrainConfig) -> int:
     check_config(cfg, llama.preset(cfg.model))  # before touching data or building anything
     train_prefix, eval_prefix, vocab, pad_id = resolve_data(cfg)
     arch = model_arch(cfg, vocab)
-    distributed.init_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        context_parallel_size=cfg.context_parallel_size,
-        seed=cfg.seed,
-    )
+    init_parallel(cfg)
     from megatron.core import parallel_state as ps
 
     from megatron_tgdpo.data import PreferenceDataset

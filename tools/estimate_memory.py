@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_tgdpo.config import TrainConfig, build_parser, parse_args  # noqa: E402
+from megatron_tgdpo.config import TrainConfig, parse_tool_args  # noqa: E402
 from megatron_tgdpo.memory import GIB, estimate, format_table  # noqa: E402
 from megatron_tgdpo.models import llama  # noqa: E402
 
@@ -41,15 +41,7 @@ def tool_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, TrainConfig]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours = tool_parser()
-    if "-h" in argv or "--help" in argv:
-        ours.print_help()
-        print("\ntraining flags (model, layout, precision, batch and --loss-type apply):\n")
-        build_parser().print_help()
-        raise SystemExit(0)
-    args, rest = ours.parse_known_args(argv)
-    return args, parse_args(rest)
+    return parse_tool_args(tool_parser(), argv, applies="model, layout, precision, batch and --loss-type")
 
 
 def model_of(args: argparse.Namespace, cfg: TrainConfig) -> tuple[str, llama.LlamaArch]:

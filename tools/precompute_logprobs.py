@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_tgdpo.config import TrainConfig, build_parser, parse_args  # noqa: E402
+from megatron_tgdpo.config import TrainConfig, parse_tool_args  # noqa: E402
 
 MICRO_BATCHES_PER_STAGE = 4  # micro-batches per schedule call per pipeline stage: bubble (PP-1)/(4PP+PP-1)
 
@@ -59,17 +59,11 @@ def tool_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, TrainConfig]:
     """This tool's flags, then the training flags (``config.parse_args``) from the rest."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     ours = tool_parser()
-    if "-h" in argv or "--help" in argv:
-        ours.print_help()
-        print("\ntraining flags (model, data, layout and precision ones apply):\n")
-        build_parser().print_help()
-        raise SystemExit(0)
-    tool_args, rest = ours.parse_known_args(argv)
+    tool_args, cfg = parse_tool_args(ours, argv, applies="model, data, layout and precision ones")
     if tool_args.limit_samples is not None and tool_args.limit_samples < 1:
         ours.error("--limit-samples must be >= 1")
-    return tool_args, parse_args(rest)
+    return tool_args, cfg
 
 
 class ToolError(RuntimeError):
@@ -153,7 +147,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     Call on every rank after ``torch.distributed`` is initialised; returns a summary (every rank)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_tgdpo import compat, distributed, logprob_cache, train
+    from megatron_tgdpo import compat, logprob_cache, train
     from megatron_tgdpo.data import PreferenceDataset
     from megatron_tgdpo.scoring import score_logps
 
@@ -164,13 +158,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     cfg = scoring_config(cfg, dist.get_world_size())
     prefix, _, vocab, pad_id = train.resolve_data(cfg)
     arch = train.model_arch(cfg, vocab)
-    distributed.init_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        context_parallel_size=cfg.context_parallel_size,
-        seed=cfg.seed,
-    )
+    train.init_parallel(cfg)
     dataset_len = len(PreferenceDataset(prefix))
     limit = min(limit_samples or dataset_len, dataset_len)
     roles = {"reference": cfg.ref_load}
