@@ -385,6 +385,18 @@ def total_iterations(cfg: TrainConfig, dataset_len: int) -> int:
     return max(1, math.ceil(cfg.train_epochs * dataset_len / cfg.global_batch_size))
 
 
+def declared_arch(cfg: TrainConfig) -> llama.LlamaArch:
+    """The architecture to validate the layout against: the one ``--ref-load`` records, else the preset."""
+    if cfg.ref_load is not None and os.path.exists(cfg.ref_load):
+        try:
+            arch = checkpointing.checkpoint_arch(cfg.ref_load)
+        except Exception as exc:  # noqa: BLE001 - reported as a configuration error
+            raise ConfigError(f"--ref-load {cfg.ref_load}: cannot read the model architecture ({exc})") from None
+        if arch is not None:
+            return arch
+    return llama.preset(cfg.model)
+
+
 def check_config(cfg: TrainConfig, arch: llama.LlamaArch) -> None:
     problems = validate(cfg, world_size=dist.get_world_size(), num_heads=arch.num_attention_heads,
                         num_query_groups=arch.num_query_groups, num_layers=arch.num_layers)
@@ -398,7 +410,7 @@ def check_config(cfg: TrainConfig, arch: llama.LlamaArch) -> None:
 
 def run(cfg: TrainConfig) -> int:
     rank0 = dist.get_rank() == 0
-    check_config(cfg, llama.preset(cfg.model))  # before touching data or building anything
+    check_config(cfg, declared_arch(cfg))  # before touching data or building anything
     train_prefix, eval_prefix, vocab, pad_id = resolve_data(cfg)
     arch = model_arch(cfg, vocab)
     init_parallel(cfg)
