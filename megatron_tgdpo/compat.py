@@ -146,6 +146,18 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def cpu_config_overrides() -> dict:
+    """TransformerConfig settings that CPU (gloo) runs need; empty with CUDA.
+
+    ``batch_p2p_comm=False``: with interleaved pipeline stages at PP=2 the previous and the next stage
+    are the same rank, so a batched ``batch_isend_irecv`` posts two receives from one peer with one tag;
+    gloo may match them out of order (activation and gradient have the same shape, so nothing fails,
+    the numbers are just swapped). megatron's unbatched path orders sends/receives by rank parity, which
+    pairs them correctly. NCCL keeps issue order, so GPU runs keep the batched default.
+    """
+    return {} if torch.cuda.is_available() else {"batch_p2p_comm": False}
+
+
 def cpu_shims_active() -> bool:
     return _SHIMS_APPLIED
 

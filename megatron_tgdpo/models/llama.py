@@ -153,6 +153,7 @@ def transformer_config(arch: LlamaArch, layout: ParallelLayout, precision: Preci
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
+        **compat.cpu_config_overrides(),
         **fp8,
         **precision.extra,
     )

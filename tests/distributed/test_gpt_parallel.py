@@ -12,7 +12,7 @@ from megatron_tgdpo.models import llama
 from megatron_tgdpo.models.state_dict import gather_shards, load_full_state_dict, local_full_names
 from megatron_tgdpo.testing import run_on_ranks
 
-B, S, N_MICRO = 2, 16, 2
+B, S, N_MICRO = 2, 16, 4  # 4 micro-batches: 1F1B reaches its steady state (both directions at once)
 ARCH = llama.preset("tiny", num_attention_heads=8, num_query_groups=4)  # GQA, TP up to 4
 
 

@@ -53,13 +53,15 @@ LAYOUTS = {
     "cp2": ["--context-parallel-size", "2"],
     "dp2-distopt": ["--use-distributed-optimizer"],
     "tp2pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+    "pp2-vpp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+    "tp2cp2": ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"],
 }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_parallel_layout_matches_single_rank(workspace, layout):
     tmp, cache, guide, reference = workspace
-    world = 4 if layout == "tp2pp2" else 2
+    world = 4 if layout in ("tp2pp2", "tp2cp2") else 2
     argv = _common(tmp, layout, cache) + ["--loss-type", "tgdpo", "--guidance-load", str(guide)] + LAYOUTS[layout]
     assert run_on_ranks(world, _train, argv, model_parallel=False) == [0] * world
     got = _losses(tmp / layout)
