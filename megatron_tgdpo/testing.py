@@ -15,6 +15,7 @@ its own process group and the whole group is killed afterwards, so helpers that 
 from __future__ import annotations
 
 import multiprocessing as mp
+from multiprocessing import connection as mp_connection
 import os
 import pickle
 import signal
@@ -37,6 +38,7 @@ def free_port() -> int:
 
 
 _PRELOADED = False
+_GRACE_AFTER_FAILURE = 5.0  # seconds the other ranks get to report once one rank has failed
 
 
 def _preload() -> None:
@@ -80,9 +82,11 @@ def _rank_main(rank: int, world_size: int, port: int, conn, fn, args, kwargs, pa
         payload = pickle.dumps(("error", f"rank {rank}: result could not be pickled:\n{traceback.format_exc()}"))
     conn.send_bytes(payload)
     conn.close()
-    # No orderly teardown: destroy_process_group can linger for seconds after checkpoint I/O or DDP,
-    # and the parent kills this rank's whole process group anyway.
-    os._exit(0)
+    # Never exit on our own: a rank that finished (or failed) early would tear down its gloo
+    # connections while slower ranks are still completing start-up or a collective with it. The
+    # parent kills this rank's whole process group once every rank has reported (or failed).
+    while True:
+        signal.pause()
 
 
 def run_on_ranks(*args: Any, **kwargs: Any) -> list[Any]:
@@ -140,31 +144,37 @@ def _run_on_ranks(
 
     results: list[Any] = [None] * world_size
     errors: dict[int, str] = {}
+    pending = dict(enumerate(conns))
     deadline = time.monotonic() + timeout
     try:
-        for rank, conn in enumerate(conns):
+        while pending:
             remaining = deadline - time.monotonic()
-            if remaining > 0 and conn.poll(remaining):
+            if remaining <= 0:
+                why = (f"no result within {timeout:.0f}s (hung or deadlocked)" if not errors else
+                       "did not finish: another rank failed first (see above)")
+                errors.update({rank: why for rank in pending})
+                break
+            for conn in mp_connection.wait(list(pending.values()), timeout=remaining):
+                rank = next(r for r, c in pending.items() if c is conn)
+                del pending[rank]
                 try:
                     kind, payload = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     kind, payload = "error", "process died without reporting (killed or crashed)"
-            else:
-                kind, payload = "error", f"no result within {timeout:.0f}s (hung or deadlocked)"
-            if kind == "ok":
-                results[rank] = payload
-            else:
-                errors[rank] = payload
-                if "no result within" in payload:
-                    break  # the rest are waiting on this one; do not wait out the clock per rank
+                if kind == "ok":
+                    results[rank] = payload
+                else:
+                    if not errors:  # give the others a moment to report their own failures, no more
+                        deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE)
+                    errors[rank] = payload
     finally:
         for proc in procs:
-            proc.join(timeout=2 if not errors else 0.5)
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            proc.join(timeout=5)
+        for proc in procs:
+            proc.join(timeout=10)
     if errors:
         report = "\n".join(f"----- rank {r} -----\n{tb}" for r, tb in sorted(errors.items()))
         raise RankFailure(f"{len(errors)} of {world_size} ranks failed:\n{report}")

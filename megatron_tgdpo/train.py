@@ -11,6 +11,8 @@ megatron_tgdpo.train ...``. One iteration:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -451,8 +453,20 @@ def run(cfg: TrainConfig) -> int:
         logger.info(f"resumed from {meta['path']} (iteration {start_iteration}, {consumed} samples consumed)")
 
     source = BatchSource(cfg, train_prefix, pad_id, consumed_samples=consumed, shuffle=True)
-    eval_source = lambda: BatchSource(cfg, eval_prefix, pad_id, consumed_samples=0, shuffle=False) if eval_prefix else None  # noqa: E731
-    before = evaluate(cfg, models, eval_source(), cfg.eval_iters) if start_iteration == 0 else None
+
+    def held_out() -> Optional[dict]:
+        if eval_prefix is None:
+            return None
+        return evaluate(cfg, models, BatchSource(cfg, eval_prefix, pad_id, consumed_samples=0, shuffle=False),
+                        cfg.eval_iters)
+
+    def save(iteration: int) -> None:
+        state = {"consumed_samples": consumed, "config": cfg.to_dict(), "arch": dataclasses.asdict(arch)}
+        path = checkpointing.save_checkpoint(cfg.save, iteration=iteration, chunks=models.policy, optimizer=optimizer,
+                                             scheduler=scheduler, state=state, keep_last=cfg.keep_last)
+        logger.info(f"saved {path}")
+
+    before = held_out() if start_iteration == 0 else None
     if before:
         logger.info("held-out before training: " + _summary_line(before))
 
@@ -461,8 +475,7 @@ def run(cfg: TrainConfig) -> int:
     frozen = 0 if models.cache is not None else 1 + (models.guidance is not None)
     peak = peak_tflops()
     stop = StopRequest(cfg.exit_duration_in_mins)
-    exit_code = 0
-    iteration = start_iteration
+    iteration, last_saved = start_iteration, start_iteration
     while iteration < iters:
         t0 = time.monotonic()
         batches = source.next_global_batch()
@@ -474,46 +487,36 @@ def run(cfg: TrainConfig) -> int:
         elapsed = time.monotonic() - t0
         tokens = sum(b["input_ids"].numel() for b in batches) * ps.get_data_parallel_world_size()
         tflops = flops.step_flops(tokens=tokens, seq_length=batches[0]["input_ids"].shape[1], frozen_models=frozen)
-        metrics.update(lr=lr, tokens_per_s=tokens / elapsed,
-                       tflops=tflops / elapsed / 1e12 / dist.get_world_size(), step_time_s=elapsed,
-                       consumed_samples=consumed)
+        metrics.update(lr=lr, tokens_per_s=tokens / elapsed, tflops=tflops / elapsed / 1e12 / dist.get_world_size(),
+                       step_time_s=elapsed, consumed_samples=consumed)
         if peak:
             metrics["mfu"] = metrics["tflops"] / peak
         if iteration % cfg.log_interval == 0 or iteration == iters:
             logger.log_step(iteration, metrics)
         if cfg.eval_interval and iteration % cfg.eval_interval == 0 and iteration < iters:
-            mid = evaluate(cfg, models, eval_source(), cfg.eval_iters)
+            mid = held_out()
             if mid:
                 logger.info(f"held-out at iteration {iteration}: " + _summary_line(mid))
-        state = {"consumed_samples": consumed, "config": cfg.to_dict(), "arch": arch.__dict__}
         reason = stop.should_stop()
         if cfg.save and ((cfg.save_interval and iteration % cfg.save_interval == 0) or reason):
-            path = checkpointing.save_checkpoint(cfg.save, iteration=iteration, chunks=models.policy,
-                                                 optimizer=optimizer, scheduler=scheduler, state=state,
-                                                 keep_last=cfg.keep_last)
-            logger.info(f"saved {path}")
+            save(iteration)
+            last_saved = iteration
         if reason:
             logger.info(f"stopping after iteration {iteration} ({reason}); exit code {EXIT_REQUEUE} = requeue")
-            exit_code = EXIT_REQUEUE
-            break
+            logger.close()
+            return EXIT_REQUEUE
 
-    if exit_code == 0:
-        if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
-            path = checkpointing.save_checkpoint(cfg.save, iteration=iteration, chunks=models.policy,
-                                                 optimizer=optimizer, scheduler=scheduler, state=state,
-                                                 keep_last=cfg.keep_last)
-            logger.info(f"saved {path}")
-        after = evaluate(cfg, models, eval_source(), cfg.eval_iters)
-        if after:
-            logger.info("held-out after training: " + _summary_line(after))
-            if rank0 and cfg.log_dir:
-                import json
-
-                with open(os.path.join(cfg.log_dir, "summary.json"), "w") as fh:
-                    json.dump({"loss_type": cfg.loss_type, "iterations": iteration, "before": before, "after": after}, fh,
-                              indent=2)
+    if cfg.save and iteration != last_saved:
+        save(iteration)
+    after = held_out()
+    if after:
+        logger.info("held-out after training: " + _summary_line(after))
+        if rank0 and cfg.log_dir:
+            summary = {"loss_type": cfg.loss_type, "iterations": iteration, "before": before, "after": after}
+            with open(os.path.join(cfg.log_dir, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
     logger.close()
-    return exit_code
+    return 0
 
 
 def _summary_line(m: dict) -> str:
