@@ -88,3 +88,15 @@ def test_tgdpo_alpha_zero_is_dpo_step_for_step(workspace):
     for x, y in zip(_losses(tmp / "alpha0"), _losses(tmp / "dpo")):
         for key in ("loss", "rewards/margin", "grad_norm"):
             assert x[key] == y[key], f"iteration {x['iteration']} {key}: {x[key]} != {y[key]}"
+
+
+def test_bf16_tracks_fp32(workspace):
+    """bf16 weights (fp32 main params in the optimizer, fp32 log-probs and loss) follow the fp32 run."""
+    tmp, cache, guide, reference = workspace
+    argv = _common(tmp, "bf16", cache) + ["--loss-type", "tgdpo", "--guidance-load", str(guide), "--bf16",
+                                          "--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
+    assert run_on_ranks(2, _train, argv, model_parallel=False) == [0, 0]
+    got = _losses(tmp / "bf16")
+    assert got[0]["logratio/abs_max"] == 0.0
+    for ours, ref in zip(got, reference):
+        assert abs(ours["loss"] - ref["loss"]) < 1e-2, (ours["iteration"], ours["loss"], ref["loss"])
