@@ -134,8 +134,14 @@ def build_models(cfg: TrainConfig, arch: llama.LlamaArch) -> Models:
     reference = build_frozen(arch, cfg, cfg.ref_load)
     precision = llama.Precision(bf16=cfg.bf16, fp8_format=cfg.fp8_format)
     policy = llama.build_model(arch, llama.transformer_config(arch, layout_of(cfg), precision))
-    for dst, src in zip(policy, reference):
-        dst.load_state_dict(src.state_dict())
+    from megatron_tgdpo import convert
+
+    if cfg.load is not None and (convert.is_hf_directory(cfg.load) or convert.is_converted_directory(cfg.load)):
+        # A model directory (not a training checkpoint): the policy starts from it, at iteration 0.
+        checkpointing.load_model_weights(cfg.load, policy)
+    else:
+        for dst, src in zip(policy, reference):
+            dst.load_state_dict(src.state_dict())
     guidance = None
     if cfg.loss_type == "tgdpo" and cfg.guidance_load is not None and cfg.logprob_cache is None:
         guidance = build_frozen(arch, cfg, cfg.guidance_load)
@@ -435,7 +441,7 @@ def run(cfg: TrainConfig) -> int:
     models.policy, optimizer, scheduler = wrap_policy(cfg, models.policy, iters)
 
     start_iteration, consumed = 0, 0
-    if cfg.load is not None:
+    if cfg.load is not None and checkpointing.find_latest(cfg.load) is not None:
         meta = checkpointing.load_checkpoint(cfg.load, chunks=models.policy, optimizer=optimizer, scheduler=scheduler,
                                              load_optimizer=cfg.load_optim, load_rng=cfg.load_rng)
         if meta is not None:

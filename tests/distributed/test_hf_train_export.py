@@ -3,6 +3,8 @@ architecture taken from config.json, not the preset), DPO at TP=2, export of the
 checkpoint back to Hugging Face, and `transformers` reproducing the trained model's log-probs."""
 from __future__ import annotations
 
+import json
+
 import torch
 import transformers
 
@@ -39,11 +41,13 @@ def test_hf_in_train_tp2_export_to_hf(tmp_path):
 
     hf_in = write_synthetic_hf(tmp_path / "hf-in", ARCH, dtype=torch.float32, seed=3)
     ckpt = tmp_path / "ckpt"
-    argv = ["--ref-load", str(hf_in), "--loss-type", "dpo", "--train-iters", "3", "--micro-batch-size", "2",
+    argv = ["--ref-load", str(hf_in), "--load", str(hf_in), "--loss-type", "dpo", "--train-iters", "3", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-2", "--tensor-model-parallel-size", "2",
             "--data-cache-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "log"), "--eval-iters", "0",
             "--no-tensorboard", "--save", str(ckpt)]
     assert run_on_ranks(2, _train, argv, model_parallel=False) == [0, 0]
+    first = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["iteration"] == 1 and first["logratio/abs_max"] == 0.0  # policy (--load) == reference
 
     hf_out = tmp_path / "hf-out"
     megatron_to_hf(ckpt, hf_out)
