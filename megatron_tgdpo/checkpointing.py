@@ -144,8 +144,7 @@ def current_layout() -> dict:
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """megatron-core sharded state dict of the model chunks (unwrapping DDP)."""
-    def unwrap(m):
-        return m.module if hasattr(m, "module") and not hasattr(m, "decoder") else m
+    from megatron_tgdpo.models.state_dict import unwrap
 
     if len(chunks) == 1:
         return {"model": unwrap(chunks[0]).sharded_state_dict()}
@@ -300,10 +299,11 @@ def checkpoint_arch(path: str | os.PathLike):
 
 
 def _assign_model(chunks: list[torch.nn.Module], loaded: dict) -> None:
+    from megatron_tgdpo.models.state_dict import unwrap
+
     for i, chunk in enumerate(chunks):
-        module = chunk.module if hasattr(chunk, "module") and not hasattr(chunk, "decoder") else chunk
         key = "model" if len(chunks) == 1 else f"model{i}"
-        module.load_state_dict(loaded[key], strict=False)
+        unwrap(chunk).load_state_dict(loaded[key], strict=False)
 
 
 def load_checkpoint(

@@ -29,7 +29,6 @@ Two jobs, nothing else:
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Any
 
@@ -47,10 +46,6 @@ def mcore_version() -> Version:
     from megatron.core import package_info
 
     return Version(package_info.__version__)
-
-
-def mcore_at_least(version: str) -> bool:
-    return mcore_version() >= Version(version)
 
 
 def silence_known_warnings() -> None:
@@ -158,16 +153,10 @@ def cpu_config_overrides() -> dict:
     return {} if torch.cuda.is_available() else {"batch_p2p_comm": False}
 
 
-def cpu_shims_active() -> bool:
-    return _SHIMS_APPLIED
-
-
 def apply_cpu_shims() -> None:
     """Make megatron-core usable on a CPU-only torch. Idempotent; a no-op when CUDA is available."""
     global _SHIMS_APPLIED
     if _SHIMS_APPLIED or torch.cuda.is_available():
-        return
-    if os.environ.get("MEGATRON_TGDPO_NO_CPU_SHIMS") == "1":
         return
 
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]

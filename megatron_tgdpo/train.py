@@ -47,7 +47,6 @@ class Models:
     policy: list
     reference: list
     guidance: Optional[list]
-    arch: llama.LlamaArch
     cache: Optional[object] = None  # logprob_cache.LogprobCache: offline reference/guidance log-probs
 
 
@@ -145,7 +144,7 @@ def build_models(cfg: TrainConfig, arch: llama.LlamaArch) -> Models:
     guidance = None
     if cfg.loss_type == "tgdpo" and cfg.guidance_load is not None and cfg.logprob_cache is None:
         guidance = build_frozen(arch, cfg, cfg.guidance_load)
-    return Models(policy=policy, reference=reference, guidance=guidance, arch=arch)
+    return Models(policy=policy, reference=reference, guidance=guidance)
 
 
 def wrap_policy(cfg: TrainConfig, chunks: list, train_iters: int):

@@ -28,6 +28,7 @@ from megatron_tgdpo.convert.hf_config import LLAMA3_FIXED
 from megatron_tgdpo.convert.layout import canonical_layer_name
 from megatron_tgdpo.convert.views import TensorView, read_shard
 from megatron_tgdpo.models.llama import LlamaArch
+from megatron_tgdpo.models.state_dict import unwrap
 
 
 def open_for_loading(path: str | Path) -> tuple[LlamaArch, dict[str, TensorView]]:
@@ -44,13 +45,6 @@ def open_for_loading(path: str | Path) -> tuple[LlamaArch, dict[str, TensorView]
 def checkpoint_arch(path: str | Path) -> LlamaArch:
     """The architecture of a Hugging Face or converted directory (to build the model before loading)."""
     return open_for_loading(path)[0]
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    # DDP and Float16Module wrap the GPTModel in ``.module``
-    while hasattr(module, "module") and not hasattr(module, "decoder"):
-        module = module.module
-    return module
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
@@ -112,7 +106,7 @@ def load_into_model(path: str | Path, chunks: list[torch.nn.Module]) -> LlamaArc
     from megatron_tgdpo.models.state_dict import local_full_names
 
     arch, views = open_for_loading(path)
-    modules = [_unwrap(chunk) for chunk in chunks]
+    modules = [unwrap(chunk) for chunk in chunks]
     for module in modules:
         diff = model_mismatches(arch, module)
         if diff:

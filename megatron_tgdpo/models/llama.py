@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -80,7 +80,6 @@ class ParallelLayout:
 class Precision:
     bf16: bool = False
     fp8_format: Optional[str] = None  # "hybrid" | "e4m3" (TransformerEngine only)
-    extra: dict = field(default_factory=dict)
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -155,7 +154,6 @@ def transformer_config(arch: LlamaArch, layout: ParallelLayout, precision: Preci
         use_cpu_initialization=not on_gpu,
         **compat.cpu_config_overrides(),
         **fp8,
-        **precision.extra,
     )
 
 
@@ -182,9 +180,9 @@ def block_spec(config, *, vp_stage: Optional[int] = None, use_te: Optional[bool]
     """Layer specs for this pipeline stage plus the final norm (ours for the local spec)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    layer = layer_spec(config, use_te=use_te)
     if use_te is None:
         use_te = compat.te_available()
+    layer = layer_spec(config, use_te=use_te)
     if use_te:
         return layer  # GPTModel builds TE's final norm itself
     from megatron_tgdpo.models.layers import RMSNorm

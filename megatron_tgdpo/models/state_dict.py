@@ -8,7 +8,7 @@ full tensor is ``[gate; up]`` and rank r holds ``[gate_r; up_r]``.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -48,9 +48,11 @@ def to_global_name(name: str, offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name, count=1)
 
 
-def tp_parameters(chunk: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:
-    """Trainable parameters of a model chunk (no TE ``_extra_state`` entries)."""
-    return chunk.named_parameters()
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The ``GPTModel`` inside megatron's wrappers (DDP, Float16Module keep it in ``.module``)."""
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    return module
 
 
 def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor]) -> None:
@@ -61,7 +63,7 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch
     for vp, chunk in enumerate(chunks):
         offset = layer_offset(chunk.config, vp_stage=vp if len(chunks) > 1 else None)
         missing = []
-        for name, param in tp_parameters(chunk):
+        for name, param in chunk.named_parameters():
             key = to_global_name(name, offset)
             if key not in full and key == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
                 key = "embedding.word_embeddings.weight"  # tied: the last PP stage holds a copy
@@ -86,7 +88,7 @@ def local_full_names(chunks: list[torch.nn.Module]) -> dict[str, tuple[torch.nn.
     out = {}
     for vp, chunk in enumerate(chunks):
         offset = layer_offset(chunk.config, vp_stage=vp if len(chunks) > 1 else None)
-        for name, param in tp_parameters(chunk):
+        for name, param in chunk.named_parameters():
             dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else -1
             out[to_global_name(name, offset)] = (param, dim, getattr(param, "partition_stride", 1))
     return out
