@@ -20,7 +20,8 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45"],
+        "test": ["pytest>=8", "transformers>=4.45", "matplotlib"],
+        "plot": ["matplotlib"],
         # GPU only: TransformerEngine with its torch extension (FP8 layers, CP attention).
         "te": ["transformer-engine[pytorch]"],
         "tensorboard": ["tensorboard"],

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_tgdpo.tasks.cli import main
+
+sys.exit(main())
