@@ -4,16 +4,34 @@
   ``sequence_parallel=False``. With SP each rank normalises its own sequence slice, so the weight's
   gradient is partial per rank; marking the weight ``sequence_parallel`` makes megatron-core's
   ``finalize_model_grads`` all-reduce it over the TP group, exactly as it does for TE's norms.
-* :class:`ContextParallelAttention` supports context parallelism: megatron-core's local
-  ``DotProductAttention`` asserts ``context_parallel_size == 1`` (only TE attention does CP). Each CP
-  rank holds two chunks of the sequence in megatron's load-balanced layout (sequence cut into 2*CP
-  chunks, rank r holds chunks r and 2*CP-1-r, see ``megatron.core.utils.get_batch_on_this_cp_rank``);
-  we all-gather K and V over the CP group and apply the causal mask on *global* positions. Simple and
-  exact; TE's ring attention is the fast path on GPU.
+* :class:`ContextParallelAttention` is the causal core attention (GQA) of the local spec, with what
+  megatron-core's local ``DotProductAttention`` refuses (it asserts ``context_parallel_size == 1`` and
+  ``packed_seq_params is None``; only TE attention does these):
+
+  - **context parallelism**: each CP rank holds two chunks of every sequence in megatron's
+    load-balanced layout (a sequence cut into 2*CP chunks, rank r holds chunks r and 2*CP-1-r, see
+    :func:`megatron_tgdpo.data.batch.cp_chunk_positions`); we all-gather K and V over the CP group and
+    mask on *global* positions. Simple and exact; TE's ring attention is the fast path on GPU.
+  - **packed sequences** (``packed_seq_params.qkv_format == "thd"``): megatron then passes
+    ``[t, heads, d]`` tensors (batch dimension squeezed) and reshapes our ``[t, heads * d]`` output
+    back to ``[t, 1, h]``. The mask is block-diagonal causal over the segments of ``cu_seqlens``: a
+    token sees earlier tokens of its own segment only. Under CP every segment is split into 2*CP
+    chunks on its own (:func:`megatron_tgdpo.data.batch.cp_row_positions`), as TE and megatron's thd
+    RoPE do. RoPE itself needs nothing here: megatron-core's unfused thd RoPE
+    (``rope_utils._apply_rotary_pos_emb_thd``) already restarts positions per segment, CP-aware.
+  - **KV-cache decoding** (static batching, CP=1, not packed): megatron passes the cached keys plus the
+    new ones (``sk``) and only the new queries (``sq < sk``); those are the *last* ``sq`` positions,
+    so the causal mask is offset by ``sk - sq``.
+
+Segments are the *padded* boundaries (``cu_seqlens_q_padded`` when set, else ``cu_seqlens_q``), the
+same choice megatron's thd RoPE makes, so mask and positions always agree. A segment's padding sits
+after its tokens, so causally no real token ever sees it: the real tokens' outputs equal TE's with
+``pad_between_seqs``; padding outputs are junk either way and carry no loss.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,6 +40,18 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+# Re-exported: existing callers import the CP position helper from here (one definition, in batch.py).
+from megatron_tgdpo.data.batch import cp_chunk_positions, cp_row_positions
+
+__all__ = [
+    "AttentionLayout",
+    "ContextParallelAttention",
+    "RMSNorm",
+    "cp_chunk_positions",
+    "cp_row_positions",
+    "packed_segment_bounds",
+]
 
 
 class RMSNorm(torch.nn.Module):
@@ -38,17 +68,6 @@ class RMSNorm(torch.nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
-
-
-def cp_chunk_positions(*, local_len: int, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
-    """Global token positions held by ``cp_rank`` in the load-balanced CP layout."""
-    if cp_size == 1:
-        return torch.arange(local_len, device=device)
-    chunk = local_len // 2
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    mirror = 2 * cp_size - 1 - cp_rank
-    second = torch.arange(mirror * chunk, (mirror + 1) * chunk, device=device)
-    return torch.cat([first, second])
 
 
 class _GatherSeqOverCP(torch.autograd.Function):
@@ -71,8 +90,86 @@ class _GatherSeqOverCP(torch.autograd.Function):
         return grad[ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local], None
 
 
+def packed_segment_bounds(packed_seq_params: Any) -> Optional[list[int]]:
+    """Host list of the segment boundaries of a thd ``PackedSeqParams`` (None when not packed).
+
+    Padded boundaries win (megatron's thd RoPE makes the same choice); queries and keys must share
+    them because this is self-attention over one packed row."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format != "thd":
+        raise NotImplementedError(
+            f"packed_seq_params with qkv_format={packed_seq_params.qkv_format!r}: the local attention supports 'thd'"
+        )
+    q = packed_seq_params.cu_seqlens_q_padded
+    q = packed_seq_params.cu_seqlens_q if q is None else q
+    kv = packed_seq_params.cu_seqlens_kv_padded
+    kv = packed_seq_params.cu_seqlens_kv if kv is None else kv
+    if q is None:
+        raise ValueError("thd packed_seq_params need cu_seqlens_q (or cu_seqlens_q_padded)")
+    bounds = [int(x) for x in q.tolist()]
+    if kv is not None and kv is not q and [int(x) for x in kv.tolist()] != bounds:
+        raise NotImplementedError("packed self-attention needs the same cu_seqlens for queries and keys")
+    if not bounds or bounds[0] != 0 or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and increase strictly, got {bounds}")
+    return bounds
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where this rank's queries and the keys it attends over sit in the full (unsliced) row.
+
+    ``*_pos`` are row positions; ``*_seg`` the packed segment of each position, or None when the row
+    is one sequence (then every position is in the same segment)."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_seg: Optional[torch.Tensor] = None
+    k_seg: Optional[torch.Tensor] = None
+
+
+def _segments(positions: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Segment index of each row position (``bounds``: cu_seqlens as a list)."""
+    inner = torch.tensor(bounds[1:], dtype=positions.dtype, device=positions.device)
+    return torch.bucketize(positions, inner, right=True)
+
+
+def _packed_layout(*, sq: int, sk: int, bounds: list[int], cp_rank: int, cp_size: int,
+                   device: torch.device) -> AttentionLayout:
+    if sq != sk or sq * cp_size != bounds[-1]:
+        raise ValueError(
+            f"packed row of {bounds[-1]} tokens (cu_seqlens) does not match {sq} local queries / {sk} keys "
+            f"at context-parallel size {cp_size}"
+        )
+    if cp_size == 1:  # no CP split, so segments of any length (cp_row_positions wants 2*CP multiples)
+        q_pos = k_pos = torch.arange(sq, device=device)
+    else:
+        q_pos = cp_row_positions(bounds, cp_rank=cp_rank, cp_size=cp_size, device=device)
+        # K/V are all-gathered in rank order: their positions are every rank's, concatenated.
+        k_pos = torch.cat(
+            [cp_row_positions(bounds, cp_rank=r, cp_size=cp_size, device=device) for r in range(cp_size)]
+        )
+    return AttentionLayout(q_pos, k_pos, _segments(q_pos, bounds), _segments(k_pos, bounds))
+
+
+def _sequence_layout(*, sq: int, sk: int, cp_rank: int, cp_size: int, device: torch.device) -> AttentionLayout:
+    if sq < sk:
+        if cp_size > 1:
+            raise NotImplementedError("KV-cache attention (fewer queries than keys) with context parallelism")
+        # Cached prefix plus new tokens: the queries are the last sq positions of the keys.
+        return AttentionLayout(torch.arange(sk - sq, sk, device=device), torch.arange(sk, device=device))
+    if sq > sk:
+        raise ValueError(f"more queries ({sq}) than keys ({sk})")
+    q_pos = cp_chunk_positions(local_len=sq, cp_rank=cp_rank, cp_size=cp_size, device=device)
+    k_pos = torch.cat(
+        [cp_chunk_positions(local_len=sq, cp_rank=r, cp_size=cp_size, device=device) for r in range(cp_size)]
+    )
+    return AttentionLayout(q_pos, k_pos)
+
+
 class ContextParallelAttention(MegatronModule):
-    """Causal core attention (GQA) for the local spec, exact under context parallelism."""
+    """Causal core attention (GQA) for the local spec: exact under context parallelism, for packed
+    (thd) rows and for KV-cache decoding (see the module docstring)."""
 
     def __init__(
         self,
@@ -92,33 +189,43 @@ class ContextParallelAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
+    def allowed(self, layout: AttentionLayout) -> torch.Tensor:
+        """``[sq, sk]`` bool, True where a query may attend to a key: causal, within its own segment.
+        (A method so that a test can swap in a deliberately leaky mask and show its checks catch it.)"""
+        mask = layout.q_pos[:, None] >= layout.k_pos[None, :]
+        if layout.q_seg is not None:
+            mask &= layout.q_seg[:, None] == layout.k_seg[None, :]
+        return mask
+
     def forward(
         self,
-        query: torch.Tensor,  # [sq, b, heads, d]
-        key: torch.Tensor,  # [sk, b, groups, d]
+        query: torch.Tensor,  # [sq, b, heads, d]; thd: [t, heads, d]
+        key: torch.Tensor,  # [sk, b, groups, d]; thd: [t, groups, d]
         value: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,  # noqa: ARG002 - causal only, built below
-        attn_mask_type: Any = None,
+        attn_mask_type: Any = None,  # noqa: ARG002 - always causal (megatron says no_mask when decoding)
         attention_bias: Any = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("packed sequences / attention bias need the TransformerEngine spec")
+        if attention_bias is not None:
+            raise NotImplementedError("attention bias needs the TransformerEngine spec")
+        bounds = packed_segment_bounds(packed_seq_params)
+        if bounds is not None:  # thd: give the tensors back their batch dimension of one
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp_size = parallel_state.get_context_parallel_world_size()
-        cp_rank = parallel_state.get_context_parallel_rank()
-        local = query.shape[0]
-        q_pos = cp_chunk_positions(local_len=local, cp_rank=cp_rank, cp_size=cp_size, device=query.device)
+        where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
+                     cp_size=cp_size, device=query.device)
+        layout = _sequence_layout(**where) if bounds is None else _packed_layout(bounds=bounds, **where)
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
             key = _GatherSeqOverCP.apply(key, group)
             value = _GatherSeqOverCP.apply(value, group)
-            k_pos = torch.cat(
-                [cp_chunk_positions(local_len=local, cp_rank=r, cp_size=cp_size, device=query.device)
-                 for r in range(cp_size)]
-            )
-        else:
-            k_pos = q_pos
-        mask = q_pos[:, None] >= k_pos[None, :]  # True = may attend
+        out = self._attend(query, key, value, self.allowed(layout))  # [sq, b, heads * d]
+        return out.squeeze(1) if bounds is not None else out
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         rep = self.heads // self.groups
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
@@ -128,4 +235,4 @@ class ContextParallelAttention(MegatronModule):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
         )
         # [b, h, sq, d] -> [sq, b, h*d]
-        return out.permute(2, 0, 1, 3).reshape(local, query.shape[1], self.heads * self.head_dim)
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.heads * self.head_dim)

@@ -1,0 +1,285 @@
+"""Packed preference pairs: several pairs share one row, no padding between them beyond what CP needs.
+
+Two steps, both deterministic:
+
+1. :func:`plan_packing` assigns the pairs of one data-parallel rank's share of a global batch (in the
+   shuffled stream order) to bins of ``capacity`` tokens, first-fit-decreasing by pair size (ties by
+   stream position). ``capacity = 2 x micro_batch_size x seq_length`` (:func:`capacity_for`): a packed
+   micro-batch never computes more tokens than the padded path at the same flags. A pair is two
+   sequences (prompt + chosen, prompt + rejected), each padded to a multiple of ``2 x CP`` (context
+   parallelism cuts every sequence into 2*CP chunks), and both always land in the same bin.
+2. :class:`PackedPreferenceCollator` turns one bin into a packed :class:`~megatron_tgdpo.data.batch.Batch`
+   (one row; see batch.py for the contract), and :func:`packed_seq_params_for` gives megatron-core's
+   ``PackedSeqParams`` for it, which the model call needs: megatron's RoPE restarts per segment and the
+   attention stays inside one only when they are passed (``position_ids`` are *not* what RoPE reads).
+
+Row layout of a bin with pairs ``0..P-1`` (stream order): chosen sequences of pairs ``0..P-1``, then
+their rejected sequences, then (with ``fixed_length``, or to reach ``pad_to_multiple_of``) one tail
+segment of padding. Every segment is one ``cu_seqlens`` entry: the padded boundaries, the same in
+``cu_seqlens_q`` and ``cu_seqlens_q_padded`` (a sequence's own padding follows its tokens, so causally
+no real token sees it; see models/layers.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_tgdpo.data.batch import Batch
+
+__all__ = [
+    "PackedPreferenceCollator",
+    "PackingPlan",
+    "capacity_for",
+    "packed_seq_params_for",
+    "padded_length",
+    "plan_packing",
+]
+
+
+def capacity_for(*, micro_batch_size: int, seq_length: int) -> int:
+    """Tokens of one packed micro-batch: what the padded path computes (2 rows per pair)."""
+    return 2 * micro_batch_size * seq_length
+
+
+def padded_length(length: int, *, context_parallel_size: int) -> int:
+    """A sequence's segment length: the next multiple of ``2 x CP`` (an empty sequence still gets one
+    chunk, so no segment is empty: TE and the CP split both need every segment non-empty)."""
+    multiple = 2 * context_parallel_size
+    return max(1, -(-length // multiple)) * multiple
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _row_length(content: int, *, fixed_length: Optional[int], multiple: int) -> int:
+    """Tokens of a row whose segments hold ``content`` tokens: ``fixed_length`` (pipeline parallelism
+    needs one shape for every micro-batch) or the content rounded up to ``multiple``."""
+    return fixed_length if fixed_length is not None else max(_round_up(content, multiple), multiple)
+
+
+@dataclass(frozen=True)
+class PackingPlan:
+    """Bins of pair positions (indices into the packed window, ascending within a bin) plus what they
+    cost. ``real_tokens``: prompt + response tokens of every sequence; ``padded_tokens``: the segments
+    (each sequence padded to 2*CP); ``computed_tokens``: the rows the model runs (tail padding too)."""
+
+    bins: tuple[tuple[int, ...], ...]
+    capacity: int
+    real_tokens: int
+    padded_tokens: int
+    computed_tokens: int
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bins)
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of computed token positions that hold real tokens."""
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+def _as_lengths(pair_lengths: Any) -> np.ndarray:
+    """``[P, 3]`` int64 (prompt, chosen, rejected) lengths."""
+    lengths = np.asarray(pair_lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return lengths.reshape(0, 3)
+    if lengths.ndim != 2 or lengths.shape[1] != 3:
+        raise ValueError(f"pair lengths must be (prompt, chosen, rejected) per pair, got shape {lengths.shape}")
+    if (lengths < 0).any():
+        raise ValueError("pair lengths must be >= 0")
+    return lengths
+
+
+def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int) -> list[int]:
+    return [
+        padded_length(int(p + c), context_parallel_size=context_parallel_size)
+        + padded_length(int(p + r), context_parallel_size=context_parallel_size)
+        for p, c, r in lengths
+    ]
+
+
+def _first_fit_decreasing(sizes: list[int], *, capacity: int) -> list[list[int]]:
+    """Largest pair first (ties: earlier stream position first), each into the first bin with room."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        target = next((b for b, room in enumerate(free) if room >= sizes[i]), None)
+        if target is None:
+            bins.append([])
+            free.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(i)
+        free[target] -= sizes[i]
+    return [sorted(b) for b in bins]
+
+
+def plan_packing(
+    pair_lengths: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    capacity: int,
+    context_parallel_size: int = 1,
+    fixed_length: Optional[int] = None,
+    pad_to_multiple_of: int = 1,
+    sample_ids: Optional[Sequence[int]] = None,
+) -> PackingPlan:
+    """Bins for the pairs of one window (``pair_lengths[i] = (prompt, chosen, rejected)`` of the pair
+    at stream position ``i``). ``fixed_length`` / ``pad_to_multiple_of`` only shape the statistics;
+    pass the collator's (:meth:`PackedPreferenceCollator.plan` does). ``sample_ids`` (dataset indices)
+    name a pair in the error raised when it cannot fit a bin on its own."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    if fixed_length is not None and fixed_length < capacity:
+        raise ValueError(f"fixed_length={fixed_length} is smaller than the bin capacity {capacity}")
+    lengths = _as_lengths(pair_lengths)
+    sizes = _pair_sizes(lengths, context_parallel_size=context_parallel_size)
+    for i, size in enumerate(sizes):
+        if size > capacity:
+            name = f"pair at stream position {i}" if sample_ids is None else f"pair {sample_ids[i]} (stream position {i})"
+            p, c, r = (int(x) for x in lengths[i])
+            raise ValueError(
+                f"{name} needs {size} tokens (prompt {p}, chosen {c}, rejected {r}; each sequence padded to a "
+                f"multiple of 2 x CP = {2 * context_parallel_size}), more than one packed micro-batch holds "
+                f"({capacity} = 2 x micro-batch size x seq length); raise --seq-length or prepare the data with a "
+                "smaller --max-seq-length"
+            )
+    bins = _first_fit_decreasing(sizes, capacity=capacity)
+    multiple = math.lcm(pad_to_multiple_of, 2 * context_parallel_size)
+    computed = sum(_row_length(sum(sizes[i] for i in b), fixed_length=fixed_length, multiple=multiple) for b in bins)
+    return PackingPlan(
+        bins=tuple(tuple(b) for b in bins),
+        capacity=capacity,
+        real_tokens=int((2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).sum()),
+        padded_tokens=sum(sizes),
+        computed_tokens=computed,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedPreferenceCollator:
+    """One bin of pairs -> a packed :class:`Batch` (``[1, row]`` tensors, ``cu_seqlens``, ``sequence_ids``).
+
+    Per sequence the tokens, ``labels`` and ``loss_mask`` are exactly the unpacked
+    :class:`~megatron_tgdpo.data.collate.PreferenceCollator`'s row (up to padding): ``labels`` is the
+    next token *of the same sequence*, so the last token of a sequence never predicts the next
+    sequence's first token. ``position_ids`` restart at 0 in every segment (what megatron's thd RoPE
+    computes). The row is ``fixed_length`` tokens when given (pipeline parallelism: one shape for
+    every micro-batch), else the segments rounded up to ``lcm(pad_to_multiple_of, 2 * CP)``; the rest
+    is a tail segment (``sequence_ids`` -1). With sequence parallelism the row divided by CP must also
+    divide by TP: choose ``pad_to_multiple_of`` / ``fixed_length`` accordingly.
+    """
+
+    pad_id: int
+    context_parallel_size: int = 1
+    fixed_length: Optional[int] = None
+    pad_to_multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        if self.context_parallel_size < 1:
+            raise ValueError(f"context_parallel_size must be >= 1, got {self.context_parallel_size}")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        cp_chunks = 2 * self.context_parallel_size
+        if self.fixed_length is not None and (self.fixed_length < 1 or self.fixed_length % cp_chunks):
+            raise ValueError(
+                f"fixed_length={self.fixed_length} must be a positive multiple of 2 * context_parallel_size "
+                f"= {2 * self.context_parallel_size}"
+            )
+
+    @property
+    def multiple(self) -> int:
+        return math.lcm(self.pad_to_multiple_of, 2 * self.context_parallel_size)
+
+    def plan(
+        self,
+        pair_lengths: Sequence[Sequence[int]] | np.ndarray,
+        *,
+        capacity: int,
+        sample_ids: Optional[Sequence[int]] = None,
+    ) -> PackingPlan:
+        """:func:`plan_packing` with this collator's geometry (so the statistics are what it builds)."""
+        return plan_packing(
+            pair_lengths, capacity=capacity, context_parallel_size=self.context_parallel_size,
+            fixed_length=self.fixed_length, pad_to_multiple_of=self.pad_to_multiple_of, sample_ids=sample_ids,
+        )
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        if not items:
+            raise ValueError("cannot collate an empty bin")
+        prompts = [np.asarray(item["prompt"], dtype=np.int64) for item in items]
+        # [chosen of pairs 0..P-1; rejected of pairs 0..P-1], as the rows layout orders its rows.
+        sequences = [np.concatenate([p, np.asarray(item[side], dtype=np.int64)])
+                     for side in ("chosen", "rejected") for p, item in zip(prompts, items)]
+        prompt_lengths = [len(p) for p in prompts] * 2
+        segments = [padded_length(len(s), context_parallel_size=self.context_parallel_size) for s in sequences]
+        bounds = np.concatenate([[0], np.cumsum(segments)]).astype(np.int64)
+        content = int(bounds[-1])
+        row = _row_length(content, fixed_length=self.fixed_length, multiple=self.multiple)
+        if content > row:
+            names = [int(item.get("index", i)) for i, item in enumerate(items)]
+            raise ValueError(
+                f"pairs {names} need {content} tokens, more than fixed_length={self.fixed_length}; "
+                "pack with plan_packing(capacity <= fixed_length)"
+            )
+        if row > content:
+            bounds = np.append(bounds, row)  # the tail segment
+        tensors = self._fill(sequences, prompt_lengths, bounds, row)
+        tensors["cu_seqlens"] = torch.from_numpy(bounds.astype(np.int32))
+        tensors["sample_idx"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
+        return Batch.from_packed(tensors, num_pairs=len(items), num_sequences=len(sequences),
+                                 real_tokens=sum(len(s) for s in sequences))
+
+    def _fill(
+        self, sequences: list[np.ndarray], prompt_lengths: list[int], bounds: np.ndarray, row: int
+    ) -> dict[str, torch.Tensor]:
+        input_ids = np.full(row, self.pad_id, dtype=np.int64)
+        labels = np.full(row, self.pad_id, dtype=np.int64)
+        loss_mask = np.zeros(row, dtype=np.float32)
+        position_ids = np.zeros(row, dtype=np.int64)
+        sequence_ids = np.full(row, -1, dtype=np.int64)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            position_ids[start:end] = np.arange(end - start)
+        for n, (tokens, prompt) in enumerate(zip(sequences, prompt_lengths)):
+            start, end, length = int(bounds[n]), int(bounds[n + 1]), len(tokens)
+            input_ids[start : start + length] = tokens
+            # The next token of this sequence only: its last token (and its padding) get pad_id.
+            labels[start : start + length - 1] = tokens[1:]
+            # Position t predicts token t + 1: the response sits at prompt .. length - 1 (as unpacked).
+            loss_mask[start + max(prompt - 1, 0) : start + length - 1] = 1.0
+            sequence_ids[start:end] = n
+        arrays = dict(input_ids=input_ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+                      sequence_ids=sequence_ids)
+        return {key: torch.from_numpy(a).unsqueeze(0) for key, a in arrays.items()}  # [1, row]
+
+
+def packed_seq_params_for(batch: Batch):
+    """megatron-core ``PackedSeqParams`` (thd) for a packed batch, None for the rows layout: pass it as
+    ``model(..., packed_seq_params=...)`` on every pipeline stage (each computes its own RoPE).
+
+    ``cu_seqlens`` are the full row's (also for a CP slice: megatron and our attention divide each
+    segment by CP themselves) and must be on the model's device. ``max_seqlen`` is the longest segment,
+    a host int (megatron sizes the RoPE table with it and caches by it); it must not be the row length
+    when there are several segments, or megatron's thd RoPE takes the freqs as whole-row positions and
+    stops restarting per sequence (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1")."""
+    if not batch.packed:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = batch.segment_bounds()
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    cu = batch["cu_seqlens"]
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
