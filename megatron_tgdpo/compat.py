@@ -286,3 +286,99 @@ def load_optimizer_state(optimizer, state: dict) -> None:
                     param_state["step"] = torch.tensor(next(iter(steps)), dtype=torch.float32)
                 elif "step" in param_state:
                     param_state["step"] = param_state["step"].clone()
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint writer's helper process (preemption saves must survive job-wide signals)
+# --------------------------------------------------------------------------------------------
+
+_WRITER_MANAGER = None  # kept alive for the life of the process
+
+
+def _shield_helper_process() -> None:
+    """Runs inside the helper: ignore the job-wide stop signals (the worker decides when to stop) and
+    die with the worker (a parent-death signal), so it neither breaks a preemption save nor lingers."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    set_parent_death_signal()
+
+
+def set_parent_death_signal() -> None:
+    """Linux: SIGKILL this process when its parent (the launcher) dies. A no-op elsewhere."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+            os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def start_checkpoint_writer_helper() -> bool:
+    """Start the helper process megatron-core's torch_dist writer uses for its write results, shielded.
+
+    megatron-core (0.16 and 0.19, ``dist_checkpointing/strategies/filesystem_async.py``) creates a
+    spawn-context ``multiprocessing`` Manager on the first save and keeps it in the module-global
+    ``_results_queue``. It sits in the worker's process group, so SIGTERM/SIGUSR1 sent to the job's
+    processes (what SLURM and torchrun do) killed it and the preemption save then failed with
+    BrokenPipeError. We create that queue ourselves, from a Manager whose process ignores those signals
+    and dies with the worker. Returns False (nothing changed) if the global is not where we expect."""
+    global _WRITER_MANAGER
+    if _WRITER_MANAGER is not None:
+        return True
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        warnings.warn("megatron-core's checkpoint writer changed; its helper process is not shielded from "
+                      "job-wide signals", RuntimeWarning)
+        return False
+    if filesystem_async._results_queue is not None:
+        return True  # already created (unshielded) by an earlier save; leave it
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_shield_helper_process)
+    filesystem_async._results_queue = manager.Queue()
+    _WRITER_MANAGER = manager
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer step that can be skipped (non-finite loss or gradients)
+# --------------------------------------------------------------------------------------------
+
+
+def guarded_optimizer_step(optimizer, *, loss_finite: bool) -> tuple[bool, float]:
+    """megatron-core's ``optimizer.step()`` split open so a NaN/Inf step changes no weight.
+
+    The same sequence as ``MegatronOptimizer.step`` / ``ChainedOptimizer.step`` in 0.16 and 0.19
+    (prepare grads -> global grad norm -> clip by that norm -> step), with one decision added after
+    the norm: a non-finite norm, an fp16 overflow, or ``loss_finite=False`` (agreed by every rank)
+    returns ``(False, norm)`` before any parameter or optimizer state is touched. Returns
+    ``(updated, grad_norm)``."""
+    import math
+
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not loss_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(inner, "is_stub_optimizer", False):
+            continue
+        params = inner.get_parameters()
+        if params and inner.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=getattr(inner.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False),
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm

@@ -2,7 +2,8 @@
 
 Every field is a flag: ``tensor_model_parallel_size`` <-> ``--tensor-model-parallel-size``. A YAML file
 (``--config run.yaml``) may set the same names (with dashes or underscores); the command line wins.
-:func:`validate` checks everything that can be checked before any compute and names the flag to change.
+:func:`validate` checks everything that can be checked before any compute and names the flag to change;
+:class:`ConfigError` carries those lines to the entry point, which prints them on rank 0 and exits 2.
 """
 from __future__ import annotations
 
@@ -15,13 +16,34 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-LOSS_TYPES = ("dpo", "tgdpo", "ipo", "simpo")
+PREFERENCE_LOSS_TYPES = ("dpo", "tgdpo", "ipo", "simpo")  # megatron_tgdpo.losses.LOSS_TYPES (a test checks)
+LOSS_TYPES = PREFERENCE_LOSS_TYPES + ("sft",)
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+PRESET_NAMES = ("tiny", "llama3.2-1b", "llama3-8b", "llama3-70b")  # models.llama.PRESETS (a test checks)
+
+
+class ConfigError(SystemExit):
+    """The configuration cannot work; raised before any compute. ``problems`` holds one line each.
+
+    A ``SystemExit`` so that a caller that does not catch it still stops without a traceback; the entry
+    points catch it, print it on rank 0 only and exit with status 2."""
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(dict.fromkeys(problems))
+        if isinstance(problems, str):
+            text = problems
+        else:
+            text = "configuration error(s), nothing was run:\n  - " + "\n  - ".join(self.problems)
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return str(self.code)
 
 
 @dataclass
 class TrainConfig:
     # --- model --------------------------------------------------------------------------------
-    model: str = field(default="tiny", metadata={"help": "preset: tiny, llama3.2-1b, llama3-8b, llama3-70b"})
+    model: str = field(default="tiny", metadata={"help": "preset: " + ", ".join(PRESET_NAMES)})
     # --- parallelism --------------------------------------------------------------------------
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -40,6 +62,9 @@ class TrainConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 8
     pad_to_multiple_of: int = 16
+    pack_sequences: bool = field(default=False, metadata={
+        "help": "pack several pairs into one row of up to 2 x micro-batch-size x seq-length tokens (no padding "
+                "between them; attention and RoPE stay within each sequence)"})
     data_cache_dir: str = "runs/data"
     # --- loss ---------------------------------------------------------------------------------
     loss_type: str = "tgdpo"
@@ -53,7 +78,7 @@ class TrainConfig:
     lr: float = 1e-5
     min_lr: float = 0.0
     lr_warmup_fraction: float = 0.0
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = field(default="cosine", metadata={"help": " | ".join(LR_DECAY_STYLES)})
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -61,8 +86,13 @@ class TrainConfig:
     train_iters: Optional[int] = None
     train_epochs: Optional[float] = None
     seed: int = 1234
+    skip_nonfinite_steps: int = field(
+        default=5, metadata={"help": "a step whose loss or grad norm is NaN/Inf is skipped (no update); stop "
+                                     "with an error after this many in a row (0: stop at the first)"})
     # --- models to load -----------------------------------------------------------------------
-    load: Optional[str] = field(default=None, metadata={"help": "resume the policy from here if a checkpoint exists"})
+    load: Optional[str] = field(default=None, metadata={
+        "help": "resume from this checkpoint root (newest intact iteration) or one iter_* directory; a model "
+                "directory (Hugging Face or converted) starts the policy from it"})
     ref_load: Optional[str] = field(default=None, metadata={"help": "reference (and initial policy); default: seeded init"})
     guidance_load: Optional[str] = field(default=None, metadata={"help": "guidance model for tgdpo"})
     logprob_cache: Optional[str] = field(default=None, metadata={"help": "offline ref/guidance log-prob cache"})
@@ -79,6 +109,7 @@ class TrainConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 8
     tensorboard: bool = True
+    verbose: bool = field(default=False, metadata={"help": "show library warnings (also MEGATRON_TGDPO_VERBOSE=1)"})
     logits_chunk_size: Optional[int] = field(default=4096, metadata={"help": "tokens per log-prob chunk"})
 
     # ------------------------------------------------------------------------------------------
@@ -115,7 +146,7 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-tgdpo-train",
-        description="DPO / TGDPO preference training on megatron-core (launch with torchrun or srun).",
+        description="DPO / TGDPO / SFT training on megatron-core (launch with torchrun or srun).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
@@ -137,21 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_yaml(path: str) -> dict:
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh) or {}
     except FileNotFoundError:
-        raise SystemExit(f"--config {path}: no such file") from None
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc})") from None
     except yaml.YAMLError as exc:
-        raise SystemExit(f"--config {path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of option names to values")
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     known = {f.name: f for f in fields(TrainConfig)}
-    out = {}
+    out, unknown = {}, []
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in known:
-            raise SystemExit(f"--config {path}: unknown option {key!r}; see --help for the names")
+            unknown.append(f"--config {path}: unknown option {key!r}; see --help for the names")
         out[name] = value
+    if unknown:
+        raise ConfigError(unknown if len(unknown) > 1 else unknown[0])
     return out
 
 
@@ -185,28 +220,102 @@ def parse_tool_args(
 
 def _coerce_types(cfg: TrainConfig) -> None:
     """YAML may give ints for floats etc.; normalise so equality and arithmetic behave."""
+    problems = []
     for f in fields(TrainConfig):
         value = getattr(cfg, f.name)
         typ = _field_type(f)
         if value is None or typ is str:
             continue
         try:
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
             setattr(cfg, f.name, _parse_bool(value) if typ is bool else typ(value))
-        except (TypeError, ValueError):
-            raise SystemExit(f"option {_flag(f.name)}: expected {typ.__name__}, got {value!r}") from None
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            problems.append(f"{_flag(f.name)}: expected {typ.__name__}, got {value!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+# (flag, lowest allowed, inclusive?) for numbers that have a floor; None fields are skipped.
+_AT_LEAST = (
+    ("tensor_model_parallel_size", 1), ("pipeline_model_parallel_size", 1), ("context_parallel_size", 1),
+    ("micro_batch_size", 1), ("global_batch_size", 1), ("seq_length", 2), ("pad_to_multiple_of", 1),
+    ("train_iters", 1), ("save_interval", 1), ("eval_interval", 1), ("keep_last", 1), ("log_interval", 1),
+    ("eval_iters", 0), ("skip_nonfinite_steps", 0), ("logits_chunk_size", 1),
+    ("virtual_pipeline_model_parallel_size", 2),
+)
+_NON_NEGATIVE = ("min_lr", "weight_decay", "clip_grad")
+_POSITIVE = ("lr", "beta", "train_epochs", "exit_duration_in_mins")
+
+
+def _number_problems(cfg: TrainConfig) -> list[str]:
+    p = []
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(f"{_flag(f.name)} {value} is not a finite number")
+    bad = {line.split()[0] for line in p}
+    for name, low in _AT_LEAST:
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            p.append(f"{_flag(name)} must be >= {low}, got {value}")
+    for name in _NON_NEGATIVE:
+        value = getattr(cfg, name)
+        if _flag(name) not in bad and value is not None and value < 0:
+            p.append(f"{_flag(name)} must be >= 0, got {value}")
+    for name in _POSITIVE:
+        value = getattr(cfg, name)
+        if _flag(name) not in bad and value is not None and value <= 0:
+            p.append(f"{_flag(name)} must be > 0, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(cfg, name)
+        if _flag(name) not in bad and not 0.0 <= value < 1.0:
+            p.append(f"{_flag(name)} must be in [0, 1), got {value}")
+    return p
+
+
+def _path_problems(cfg: TrainConfig) -> list[str]:
+    p = []
+    for name in ("ref_load", "guidance_load", "data_path", "eval_data_path", "logprob_cache", "tokenizer"):
+        path = getattr(cfg, name)
+        if path is None:
+            continue
+        probe = path + ".idx" if name in ("data_path", "eval_data_path") else path
+        if not os.path.exists(probe):
+            p.append(f"{_flag(name)} {path}: does not exist")
+    if cfg.load is not None:
+        if os.path.isfile(cfg.load):
+            p.append(f"--load {cfg.load}: is a file; give a checkpoint directory (the --save root or one of its "
+                     "iter_* directories) or a model directory")
+        elif not os.path.exists(cfg.load) and cfg.load != cfg.save:
+            p.append(f"--load {cfg.load}: does not exist; to start a fresh run drop --load (or pass the same "
+                     "directory as --save: an empty or missing save directory then starts from iteration 0)")
+    for name in ("save", "log_dir"):
+        path = getattr(cfg, name)
+        if path is not None and os.path.isfile(path):
+            p.append(f"{_flag(name)} {path}: is a file; give a directory")
+    return p
 
 
 def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_groups: int, num_layers: int) -> list[str]:
     """Every problem that can be found before any compute, each naming the flag(s) to change."""
-    p: list[str] = []
+    p = _number_problems(cfg)
+    if cfg.model not in PRESET_NAMES:
+        close = [n for n in PRESET_NAMES if n.split("-")[0] in cfg.model or cfg.model in n]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        p.append(f"--model {cfg.model!r} is not a preset; choose one of {', '.join(PRESET_NAMES)}{hint}")
+    if cfg.lr_decay_style not in LR_DECAY_STYLES:
+        p.append(f"--lr-decay-style {cfg.lr_decay_style!r}: choose one of {', '.join(LR_DECAY_STYLES)}")
+    if any(line.split()[0] in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                               "--context-parallel-size", "--micro-batch-size", "--global-batch-size",
+                               "--seq-length", "--pad-to-multiple-of") for line in p):
+        return p + _path_problems(cfg)  # the layout arithmetic below needs these to be sane
     tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
     vpp = cfg.virtual_pipeline_model_parallel_size
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                 "micro_batch_size", "global_batch_size", "seq_length"):
-        if getattr(cfg, name) < 1:
-            p.append(f"{_flag(name)} must be >= 1")
-    if p:
-        return p
     dp = None  # unknown until the rank count fits the model-parallel sizes
     if world_size % (tp * pp * cp):
         p.append(f"{world_size} ranks are not divisible by TP*PP*CP = {tp}*{pp}*{cp}; "
@@ -215,10 +324,10 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
         dp = world_size // (tp * pp * cp)
     if num_heads % tp or num_query_groups % tp:
         p.append(f"--tensor-model-parallel-size {tp} must divide the attention heads ({num_heads}) "
-                 f"and KV heads ({num_query_groups}) of --model {cfg.model}")
+                 f"and KV heads ({num_query_groups}) of the model")
     if num_layers % (pp * (vpp or 1)):
         p.append(f"--pipeline-model-parallel-size {pp} x --virtual-pipeline-model-parallel-size {vpp or 1} "
-                 f"must divide the {num_layers} layers of --model {cfg.model}")
+                 f"must divide the {num_layers} layers of the model")
     if vpp is not None and pp == 1:
         p.append("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
     if dp is None:
@@ -247,27 +356,28 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
     if cfg.loss_type == "tgdpo" and cfg.guidance_load is None and cfg.logprob_cache is None and cfg.alpha != 0:
         p.append("--loss-type tgdpo needs --guidance-load (a DPO-trained checkpoint) or --logprob-cache; "
                  "or use --loss-type dpo")
-    for name in ("load", "ref_load", "guidance_load", "data_path", "eval_data_path", "logprob_cache"):
-        path = getattr(cfg, name)
-        if path is None or name == "load":
-            continue
-        probe = path if name not in ("data_path", "eval_data_path") else path + ".idx"
-        if not os.path.exists(probe):
-            p.append(f"{_flag(name)} {path}: does not exist")
+    if cfg.loss_type in ("simpo", "sft") and cfg.logprob_cache is not None:
+        p.append(f"--logprob-cache does not apply to --loss-type {cfg.loss_type} (it uses no reference model)")
+    if cfg.loss_type == "sft" and cfg.guidance_load is not None:
+        p.append("--guidance-load does not apply to --loss-type sft")
+    p.extend(_path_problems(cfg))
     if not 0.0 <= cfg.lr_warmup_fraction <= 1.0:
         p.append("--lr-warmup-fraction must be in [0, 1]")
     if cfg.min_lr > cfg.lr:
         p.append(f"--min-lr {cfg.min_lr} exceeds --lr {cfg.lr}")
-    if cfg.weight_clamp() is not None and cfg.loss_type != "tgdpo":
+    clamp = cfg.weight_clamp()
+    if clamp is not None and cfg.loss_type != "tgdpo":
         p.append("--weight-clamp-min/--weight-clamp-max apply to TGDPO token weights; drop them or use --loss-type tgdpo")
-    if cfg.label_smoothing and cfg.loss_type == "ipo":
-        p.append("--label-smoothing does not apply to --loss-type ipo")
+    if clamp is not None and None not in clamp and clamp[0] > clamp[1]:
+        p.append(f"--weight-clamp-min {clamp[0]} is above --weight-clamp-max {clamp[1]}")
+    if cfg.label_smoothing and cfg.loss_type in ("ipo", "sft"):
+        p.append(f"--label-smoothing does not apply to --loss-type {cfg.loss_type}")
     if not 0.0 <= cfg.label_smoothing <= 0.5:
         p.append("--label-smoothing must be in [0, 0.5]")
-    if cfg.beta <= 0:
-        p.append("--beta must be > 0")
     if cfg.fp8_format is not None and cfg.fp8_format not in ("hybrid", "e4m3"):
         p.append("--fp8-format must be hybrid or e4m3")
     if cfg.save_interval is not None and cfg.save is None:
         p.append("--save-interval needs --save")
+    if cfg.keep_last is not None and cfg.save is None:
+        p.append("--keep-last needs --save")
     return p

@@ -65,6 +65,9 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 
+_DEVICE: torch.device | None = None
+
+
 def device_for(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -72,9 +75,33 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def current_device() -> torch.device:
+    """This process's device, chosen once at start-up (the CPU before :func:`init_process_group`)."""
+    if _DEVICE is not None:
+        return _DEVICE
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def launch_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's global rank from the launcher's variables, before torch.distributed starts
+    (so that only rank 0 prints start-up errors)."""
+    env = os.environ if environ is None else environ
+    for var in ("RANK", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
+
+
 def init_process_group(launch: LaunchEnv, *, timeout_minutes: int = 30) -> torch.device:
-    """Start torch.distributed (NCCL on CUDA, gloo on CPU) and return this rank's device."""
+    """Start torch.distributed (NCCL on CUDA, gloo on CPU) and return this rank's device.
+
+    Under a launcher (torchrun, srun) the process also asks to be killed when the launcher dies, so a
+    SIGKILLed launcher leaves no worker running (and writing checkpoints) behind."""
+    global _DEVICE
     device = device_for(launch.local_rank)
+    _DEVICE = device
+    if launch.launcher != "single":
+        compat.set_parent_death_signal()
     if device.type == "cpu":
         compat.apply_cpu_shims()
     if not dist.is_initialized():

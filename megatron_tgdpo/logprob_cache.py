@@ -24,15 +24,17 @@ and its sample count) and, per role, the checkpoint (resolved path + sha256 of i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+
+from megatron_tgdpo import manifest as files_manifest
+from megatron_tgdpo.data.batch import Batch
 
 __all__ = [
     "CacheFormatError",
@@ -41,7 +43,6 @@ __all__ = [
     "LogprobCacheError",
     "ROLES",
     "cached_logps",
-    "fingerprint_checkpoint",
     "fingerprint_dataset",
     "publish_cache",
     "staging_dir",
@@ -74,12 +75,8 @@ class CacheMismatchError(LogprobCacheError):
 # ------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path, *, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+def _sha256(path: Path) -> str:
+    return files_manifest.file_checksum(path, algorithm="sha256")
 
 
 def fingerprint_dataset(prefix: str | os.PathLike) -> str:
@@ -94,39 +91,12 @@ def fingerprint_dataset(prefix: str | os.PathLike) -> str:
     return f"sha256={_sha256(manifest_path(prefix))};samples={int(manifest['num_pairs'])}"
 
 
-# What identifies a Hugging Face / converted directory without hashing tens of GB of weights.
-_MODEL_METADATA = ("tgdpo_converted.json", "config.json", "model.safetensors.index.json", "generation_config.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+def fingerprint_model(path: Optional[str | os.PathLike], *, seed: int) -> str:
+    """What a frozen model's weights come from (``ModelSource.fingerprint``: seeded init, a torch_dist
+    checkpoint, a Hugging Face or converted directory)."""
+    from megatron_tgdpo.models.sources import ModelSource
 
-
-def fingerprint_checkpoint(path: Optional[str | os.PathLike], *, seed: int) -> str:
-    """What a frozen model's weights come from, as one comparable string.
-
-    * ``None`` (no checkpoint): ``seeded-init:<seed>`` (the layout-independent seeded initialisation);
-    * a torch_dist save root or ``iter_*`` directory: ``torch_dist:<resolved iter dir>:sha256=<sha256
-      of tgdpo_checkpoint.json>`` (it holds the iteration, consumed samples and the run's config);
-    * a Hugging Face or converted directory: ``hf:`` / ``converted:<path>:sha256=<digest>`` over its
-      config/metadata files and the names and sizes of its weight files. The weights themselves are
-      not hashed (minutes for 70B); overwriting a directory in place with same-shaped weights is
-      therefore not detected: give a new model a new directory.
-    """
-    if path is None:
-        return f"seeded-init:{int(seed)}"
-    from megatron_tgdpo import checkpointing
-    from megatron_tgdpo.convert import is_converted_directory, is_hf_directory
-
-    src = Path(path)
-    if is_hf_directory(src) or is_converted_directory(src):
-        kind = "converted" if is_converted_directory(src) else "hf"
-        digest = hashlib.sha256()
-        for name in _MODEL_METADATA:
-            if (src / name).is_file():
-                digest.update(f"{name}={_sha256(src / name)}\n".encode())
-        for weight in sorted(p for p in src.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
-            digest.update(f"{weight.name}:{weight.stat().st_size}\n".encode())
-        return f"{kind}:{src.resolve()}:sha256={digest.hexdigest()}"
-    ckpt = checkpointing.resolve(src)  # CheckpointError naming the flag when absent or incomplete
-    return f"torch_dist:{ckpt.resolve()}:sha256={_sha256(ckpt / checkpointing.METADATA)}"
+    return ModelSource.of(path, seed=seed).fingerprint()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,27 +190,14 @@ def publish_cache(
     del outputs
     np.save(staging / OFFSETS, offsets)
     shutil.rmtree(staging / SHARDS)
-    files = {name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
-             for name in [OFFSETS] + [f"{role}.npy" for role in roles]}
+    files = files_manifest.describe_files(staging, [OFFSETS] + [f"{role}.npy" for role in roles], algorithm="sha256")
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "num_samples": num_samples,
             "num_tokens": total, "roles": {role: {**manifest["roles"][role], "file": f"{role}.npy"} for role in roles},
             "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    part = staging / (MANIFEST + ".part")
-    with open(part, "w") as handle:
-        json.dump(full, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, staging / MANIFEST)
-    if output.exists():
-        if not overwrite:
-            raise CacheFormatError(f"{output} already exists; pass --overwrite or choose another --output")
-        old = output.with_name(f"{output.name}.old-{os.getpid()}")
-        os.replace(output, old)  # the old cache goes only once the new one is complete
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-    return output
+    files_manifest.write_json_atomic(staging / MANIFEST, full)
+    if output.exists() and not overwrite:
+        raise CacheFormatError(f"{output} already exists; pass --overwrite or choose another --output")
+    return files_manifest.publish_directory(staging, output, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,16 +216,11 @@ def read_cache_manifest(path: Path) -> dict:
             f"this is its staging directory); {RERUN} --output {path}"
         )
     try:
-        manifest = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CacheFormatError(f"{file}: unreadable ({exc}); {RERUN}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CacheFormatError(f"{file}: not a log-prob cache manifest (format {found!r}, expected {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheFormatError(
-            f"{file}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}; {RERUN}"
-        )
+        manifest = files_manifest.read_json(file)
+        files_manifest.check_format(manifest, path=file, name=FORMAT, version=FORMAT_VERSION,
+                                    remedy=f"not a log-prob cache manifest; {RERUN}")
+    except files_manifest.FormatError as exc:
+        raise CacheFormatError(f"{file}: unreadable ({exc}); {RERUN}") from None
     missing = [key for key in ("dataset", "roles", "num_samples", "files") if key not in manifest]
     if missing or "reference" not in manifest["roles"]:
         raise CacheFormatError(
@@ -278,17 +230,9 @@ def read_cache_manifest(path: Path) -> dict:
 
 
 def _check_files(path: Path, manifest: dict, *, verify_sha256: bool) -> None:
-    for name, expected in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CacheFormatError(f"{file}: missing, though {MANIFEST} lists it (incomplete copy?); {RERUN}")
-        size = file.stat().st_size
-        if size != expected.get("bytes"):
-            raise CacheFormatError(
-                f"{file}: {size} bytes, but {MANIFEST} says {expected.get('bytes')}: truncated or replaced; {RERUN}"
-            )
-        if verify_sha256 and _sha256(file) != expected.get("sha256"):
-            raise CacheFormatError(f"{file}: sha256 differs from {MANIFEST}: the file is corrupt; {RERUN}")
+    problem = files_manifest.verify_files(path, manifest.get("files", {}), checksums=verify_sha256)
+    if problem:
+        raise CacheFormatError(f"{problem.describe(listed_in=MANIFEST, prefix=path)}; {RERUN}")
 
 
 class LogprobCache:
@@ -357,7 +301,7 @@ class LogprobCache:
             if guidance_load is not None:
                 wanted["guidance"] = guidance_load
         for role, load in wanted.items():
-            expected = fingerprint_checkpoint(load, seed=seed)
+            expected = fingerprint_model(load, seed=seed)
             cached = cached_roles[role]["checkpoint"]
             if cached != expected:
                 flag = "--ref-load" if role == "reference" else "--guidance-load"
@@ -389,55 +333,54 @@ class LogprobCache:
         return (np.array(values[o[2 * sample] : o[2 * sample + 1]], dtype=np.float32),
                 np.array(values[o[2 * sample + 1] : o[2 * sample + 2]], dtype=np.float32))
 
-    def batch_logps(self, batch: dict[str, torch.Tensor], role: str) -> torch.Tensor:
-        """fp32 ``[2B, S]`` (full sequence) log-probs of ``role`` for a collated batch, zero where
-        ``loss_mask == 0``; rows follow the batch layout (chosen rows, then rejected rows)."""
+    def batch_logps(self, batch: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
+        """fp32 full-length log-probs of ``role`` for a collated batch (a :class:`Batch`, or the rows
+        layout's tensors), shaped like its ``loss_mask`` and zero where ``loss_mask == 0``. Sequences
+        are found through the batch contract, so rows and packed layouts are served alike."""
+        if not isinstance(batch, Batch):
+            batch = Batch.from_rows(batch, num_pairs=len(batch["sample_idx"]))
         samples = batch["sample_idx"].tolist()
+        pairs = batch.num_pairs
         mask = batch["loss_mask"]
-        rows = len(samples)
-        if mask.shape[0] != 2 * rows:
-            raise ValueError(f"loss_mask has {mask.shape[0]} rows for {rows} samples; expected 2 x samples")
+        if pairs != len(samples) or batch.num_sequences != 2 * pairs:
+            raise ValueError(f"a batch of {len(samples)} pairs holds {batch.num_sequences} sequences; expected 2 x pairs")
         on = mask.detach().to("cpu") != 0
+        owner = (batch["sequence_ids"].to("cpu") if batch.packed
+                 else torch.arange(on.shape[0]).unsqueeze(1).expand_as(on))
         out = torch.zeros(mask.shape, dtype=torch.float32)
-        for row in range(2 * rows):
-            sample = samples[row % rows]
-            side = 0 if row < rows else 1
+        for sequence in range(2 * pairs):
+            sample, side = samples[sequence % pairs], sequence // pairs
             values = self.sample_logps(sample, role)[side]
-            positions = on[row].nonzero().squeeze(1)
-            if positions.numel() != values.size:
+            positions = (on & (owner == sequence)).nonzero(as_tuple=True)
+            if positions[0].numel() != values.size:
                 raise CacheMismatchError(
-                    f"{self.path}: sample {sample} ({'chosen' if side == 0 else 'rejected'}) has {positions.numel()} "
+                    f"{self.path}: sample {sample} ({'chosen' if side == 0 else 'rejected'}) has {positions[0].numel()} "
                     f"response tokens in this batch but {values.size} in the cache: the data were prepared or "
                     f"truncated differently from when the cache was made; {RERUN} on this data set"
                 )
-            out[row, positions] = torch.from_numpy(values)
+            out[positions] = torch.from_numpy(values)
         return out.to(mask.device)
 
 
 # ------------------------------------------------------------------------------------------------
-# training-side entry point: the same structure as scoring.score_logps
+# training-side entry point: the same structure as runtime.schedule.score_logps
 # ------------------------------------------------------------------------------------------------
 
 
-def cached_logps(
-    cache: LogprobCache, batches: list[dict[str, torch.Tensor]]
-) -> tuple[dict[int, torch.Tensor], Optional[dict[int, torch.Tensor]]]:
-    """(reference, guidance or None): ``{micro-batch index: fp32 [2B, S_local] logps * loss_mask}`` on
-    this rank's context-parallel slice, on the batch's device; empty dicts off the last pipeline stage
-    (as :func:`~megatron_tgdpo.scoring.score_logps`). Guidance is None when the cache was opened
-    without ``need_guidance``."""
+def cached_logps(cache: LogprobCache, batches: list[Batch]) -> dict[str, list[torch.Tensor]]:
+    """``{role: [fp32 logps * loss_mask per micro-batch]}`` on this rank's context-parallel slice, on
+    the batch's device; empty lists off the last pipeline stage (as ``score_logps``)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_tgdpo.scoring import slice_for_context_parallel
+    from megatron_tgdpo.runtime.schedule import context_parallel
 
-    ref: dict[int, torch.Tensor] = {}
-    guide: Optional[dict[int, torch.Tensor]] = {} if cache.need_guidance else None
+    out: dict[str, list[torch.Tensor]] = {role: [] for role in cache.roles}
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
-        return ref, guide
-    for index, batch in enumerate(batches):
-        for role, out in (("reference", ref), ("guidance", guide)):
-            if out is None:
-                continue
-            local = slice_for_context_parallel({**batch, "_cached_logps": cache.batch_logps(batch, role)})
-            out[index] = local["_cached_logps"] * local["loss_mask"]
-    return ref, guide
+        return out
+    cp_rank, cp_size, _ = context_parallel()
+    for batch in batches:
+        for role in cache.roles:
+            local = batch.with_per_token(cached_logps=cache.batch_logps(batch, role)).for_context_parallel(
+                cp_rank=cp_rank, cp_size=cp_size)
+            out[role].append(local["cached_logps"] * local["loss_mask"])
+    return out

@@ -59,6 +59,7 @@ class MetricsLogger:
         self.first_iteration: Optional[int] = None
         self.jsonl = None
         self.tb = None
+        self._warned: set[str] = set()
         if enabled and log_dir:
             os.makedirs(log_dir, exist_ok=True)
             self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
@@ -77,31 +78,51 @@ class MetricsLogger:
             self.first_iteration = iteration - 1
             self.start = time.monotonic() - metrics.get("step_time_s", 0.0)
         record = {"iteration": iteration, **{k: _plain(v) for k, v in metrics.items()}}
-        if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+        self._write(record)
         if self.tb:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, iteration)
+            try:
+                for key, value in record.items():
+                    if key != "iteration" and isinstance(value, (int, float)):
+                        self.tb.add_scalar(key, value, iteration)
+            except Exception as exc:  # noqa: BLE001 - logging must never stop training
+                self._warn_once("TensorBoard", exc)
+                self.tb = None
         print(self._console_line(iteration, metrics), flush=True)
+
+    def _write(self, record: dict) -> None:
+        if self.jsonl is None:
+            return
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+        except (OSError, ValueError) as exc:
+            self._warn_once(self.jsonl.name, exc)
+
+    def _warn_once(self, what: str, exc: BaseException) -> None:
+        """A failing metrics sink (full disk, lost mount) is reported once; training goes on."""
+        if what not in self._warned:
+            self._warned.add(what)
+            print(f"warning: cannot write metrics to {what} ({exc}); training continues, further write errors "
+                  "are not reported", flush=True)
+
+    # (metric, console label, format): shown when the step recorded it
+    CONSOLE = (("loss", "loss", ".4f"), ("rewards/accuracy", "acc", ".3f"), ("rewards/margin", "margin", "+.4f"),
+               ("token_accuracy", "tok-acc", ".3f"), ("lr", "lr", ".3e"), ("grad_norm", "grad-norm", ".3f"),
+               ("tokens_per_s", "tok/s", ".0f"), ("real_tokens_per_s", "real tok/s", ".0f"),
+               ("tflops", "TFLOP/s", ".3g"))
 
     def _console_line(self, iteration: int, m: dict[str, float]) -> str:
         done = iteration - (self.first_iteration or 0)
         elapsed = time.monotonic() - self.start
         eta = elapsed / max(done, 1) * (self.total - iteration)
-        parts = [
-            f"iter {iteration:>6}/{self.total}",
-            f"eta {_duration(eta)}",
-            f"loss {m['loss']:.4f}",
-            f"acc {m['rewards/accuracy']:.3f}",
-            f"margin {m['rewards/margin']:+.4f}",
-            f"lr {m['lr']:.3e}",
-            f"grad-norm {m['grad_norm']:.3f}",
-            f"tok/s {m['tokens_per_s']:.0f}",
-            f"TFLOP/s {m['tflops']:.3g}",
-        ]
+        parts = [f"iter {iteration:>6}/{self.total}", f"eta {_duration(eta)}"]
+        for key, label, fmt in self.CONSOLE:
+            value = m.get(key)
+            if isinstance(value, (int, float)):
+                parts.append(f"{label} {value:{fmt}}")
         if "mfu" in m:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        if m.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
         return " | ".join(parts)
 
     def info(self, text: str) -> None:
@@ -110,7 +131,10 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.jsonl:
-            self.jsonl.close()
+            try:
+                self.jsonl.close()
+            except OSError as exc:
+                self._warn_once(self.jsonl.name, exc)
         if self.tb:
             self.tb.close()
 

@@ -87,7 +87,7 @@ def make_torch_dist(converted: str, root: str) -> None:
         config = llama.transformer_config(arch, llama.ParallelLayout(), llama.Precision(bf16=True))
         chunks = llama.build_model(arch, config)
         convert.load_into_model(converted, chunks)
-        checkpointing.save_checkpoint(root, iteration=1, chunks=chunks)
+        checkpointing.save_checkpoint(root, iteration=1, parts={"policy": checkpointing.CheckpointPart(chunks)})
 
     run_on_ranks(1, save, timeout=1800)
 

@@ -72,8 +72,8 @@ class ToolError(RuntimeError):
 
 def scoring_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """The run's config with the batch size this tool uses, checked like a training run."""
-    from megatron_tgdpo import train
-    from megatron_tgdpo.models import llama
+    from megatron_tgdpo.config import ConfigError
+    from megatron_tgdpo.runtime import setup
 
     tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
     dp = max(world_size // max(tp * pp * cp, 1), 1)
@@ -81,29 +81,13 @@ def scoring_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
     # Training-only requirements do not apply: one iteration, DPO (the roles are set by the loads).
     checked = dataclasses.replace(cfg, global_batch_size=cfg.micro_batch_size * dp * micro, train_iters=1,
                                   train_epochs=None, loss_type="dpo", logprob_cache=None, load=None, save=None,
-                                  save_interval=None)
+                                  save_interval=None, keep_last=None)
     try:
-        train.check_config(checked, llama.preset(cfg.model))
-    except train.ConfigError as exc:
-        raise ToolError(str(exc.code)) from None
+        arch, name = setup.declared_architecture(checked)  # the architecture --ref-load records
+        setup.check_config(checked, arch, name=name)
+    except ConfigError as exc:
+        raise ToolError(str(exc)) from None
     return checked
-
-
-def _full_rows(logps: torch.Tensor, seq: int) -> torch.Tensor:
-    """All-gather the context-parallel chunks of ``[rows, S/cp]`` log-probs into ``[rows, S]``."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_tgdpo.models.layers import cp_chunk_positions
-
-    cp = ps.get_context_parallel_world_size()
-    if cp == 1:
-        return logps
-    parts = [torch.empty_like(logps) for _ in range(cp)]
-    dist.all_gather(parts, logps.contiguous(), group=ps.get_context_parallel_group())
-    full = logps.new_zeros(logps.shape[0], seq)
-    for rank, part in enumerate(parts):
-        full[:, cp_chunk_positions(local_len=seq // cp, cp_rank=rank, cp_size=cp, device=logps.device)] = part
-    return full
 
 
 class ShardCollector:
@@ -117,20 +101,24 @@ class ShardCollector:
         self.values: dict[str, list[np.ndarray]] = {r: [] for r in self.roles}
         self._seen: set[int] = set()
 
-    def add(self, batch: dict[str, torch.Tensor], per_role: dict[str, torch.Tensor]) -> None:
+    def add(self, batch, per_role: dict[str, torch.Tensor]) -> None:
+        """``batch``: a full (not CP-sliced) :class:`Batch`; ``per_role``: its full-length log-probs."""
         mask = batch["loss_mask"].detach().cpu() != 0
         rows = {r: t.detach().float().cpu() for r, t in per_role.items()}
+        owner = (batch["sequence_ids"].cpu() if batch.packed
+                 else torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask))
         samples = batch["sample_idx"].tolist()
-        pairs = len(samples)
+        pairs = batch.num_pairs
         for j, sample in enumerate(samples):
             if sample >= self.limit or sample in self._seen:
                 continue  # past --limit-samples, or the padded tail of the last step wrapping around
             self._seen.add(sample)
             self.samples.append(sample)
-            self.counts.append((int(mask[j].sum()), int(mask[pairs + j].sum())))
+            chosen, rejected = mask & (owner == j), mask & (owner == pairs + j)
+            self.counts.append((int(chosen.sum()), int(rejected.sum())))
             for role in self.roles:
-                self.values[role].append(rows[role][j][mask[j]].numpy())
-                self.values[role].append(rows[role][pairs + j][mask[pairs + j]].numpy())
+                self.values[role].append(rows[role][chosen].numpy())
+                self.values[role].append(rows[role][rejected].numpy())
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {r: (np.concatenate(v) if v else np.zeros(0, dtype=np.float32)) for r, v in self.values.items()}
@@ -147,53 +135,59 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     Call on every rank after ``torch.distributed`` is initialised; returns a summary (every rank)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_tgdpo import compat, logprob_cache, train
+    from megatron_tgdpo import compat, logprob_cache
     from megatron_tgdpo.data import PreferenceDataset
-    from megatron_tgdpo.scoring import score_logps
+    from megatron_tgdpo.models.sources import ModelSource
+    from megatron_tgdpo.runtime import setup
+    from megatron_tgdpo.runtime.data import BatchSource
+    from megatron_tgdpo.runtime.schedule import LogprobSettings, context_parallel, score_logps
 
     output_path = Path(output)
     if output_path.exists() and not overwrite:
         raise ToolError(f"--output {output} already exists; pass --overwrite to replace it, "
                         "or choose another directory")
     cfg = scoring_config(cfg, dist.get_world_size())
-    prefix, _, vocab, pad_id = train.resolve_data(cfg)
-    arch = train.model_arch(cfg, vocab)
-    train.init_parallel(cfg)
+    data = setup.resolve_data(cfg)
+    arch, arch_name = setup.resolve_architecture(cfg, tokenizer_vocab=data.vocab_size)
+    setup.init_parallel(cfg)
+    prefix = data.train_prefix
     dataset_len = len(PreferenceDataset(prefix))
     limit = min(limit_samples or dataset_len, dataset_len)
-    roles = {"reference": cfg.ref_load}
+    roles = {"reference": ModelSource.of(cfg.ref_load, seed=cfg.seed)}
     if cfg.guidance_load is not None:
-        roles["guidance"] = cfg.guidance_load
+        roles["guidance"] = ModelSource.of(cfg.guidance_load, seed=cfg.seed)
     # Fingerprints of what is loaded, taken before loading (a checkpoint written meanwhile would differ).
-    fingerprints = {role: logprob_cache.fingerprint_checkpoint(load, seed=cfg.seed) for role, load in roles.items()}
+    fingerprints = {role: source.fingerprint() for role, source in roles.items()}
     dataset_fp = logprob_cache.fingerprint_dataset(prefix)
 
-    models = {role: train.build_frozen(arch, cfg, load) for role, load in roles.items()}
+    models = {role: setup.build_frozen(arch, cfg, source) for role, source in roles.items()}
     staging = logprob_cache.staging_dir(output_path)
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
         staging.mkdir(parents=True)
     dist.barrier()
 
-    source = train.BatchSource(cfg, prefix, pad_id, consumed_samples=0, shuffle=False)
+    source = BatchSource(cfg, prefix, data.pad_id, consumed_samples=0, shuffle=False)
     keeper = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
               and ps.get_context_parallel_rank() == 0)
     collector = ShardCollector(list(roles), limit=limit)
     steps = math.ceil(limit / cfg.global_batch_size)
     dp = ps.get_data_parallel_world_size()
-    _log(f"precompute_logprobs: {limit} pairs of {prefix} | roles {', '.join(roles)} | model {cfg.model} | "
+    _, _, cp_group = context_parallel()
+    settings = LogprobSettings(chunk_size=cfg.logits_chunk_size)
+    _log(f"precompute_logprobs: {limit} pairs of {prefix} | roles {', '.join(roles)} | model {arch_name} | "
          f"TP {cfg.tensor_model_parallel_size} x PP {cfg.pipeline_model_parallel_size} x "
          f"CP {cfg.context_parallel_size} x DP {dp} | {steps} steps of {cfg.global_batch_size} pairs")
     start = time.monotonic()
     tokens = 0
     for step in range(1, steps + 1):
         batches = source.next_global_batch()
-        scored = {role: score_logps(chunks, batches, logits_chunk_size=cfg.logits_chunk_size)
-                  for role, chunks in models.items()}
+        scored = {role: score_logps(chunks, batches, logprobs=settings) for role, chunks in models.items()}
         if ps.is_pipeline_last_stage(ignore_virtual=True):
+            cp_rank, cp_size, _ = context_parallel()
             for index, batch in enumerate(batches):
-                seq = batch["input_ids"].shape[1]
-                full = {role: _full_rows(scored[role][index], seq) for role in roles}
+                local = batch.for_context_parallel(cp_rank=cp_rank, cp_size=cp_size)
+                full = {role: local.gather_context_parallel(scored[role][index], group=cp_group) for role in roles}
                 if keeper:
                     collector.add(batch, full)
         tokens += sum(int(b["loss_mask"].sum()) for b in batches) * dp
@@ -212,9 +206,10 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     if dist.get_rank() == 0:
         manifest = {
             "dataset": {"fingerprint": dataset_fp, "prefix": str(prefix), "num_samples": dataset_len},
-            "roles": {role: {"checkpoint": fingerprints[role], "load": None if load is None else str(load)}
-                      for role, load in roles.items()},
+            "roles": {role: {"checkpoint": fingerprints[role], "load": None if src.path is None else str(src.path)}
+                      for role, src in roles.items()},
             "model": cfg.model,
+            "model_name": arch_name,
             "arch": dataclasses.asdict(arch),
             "seed": cfg.seed,
             # Informational: log-probs differ by rounding across precision and layout, not by meaning.
@@ -247,7 +242,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tgdpo import distributed
     from megatron_tgdpo.checkpointing import CheckpointError
-    from megatron_tgdpo.train import ConfigError
+    from megatron_tgdpo.config import ConfigError
     from megatron_tgdpo.data.errors import DataFormatError
     from megatron_tgdpo.logprob_cache import LogprobCacheError
 

@@ -4,6 +4,8 @@
         --tokenizer /path/to/tokenizer_dir --chat-template auto --max-seq-length 4096 --workers 8
 
 Input forms, tokenizers, templates, truncation policy and the output format: docs/data.md.
+No record stops the run, however malformed (lone surrogates, NUL, deep nesting, a tokenizer or chat
+template that raises on it): each bad record is reported as ``file:line: field: reason``.
 Exit status: 0 on success, 1 when records are bad (with --on-bad-record error) or nothing is left,
 2 for usage errors, a bad tokenizer or missing inputs.
 """

@@ -82,7 +82,7 @@ def _open_torch_dist(path: Path, given: Optional[dict], given_dir: Optional[Path
     from megatron_tgdpo.convert.torch_dist import TorchDistCheckpoint, torch_dist_views
 
     try:
-        ckpt_dir = checkpointing.resolve(path)
+        ckpt_dir = checkpointing.resolve(path, verify="checksums")
         meta = checkpointing.read_metadata(ckpt_dir)
     except checkpointing.CheckpointError as exc:
         raise ConversionError(

@@ -59,6 +59,8 @@ def cp_chunk_positions(*, local_len: int, cp_rank: int, cp_size: int, device: to
 def cp_row_positions(segment_bounds: list[int], *, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
     """Positions of a row held by ``cp_rank`` when the row is several segments (``segment_bounds`` are
     cumulative offsets, first 0, last the row length): each segment is split on its own, in order."""
+    if cp_size == 1:
+        return torch.arange(segment_bounds[-1] if segment_bounds else 0, device=device)
     parts = []
     for start, end in zip(segment_bounds[:-1], segment_bounds[1:]):
         length = end - start
@@ -79,6 +81,10 @@ class Batch(Mapping[str, torch.Tensor]):
     num_pairs: int = 0
     num_sequences: int = 0
     packed: bool = False
+    #: tokens of the sequences themselves (no padding), counted on the host by whoever collated the batch
+    real_tokens: int = 0
+    #: packed: ``cu_seqlens`` as host ints (read without a device sync once the batch is on the GPU)
+    bounds: Optional[tuple[int, ...]] = None
     #: set when this is one context-parallel rank's slice: (cp_rank, cp_size, full sequence length)
     cp_slice: Optional[tuple[int, int, int]] = field(default=None, compare=False)
 
@@ -94,19 +100,21 @@ class Batch(Mapping[str, torch.Tensor]):
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_rows(cls, tensors: Mapping[str, torch.Tensor], *, num_pairs: int = 0) -> "Batch":
+    def from_rows(cls, tensors: Mapping[str, torch.Tensor], *, num_pairs: int = 0, real_tokens: int = 0) -> "Batch":
         """Rows layout: sequence ``n`` is row ``n`` (pairs: rows ``[chosen; rejected]``)."""
         rows = int(tensors["input_ids"].shape[0])
         if num_pairs and rows != 2 * num_pairs:
             raise ValueError(f"a pair batch in the rows layout has 2 x {num_pairs} rows, got {rows}")
-        return cls(dict(tensors), num_pairs=num_pairs, num_sequences=rows)
+        return cls(dict(tensors), num_pairs=num_pairs, num_sequences=rows, real_tokens=real_tokens)
 
     @classmethod
-    def from_packed(cls, tensors: Mapping[str, torch.Tensor], *, num_pairs: int, num_sequences: int) -> "Batch":
+    def from_packed(cls, tensors: Mapping[str, torch.Tensor], *, num_pairs: int, num_sequences: int,
+                    real_tokens: int = 0) -> "Batch":
         if tensors["input_ids"].shape[0] != 1:
             raise ValueError("a packed batch is one row of sequences")
+        bounds = tuple(int(x) for x in tensors["cu_seqlens"].tolist())
         return cls(dict(tensors), per_token=PER_TOKEN_KEYS + ("sequence_ids",), num_pairs=num_pairs,
-                   num_sequences=num_sequences, packed=True)
+                   num_sequences=num_sequences, packed=True, real_tokens=real_tokens, bounds=bounds)
 
     def with_per_token(self, **extra: torch.Tensor) -> "Batch":
         """A batch with more per-token tensors (shaped like ``input_ids``), sliced with it under CP."""
@@ -133,8 +141,10 @@ class Batch(Mapping[str, torch.Tensor]):
         return rows * seq
 
     def segment_bounds(self) -> list[int]:
-        """Packed: ``cu_seqlens`` as a list (host values; collated on the host, so no device sync)."""
-        return [int(x) for x in self.tensors["cu_seqlens"].tolist()]
+        """Packed: ``cu_seqlens`` as host ints (recorded when the batch was collated: no device sync)."""
+        if self.bounds is None:
+            raise ValueError("segment bounds exist for packed batches only")
+        return list(self.bounds)
 
     # ---- per-sequence reductions ---------------------------------------------------------------
     def sequence_sums(self, values: torch.Tensor) -> torch.Tensor:

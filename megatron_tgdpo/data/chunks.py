@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_tgdpo.data.encode import encode_record
+from megatron_tgdpo.data.encode import TokenizeError, encode_record
 from megatron_tgdpo.data.records import Problem, parse_record
 from megatron_tgdpo.data.templates import TemplateRenderError
 from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer
@@ -70,7 +70,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             continue
         try:
             encoded = encode_record(record, tokenizer)
-        except TemplateRenderError as exc:
+        except (TemplateRenderError, TokenizeError) as exc:
             problems.append(Problem(chunk.source, line, exc.field, exc.reason, exc.code))
             continue
         counts["valid_records"] += 1

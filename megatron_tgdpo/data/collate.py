@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["PreferenceCollator"]
+__all__ = ["PreferenceCollator", "SequenceCollator", "collate_rows"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,39 +54,74 @@ class PreferenceCollator:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty micro-batch")
-        batch = len(items)
         prompts = [np.asarray(item["prompt"], dtype=np.int64) for item in items]
         responses = [np.asarray(item["chosen"], dtype=np.int64) for item in items] + [
             np.asarray(item["rejected"], dtype=np.int64) for item in items
         ]
-        prompts = prompts + prompts
-        row_lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        longest = max(row_lengths)
-        seq = self.sequence_length(longest)
-        if longest > seq:
-            row = int(np.argmax(row_lengths))
-            side = "chosen" if row < batch else "rejected"
-            raise ValueError(
-                f"pair {items[row % batch].get('index', row % batch)} ({side}) is {longest} tokens long, more than "
-                f"fixed_length={self.fixed_length}; prepare the data with --max-seq-length {self.fixed_length} "
-                "(or smaller), or raise fixed_length"
-            )
-        input_ids = np.full((2 * batch, seq), self.pad_id, dtype=np.int64)
-        labels = np.full((2 * batch, seq), self.pad_id, dtype=np.int64)
-        loss_mask = np.zeros((2 * batch, seq), dtype=np.float32)
-        for row, (prompt, response) in enumerate(zip(prompts, responses)):
-            n = len(prompt) + len(response)
-            input_ids[row, : len(prompt)] = prompt
-            input_ids[row, len(prompt) : n] = response
-            labels[row, : n - 1] = input_ids[row, 1:n]
-            # Position t predicts token t + 1: response tokens sit at len(prompt) .. n - 1. With an empty
-            # prompt the first response token has no predecessor and cannot be a label.
-            loss_mask[row, max(len(prompt) - 1, 0) : n - 1] = 1.0
-        positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (2 * batch, seq))
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "position_ids": torch.from_numpy(np.ascontiguousarray(positions)),
-            "sample_idx": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
-        }
+        names = [f"pair {item.get('index', i)} ({side})" for side in ("chosen", "rejected")
+                 for i, item in enumerate(items)]
+        tensors = collate_rows(prompts + prompts, responses, pad_id=self.pad_id,
+                               seq=self.sequence_length(max(len(p) + len(r) for p, r in zip(prompts + prompts, responses))),
+                               names=names, fixed_length=self.fixed_length)
+        tensors["sample_idx"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
+        return tensors
+
+
+def collate_rows(
+    prompts: Sequence[np.ndarray],
+    responses: Sequence[np.ndarray],
+    *,
+    pad_id: int,
+    seq: int,
+    names: Sequence[str],
+    fixed_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """One row per (prompt, response): ``input_ids``, shifted ``labels``, response-only ``loss_mask``,
+    ``position_ids``, padded to ``seq``. Shared by the pair and the single-sequence (SFT) collators."""
+    row_lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    longest = max(row_lengths)
+    if longest > seq:
+        row = int(np.argmax(row_lengths))
+        raise ValueError(
+            f"{names[row]} is {longest} tokens long, more than fixed_length={fixed_length}; prepare the data with "
+            f"--max-seq-length {fixed_length} (or smaller), or raise fixed_length"
+        )
+    rows = len(prompts)
+    input_ids = np.full((rows, seq), pad_id, dtype=np.int64)
+    labels = np.full((rows, seq), pad_id, dtype=np.int64)
+    loss_mask = np.zeros((rows, seq), dtype=np.float32)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        n = len(prompt) + len(response)
+        input_ids[row, : len(prompt)] = prompt
+        input_ids[row, len(prompt) : n] = response
+        labels[row, : n - 1] = input_ids[row, 1:n]
+        # Position t predicts token t + 1: response tokens sit at len(prompt) .. n - 1. With an empty
+        # prompt the first response token has no predecessor and cannot be a label.
+        loss_mask[row, max(len(prompt) - 1, 0) : n - 1] = 1.0
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (rows, seq))
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "position_ids": torch.from_numpy(np.ascontiguousarray(positions)),
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequenceCollator(PreferenceCollator):
+    """Single sequences (prompt + response, e.g. SFT on the chosen responses): one row each, the same
+    padding rules, labels and mask as :class:`PreferenceCollator`; ``sample_idx`` per row."""
+
+    response_key: str = "chosen"
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty micro-batch")
+        prompts = [np.asarray(item["prompt"], dtype=np.int64) for item in items]
+        responses = [np.asarray(item[self.response_key], dtype=np.int64) for item in items]
+        names = [f"sample {item.get('index', i)}" for i, item in enumerate(items)]
+        seq = self.sequence_length(max(len(p) + len(r) for p, r in zip(prompts, responses)))
+        tensors = collate_rows(prompts, responses, pad_id=self.pad_id, seq=seq, names=names,
+                               fixed_length=self.fixed_length)
+        tensors["sample_idx"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
+        return tensors

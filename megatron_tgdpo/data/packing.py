@@ -31,6 +31,7 @@ import torch
 from megatron_tgdpo.data.batch import Batch
 
 __all__ = [
+    "PAIR_SIDES",
     "PackedPreferenceCollator",
     "PackingPlan",
     "capacity_for",
@@ -96,12 +97,14 @@ def _as_lengths(pair_lengths: Any) -> np.ndarray:
     return lengths
 
 
-def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int) -> list[int]:
-    return [
-        padded_length(int(p + c), context_parallel_size=context_parallel_size)
-        + padded_length(int(p + r), context_parallel_size=context_parallel_size)
-        for p, c, r in lengths
-    ]
+PAIR_SIDES = ("chosen", "rejected")
+
+
+def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int, sides: Sequence[str] = PAIR_SIDES) -> list[int]:
+    """Tokens each item takes in a bin: its sequences (prompt + each side's response), each padded."""
+    columns = [1 + PAIR_SIDES.index(side) for side in sides]
+    return [sum(padded_length(int(row[0] + row[c]), context_parallel_size=context_parallel_size) for c in columns)
+            for row in lengths]
 
 
 def _first_fit_decreasing(sizes: list[int], *, capacity: int) -> list[list[int]]:
@@ -128,17 +131,19 @@ def plan_packing(
     fixed_length: Optional[int] = None,
     pad_to_multiple_of: int = 1,
     sample_ids: Optional[Sequence[int]] = None,
+    sides: Sequence[str] = PAIR_SIDES,
 ) -> PackingPlan:
     """Bins for the pairs of one window (``pair_lengths[i] = (prompt, chosen, rejected)`` of the pair
     at stream position ``i``). ``fixed_length`` / ``pad_to_multiple_of`` only shape the statistics;
     pass the collator's (:meth:`PackedPreferenceCollator.plan` does). ``sample_ids`` (dataset indices)
-    name a pair in the error raised when it cannot fit a bin on its own."""
+    name a pair in the error raised when it cannot fit a bin on its own. ``sides=("chosen",)`` packs
+    single sequences (SFT on the chosen responses) instead of pairs."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     if fixed_length is not None and fixed_length < capacity:
         raise ValueError(f"fixed_length={fixed_length} is smaller than the bin capacity {capacity}")
     lengths = _as_lengths(pair_lengths)
-    sizes = _pair_sizes(lengths, context_parallel_size=context_parallel_size)
+    sizes = _pair_sizes(lengths, context_parallel_size=context_parallel_size, sides=sides)
     for i, size in enumerate(sizes):
         if size > capacity:
             name = f"pair at stream position {i}" if sample_ids is None else f"pair {sample_ids[i]} (stream position {i})"
@@ -155,7 +160,7 @@ def plan_packing(
     return PackingPlan(
         bins=tuple(tuple(b) for b in bins),
         capacity=capacity,
-        real_tokens=int((2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).sum()),
+        real_tokens=int(sum((lengths[:, 0] + lengths[:, 1 + PAIR_SIDES.index(side)]).sum() for side in sides)),
         padded_tokens=sum(sizes),
         computed_tokens=computed,
     )
@@ -179,6 +184,8 @@ class PackedPreferenceCollator:
     context_parallel_size: int = 1
     fixed_length: Optional[int] = None
     pad_to_multiple_of: int = 1
+    #: which responses become sequences: pairs (chosen then rejected), or ("chosen",) for SFT
+    sides: tuple[str, ...] = PAIR_SIDES
 
     def __post_init__(self) -> None:
         if self.context_parallel_size < 1:
@@ -207,6 +214,7 @@ class PackedPreferenceCollator:
         return plan_packing(
             pair_lengths, capacity=capacity, context_parallel_size=self.context_parallel_size,
             fixed_length=self.fixed_length, pad_to_multiple_of=self.pad_to_multiple_of, sample_ids=sample_ids,
+            sides=self.sides,
         )
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
@@ -215,8 +223,8 @@ class PackedPreferenceCollator:
         prompts = [np.asarray(item["prompt"], dtype=np.int64) for item in items]
         # [chosen of pairs 0..P-1; rejected of pairs 0..P-1], as the rows layout orders its rows.
         sequences = [np.concatenate([p, np.asarray(item[side], dtype=np.int64)])
-                     for side in ("chosen", "rejected") for p, item in zip(prompts, items)]
-        prompt_lengths = [len(p) for p in prompts] * 2
+                     for side in self.sides for p, item in zip(prompts, items)]
+        prompt_lengths = [len(p) for p in prompts] * len(self.sides)
         segments = [padded_length(len(s), context_parallel_size=self.context_parallel_size) for s in sequences]
         bounds = np.concatenate([[0], np.cumsum(segments)]).astype(np.int64)
         content = int(bounds[-1])
@@ -232,8 +240,20 @@ class PackedPreferenceCollator:
         tensors = self._fill(sequences, prompt_lengths, bounds, row)
         tensors["cu_seqlens"] = torch.from_numpy(bounds.astype(np.int32))
         tensors["sample_idx"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
-        return Batch.from_packed(tensors, num_pairs=len(items), num_sequences=len(sequences),
+        pairs = len(items) if self.sides == PAIR_SIDES else 0
+        return Batch.from_packed(tensors, num_pairs=pairs, num_sequences=len(sequences),
                                  real_tokens=sum(len(s) for s in sequences))
+
+    def padding_batch(self) -> Batch:
+        """A micro-batch of padding only (no sequence, nothing to learn): fills an interleaved pipeline
+        schedule that needs a multiple of the pipeline size micro-batches. Needs ``fixed_length``."""
+        if self.fixed_length is None:
+            raise ValueError("a padding micro-batch needs fixed_length")
+        bounds = np.array([0, self.fixed_length], dtype=np.int64)
+        tensors = self._fill([], [], bounds, self.fixed_length)
+        tensors["cu_seqlens"] = torch.from_numpy(bounds.astype(np.int32))
+        tensors["sample_idx"] = torch.zeros(0, dtype=torch.long)
+        return Batch.from_packed(tensors, num_pairs=0, num_sequences=0)
 
     def _fill(
         self, sequences: list[np.ndarray], prompt_lengths: list[int], bounds: np.ndarray, row: int

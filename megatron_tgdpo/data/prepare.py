@@ -31,7 +31,7 @@ from megatron_tgdpo.data.manifest import (
 )
 from megatron_tgdpo.data.publish import StagedOutput
 from megatron_tgdpo.data.records import Problem
-from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_content_hash
 from megatron_tgdpo.data.truncation import LengthPolicy
 
 __all__ = ["PrepareConfig", "prepare_preference_data"]
@@ -134,6 +134,7 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {config.on_bad_record!r}")
     policy = config.length_policy()
     tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
+    tokenizer_sha256 = tokenizer_content_hash(tokenizer.path)
     say(f"tokenizer: {tokenizer}")
     inputs = _input_entries(config.inputs)
 
@@ -186,6 +187,7 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
             config=config,
             policy=policy,
             tokenizer=tokenizer,
+            tokenizer_sha256=tokenizer_sha256,
             inputs=inputs,
             problems=problems,
             counts=counts,
@@ -217,6 +219,7 @@ def _manifest(
     config: PrepareConfig,
     policy: LengthPolicy,
     tokenizer: Tokenizer,
+    tokenizer_sha256: str,
     inputs: list[dict[str, Any]],
     problems: list[Problem],
     counts: Counter,
@@ -242,8 +245,11 @@ def _manifest(
         "num_pairs": num_pairs,
         "inputs": inputs,
         "tokenizer": {
-            "path": tokenizer.path,
+            # Absolute, so training from another directory finds it; not symlink-resolved, because a
+            # Hugging Face cache links each file to a blob, away from its tokenizer_config.json.
+            "path": os.path.abspath(tokenizer.path),
             "kind": tokenizer.kind,
+            "content_sha256": tokenizer_sha256,  # see tokenizer_content_hash / resolve_dataset_tokenizer
             "fingerprint": tokenizer.fingerprint(),
             "vocab_size": tokenizer.vocab_size,
             "bos_id": tokenizer.bos_id,

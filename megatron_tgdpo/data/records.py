@@ -12,31 +12,55 @@ Accepted forms (one JSON object per line; other top-level keys are ignored):
 A string prompt becomes one user message, a string response one assistant message, so everything
 downstream sees messages only. Validation stops at the first problem of a record and reports it as
 ``file:line: field: reason``: one precise line per bad record is more useful than a cascade.
+
+Hostile input is a problem of its record, never a crash: JSON nested deeper than
+:data:`MAX_JSON_DEPTH` (``too_deep``), numbers Python refuses to convert (``invalid_json``), and in
+the text fields that are used (prompt, chosen, rejected, every message's role and content):
+
+* a lone UTF-16 surrogate (``"\\ud800"``, valid JSON) is rejected (``invalid_unicode``): it is not a
+  character, cannot be encoded as UTF-8, so no tokenizer can take it; it is what is left of a
+  character cut in half upstream, and guessing a replacement would train on altered text;
+* NUL (``"\\u0000"``) is rejected (``nul_character``): it never occurs in natural text and marks binary
+  or corrupt data; C-string based tools cut text at it, so they could see other text than was trained on;
+* everything else is kept exactly as written (no Unicode normalisation, other control characters such
+  as tab, form feed or ESC kept): the tokenizer's own normaliser decides, so ids stay those of
+  ``transformers`` for the same text, and such characters do occur in real text (code, logs).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "PROBLEM_CODES",
     "ROLES",
     "Message",
     "PreferenceRecord",
     "Problem",
     "parse_record",
+    "printable",
 ]
 
 ROLES = ("system", "user", "assistant")
 
+# Deeper JSON is rejected. A record needs 3 levels (object, message list, message); the limit leaves
+# room for metadata under ignored keys, and being far below Python's recursion limit it makes the
+# verdict the same in every process (the parser's own RecursionError depends on the caller's stack).
+MAX_JSON_DEPTH = 100
+
 # Every reason code a bad record can be counted under in the manifest, with what it means.
 PROBLEM_CODES: dict[str, str] = {
     "invalid_utf8": "the line is not valid UTF-8",
-    "invalid_json": "the line is not valid JSON",
+    "invalid_json": "the line is not valid JSON (or holds a number too long to convert)",
+    "too_deep": f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels",
     "not_an_object": "the line is JSON but not an object",
     "missing_field": "a required field (chosen, rejected, prompt, role, content) is absent",
     "wrong_type": "a field has the wrong JSON type",
+    "invalid_unicode": "a text field holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair)",
+    "nul_character": "a text field holds a NUL character (\\u0000)",
     "empty_prompt": "the prompt is empty or whitespace only",
     "empty_list": "a message list is empty",
     "empty_response": "a response has no text",
@@ -50,7 +74,19 @@ PROBLEM_CODES: dict[str, str] = {
     "identical_responses": "chosen and rejected are the same",
     "template_error": "the chat template failed to render the record",
     "template_mismatch": "the rendered prompt is not a prefix of the rendered conversation",
+    "tokenizer_error": "the tokenizer raised an error on the rendered text of the record",
 }
+
+# Characters that would make a report line unreadable or unwritable (newlines split it, surrogates
+# cannot be encoded as UTF-8): shown as escapes.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# What a used text field may not contain (see the module docstring).
+_FORBIDDEN_IN_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and lone surrogates written as escapes: safe to print or log."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +117,8 @@ class Problem:
 
     def __str__(self) -> str:
         text = f"{self.source}:{self.line}: {self.field}: {self.reason}"
-        return f"{text} ({self.hint})" if self.hint else text
+        # Reasons may quote the input or a tokenizer's message: escaped, the line always prints.
+        return printable(f"{text} ({self.hint})" if self.hint else text)
 
 
 class _Invalid(Exception):
@@ -104,6 +141,62 @@ def _json_type(value: Any) -> str:
     return "object" if isinstance(value, dict) else type(value).__name__
 
 
+def _text(field: str, value: str) -> str:
+    """``value`` if it is usable text; else the record is bad (see the module docstring for why)."""
+    if value.isascii() and "\x00" not in value:
+        return value  # the common case, checked at C speed
+    bad = _FORBIDDEN_IN_TEXT.search(value)
+    if bad is None:
+        return value
+    position = bad.start()
+    if bad.group() == "\x00":
+        raise _Invalid(
+            field,
+            f"NUL character (\\u0000) at character {position}",
+            "nul_character",
+            "NUL never occurs in text and C-string based tools cut the text at it; remove it",
+        )
+    raise _Invalid(
+        field,
+        f"lone UTF-16 surrogate \\u{ord(bad.group()):04x} at character {position} (not a character, "
+        "cannot be encoded as UTF-8)",
+        "invalid_unicode",
+        "probably a character cut in half upstream; fix or remove the record",
+    )
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether parsed JSON nests deeper than ``limit`` (the top level is 1); iterative, so any depth is safe."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _too_deep() -> _Invalid:
+    return _Invalid("<record>", f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
+
+
+def _load_json(text: str) -> Any:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Invalid("<record>", f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None  # the C parser recurses per level and gives up cleanly
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise _Invalid("<record>", f"invalid JSON: {exc}", "invalid_json") from None
+    # Each level opens a bracket, so their count bounds the depth: only a line with many needs the walk.
+    if isinstance(obj, (dict, list)) and text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        if _depth_exceeds(obj, MAX_JSON_DEPTH):
+            raise _too_deep()
+    return obj
+
+
 def _message(field: str, obj: Any) -> Message:
     if not isinstance(obj, dict):
         raise _Invalid(
@@ -115,6 +208,7 @@ def _message(field: str, obj: Any) -> Message:
     role = obj["role"]
     if not isinstance(role, str):
         raise _Invalid(f"{field}.role", f"expected a string, got {_json_type(role)}", "wrong_type")
+    _text(f"{field}.role", role)
     if role not in ROLES:
         raise _Invalid(f"{field}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})", "unknown_role")
     if "content" not in obj:
@@ -123,7 +217,7 @@ def _message(field: str, obj: Any) -> Message:
     if not isinstance(content, str):
         hint = "multimodal content parts are not supported; give the text as one string" if isinstance(content, list) else ""
         raise _Invalid(f"{field}.content", f"expected a string, got {_json_type(content)}", "wrong_type", hint)
-    return Message(role, content)
+    return Message(role, _text(f"{field}.content", content))
 
 
 def _messages(field: str, value: list) -> tuple[Message, ...]:
@@ -134,7 +228,7 @@ def _messages(field: str, value: list) -> tuple[Message, ...]:
 
 def _prompt(value: Any) -> tuple[Message, ...]:
     if isinstance(value, str):
-        if not value.strip():
+        if not _text("prompt", value).strip():
             raise _Invalid("prompt", "empty prompt", "empty_prompt")
         return (Message("user", value),)
     if not isinstance(value, list):
@@ -156,7 +250,7 @@ def _prompt(value: Any) -> tuple[Message, ...]:
 def _response_messages(field: str, value: Any) -> tuple[Message, ...]:
     """Structure only: a string becomes one assistant message; a list is checked message by message."""
     if isinstance(value, str):
-        return (Message("assistant", value),)
+        return (Message("assistant", _text(field, value)),)
     if not isinstance(value, list):
         raise _Invalid(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
     return _messages(field, value)
@@ -254,10 +348,7 @@ def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecor
             text = text.removeprefix("\ufeff")
         if not text.strip():
             return None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _Invalid("<record>", f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json") from None
+        obj = _load_json(text)
         if not isinstance(obj, dict):
             raise _Invalid("<record>", f"expected a JSON object, got {_json_type(obj)}", "not_an_object")
         for key in ("chosen", "rejected"):

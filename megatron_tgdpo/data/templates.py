@@ -34,6 +34,7 @@ __all__ = [
     "Llama3Template",
     "PlainTemplate",
     "TemplateRenderError",
+    "describe_exception",
 ]
 
 TEMPLATE_NAMES = ("plain", "llama3", "auto")
@@ -49,6 +50,19 @@ class TemplateRenderError(Exception):
     def __init__(self, field: str, reason: str, code: str) -> None:
         super().__init__(reason)
         self.field, self.reason, self.code = field, reason, code
+
+    def __reduce__(self) -> tuple:
+        # The default would call cls(reason) when unpickling (in the parent of a worker) and fail.
+        return type(self), (self.field, self.reason, self.code)
+
+
+def describe_exception(exc: BaseException, *, limit: int = 300) -> str:
+    """``Type: message`` of an exception raised by third-party code, cut to ``limit`` characters (a
+    tokenizer may quote a whole document in its message)."""
+    message = str(exc)
+    if len(message) > limit:
+        message = message[:limit] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class ChatTemplate(ABC):

@@ -6,15 +6,19 @@ Everything is offline: sentencepiece and the ``tokenizers`` library read local f
 ids of a prompt are exactly the ids of its rendered text. Special-token strings that appear in the
 text (``<|eot_id|>``, ``<s>``) are encoded as the special ids, as ``transformers`` does when it
 tokenizes a rendered chat template.
+
+A prepared data set records its tokenizer (absolute path and :func:`tokenizer_content_hash`);
+:func:`resolve_dataset_tokenizer` turns that record into the tokenizer to train with.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from megatron_tgdpo.data.errors import TokenizerError
 from megatron_tgdpo.data.templates import (
@@ -27,7 +31,14 @@ from megatron_tgdpo.data.templates import (
     read_jinja_file,
 )
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer"]
+__all__ = [
+    "HFTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "resolve_dataset_tokenizer",
+    "tokenizer_content_hash",
+]
 
 # Used only when no tokenizer_config.json names the special tokens.
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -333,6 +344,46 @@ def _jinja_source(config: dict[str, Any], directory: Path) -> tuple[str, str] | 
     return None
 
 
+_CONFIG_FILE = "tokenizer_config.json"
+# Files load_tokenizer may read beside the tokenizer file: they are part of the tokenizer's content.
+_SIDE_FILES = (_CONFIG_FILE, "chat_template.jinja")
+
+
+def _tokenizer_file(path: Path) -> Path:
+    """The tokenizer file that ``path`` (a file, or a directory holding one) designates."""
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return path / name
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+    if path.is_file():
+        return path
+    raise TokenizerError(f"{path}: no such tokenizer file or directory")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_content_hash(path: str | os.PathLike) -> str:
+    """sha256 identifying the tokenizer at ``path`` (any form :func:`load_tokenizer` takes) by the bytes
+    of its files: the tokenizer file and, where present beside it, tokenizer_config.json and
+    chat_template.jinja. Where the files are does not enter it (a copied tokenizer keeps its hash);
+    any changed byte, or a side file added or removed, changes it. Raises :class:`TokenizerError`
+    if there is no tokenizer at ``path``."""
+    file = _tokenizer_file(Path(path))
+    digest = hashlib.sha256(b"megatron_tgdpo.tokenizer_files.v1\0")
+    members = [(f"tokenizer{file.suffix}", file), *((name, file.parent / name) for name in _SIDE_FILES)]
+    for role, member in members:
+        content = _file_sha256(member) if member.is_file() else "absent"
+        digest.update(f"{role}\0{content}\0".encode("utf-8"))
+    return digest.hexdigest()
+
+
 def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
     """Load a tokenizer and attach its chat template.
 
@@ -345,21 +396,10 @@ def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tok
     ``auto`` when a Jinja template is present, else ``llama3`` when the tokenizer has the Llama-3 chat
     tokens, else ``plain``.
     """
-    path = Path(path)
-    if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (path / name).is_file():
-                file = path / name
-                break
-        else:
-            raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
-    elif path.is_file():
-        file = path
-    else:
-        raise TokenizerError(f"{path}: no such tokenizer file or directory")
+    file = _tokenizer_file(Path(path))
     directory = file.parent
     config: dict[str, Any] = {}
-    config_file = directory / "tokenizer_config.json"
+    config_file = directory / _CONFIG_FILE
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -371,3 +411,101 @@ def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tok
     if file.suffix == ".json":
         return HFTokenizer(path=file, config=config, chat_template=chat_template, jinja=jinja)
     raise TokenizerError(f"{file}: expected a sentencepiece .model or a Hugging Face tokenizer.json")
+
+
+def _short(digest: object) -> str:
+    return f"{str(digest)[:16]}..."
+
+
+def _section(manifest: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = manifest.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _check_identity(
+    candidate: str, manifest: Mapping[str, Any], *, manifest_path: str, label: str, remedy: str
+) -> None:
+    """Raise :class:`TokenizerError` unless ``candidate`` is the tokenizer ``manifest`` records.
+
+    Current manifests record ``content_sha256``. Older ones only the ``fingerprint`` (files, special
+    ids and chat template), checked by loading the candidate with the recorded template; if that
+    template can no longer be built (a .jinja file since moved), the older manifest cannot be checked.
+    """
+    recorded = _section(manifest, "tokenizer")
+    expected = recorded.get("content_sha256")
+    if isinstance(expected, str):
+        actual = tokenizer_content_hash(candidate)
+        what = "files' sha256"
+    else:
+        expected = recorded.get("fingerprint")
+        template = _section(manifest, "chat_template").get("name")
+        if not isinstance(expected, str) or not isinstance(template, str):
+            return  # nothing recorded to compare with
+        try:
+            actual = load_tokenizer(candidate, chat_template=template).fingerprint()
+        except TokenizerError:
+            return
+        what = "fingerprint"
+    if actual != expected:
+        raise TokenizerError(
+            f"{label} is not the tokenizer the data in {manifest_path} was prepared with: its {what} is "
+            f"{_short(actual)}, the manifest records {_short(expected)}, so its token ids would not match the "
+            f"data; {remedy}"
+        )
+
+
+def resolve_dataset_tokenizer(
+    manifest: Mapping[str, Any], *, override: str | os.PathLike | None, manifest_path: str | os.PathLike
+) -> str:
+    """The tokenizer to use with a prepared data set, as an absolute path for :func:`load_tokenizer`.
+
+    ``manifest``: the data set's manifest (as read by ``read_manifest``); ``manifest_path``: where it
+    was read from, named in errors; ``override``: the tokenizer the user asked for (``--tokenizer``),
+    or ``None``.
+
+    * With ``override``: its absolute path (made absolute against the current directory). It must be a
+      tokenizer, and, when the manifest records the tokenizer's identity, the same one: same
+      :func:`tokenizer_content_hash` as ``tokenizer.content_sha256`` (manifests written before that
+      was recorded: same ``fingerprint``). A different tokenizer would give ids that do not match
+      the prepared data, so that raises.
+    * Without: the recorded ``tokenizer.path``, which is absolute in current manifests; a relative
+      path (older manifests) is resolved against the current directory, as it always was. It must
+      still exist and have the recorded identity, checked as above.
+
+    Raises :class:`~.errors.TokenizerError`, saying what to do, when the manifest records no path
+    and none is given, when the recorded tokenizer "has moved or been deleted", when the override is
+    no tokenizer, or when the identity differs. Reads only the tokenizer's files (and, for older
+    manifests, loads the tokenizer once to compute its fingerprint).
+    """
+    where = str(manifest_path)
+    if override is not None:
+        candidate = os.path.abspath(override)
+        _tokenizer_file(Path(candidate))  # raises "no such tokenizer file or directory"
+        _check_identity(
+            candidate,
+            manifest,
+            manifest_path=where,
+            label=f"--tokenizer {override}",
+            remedy="pass the tokenizer the data was prepared with, or prepare the data again with this one",
+        )
+        return candidate
+    path = _section(manifest, "tokenizer").get("path")
+    if not isinstance(path, str) or not path:
+        raise TokenizerError(f"{where} records no tokenizer path; pass --tokenizer <path>")
+    candidate = os.path.abspath(path)
+    shown = path if os.path.isabs(path) else f"{path} (relative, looked up from the current directory {os.getcwd()})"
+    try:
+        _tokenizer_file(Path(candidate))
+    except TokenizerError:
+        raise TokenizerError(
+            f"the tokenizer recorded in {where} at {shown} has moved or been deleted; pass --tokenizer <path>"
+        ) from None
+    _check_identity(
+        candidate,
+        manifest,
+        manifest_path=where,
+        label=f"the tokenizer recorded at {shown}",
+        remedy="it changed since the data was prepared: restore it, pass --tokenizer <path> of the original, "
+        "or prepare the data again",
+    )
+    return candidate

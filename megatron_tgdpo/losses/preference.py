@@ -26,9 +26,12 @@ __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_SIMPO_GAMMA",
     "LOSS_TYPES",
+    "MetricSums",
+    "PreferenceLossSums",
     "WeightClamp",
     "all_reduce_sum_identity_grad",
     "preference_loss",
+    "preference_loss_sums",
     "tgdpo_token_weights",
 ]
 
@@ -138,7 +141,7 @@ def _parse_options(loss_type: str, options: Mapping[str, Any]) -> _Options:
     return _Options(label_smoothing=label_smoothing, weight_clamp=weight_clamp, simpo_gamma=simpo_gamma)
 
 
-def _check_logps(name: str, tensor: Any, *, like: torch.Tensor | None) -> None:
+def _check_logps(name: str, tensor: Any, *, like: torch.Tensor | None, packed: bool = False) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _FLOAT_DTYPES:
@@ -147,6 +150,10 @@ def _check_logps(name: str, tensor: Any, *, like: torch.Tensor | None) -> None:
             "thousands of tokens in bf16/fp16 lose the precision the loss depends on"
         )
     if like is None:
+        if packed:
+            if tensor.dim() != 2:
+                raise ValueError(f"{name} must be [rows, T] with sequence_ids, got shape {tuple(tensor.shape)}")
+            return
         if tensor.dim() != 2 or tensor.shape[0] < 2 or tensor.shape[0] % 2:
             raise ValueError(
                 f"{name} must be [2B, T] (B chosen rows then B rejected rows), got shape {tuple(tensor.shape)}"
@@ -206,11 +213,18 @@ def _token_weights(
     beta: float,
     alpha: float,
     weight_clamp: WeightClamp | None,
+    num_pairs: int | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights (0 where masked) and a bool map of the response tokens the clamp changed."""
+    """Weights (0 where masked) and a bool map of the response tokens the clamp changed. The sign is
+    + on chosen and - on rejected responses: by row, or by sequence index for packed rows."""
     with torch.no_grad():
         token_reward = beta * (_masked(guide.detach(), response) - _masked(ref.detach(), response))
-        raw = 1.0 + alpha * _row_sign(guide.shape[0], like=guide) * token_reward
+        if sequence_ids is None:
+            sign = _row_sign(guide.shape[0], like=guide)
+        else:
+            sign = torch.where(sequence_ids < num_pairs, 1.0, -1.0).to(guide.dtype)
+        raw = 1.0 + alpha * sign * token_reward
         weights = raw
         if weight_clamp is not None and weight_clamp != (None, None):
             weights = raw.clamp(min=weight_clamp[0], max=weight_clamp[1])
@@ -248,6 +262,22 @@ def tgdpo_token_weights(
 # --------------------------------------------------------------------------------------------
 
 
+def _per_sequence(sequence_ids: torch.Tensor | None, num_sequences: int):
+    """Reducer ``[R, T] -> [N]``: row sums (one sequence per row), or sums by ``sequence_ids`` (packed
+    rows; -1 marks positions that belong to no sequence)."""
+    if sequence_ids is None:
+        return lambda values: values.sum(-1)
+    ids = sequence_ids.reshape(-1)
+    keep = ids >= 0
+    kept = ids[keep]
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        flat = values.reshape(-1)[keep]
+        return flat.new_zeros(num_sequences).index_add(0, kept, flat)
+
+    return reduce
+
+
 def _sequence_sums(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor | None,
@@ -256,26 +286,28 @@ def _sequence_sums(
     clamped: torch.Tensor | None,
     *,
     cp_group: dist.ProcessGroup | None,
+    per_sequence=None,
 ) -> dict[str, torch.Tensor]:
-    """Per-row sums over this rank's tokens, all-reduced over ``cp_group`` in one collective.
+    """Per-sequence sums over this rank's tokens, all-reduced over ``cp_group`` in one collective.
 
     Keys: ``policy`` (sum log pi), ``tokens`` (response length), and with a reference ``logratio``
     (sum of log pi - log ref); with weights ``weighted`` (sum f * logratio), ``weight_sum``,
     ``weight_negative`` and ``weight_clamped`` (token counts). Each value is ``[2B]``.
     """
+    total = per_sequence or (lambda values: values.sum(-1))
     policy = _masked(policy_logps, response)
     columns: dict[str, torch.Tensor] = {
-        "policy": policy.sum(-1),
-        "tokens": response.sum(-1).to(policy.dtype),
+        "policy": total(policy),
+        "tokens": total(response.to(policy.dtype)),
     }
     if ref_logps is not None:
         logratio = policy - _masked(ref_logps.detach(), response)
-        columns["logratio"] = logratio.sum(-1)
+        columns["logratio"] = total(logratio)
         if weights is not None:
-            columns["weighted"] = (weights * logratio).sum(-1)
-            columns["weight_sum"] = weights.sum(-1)
-            columns["weight_negative"] = ((weights < 0) & response).sum(-1).to(policy.dtype)
-            columns["weight_clamped"] = clamped.sum(-1).to(policy.dtype)
+            columns["weighted"] = total(weights * logratio)
+            columns["weight_sum"] = total(weights)
+            columns["weight_negative"] = total(((weights < 0) & response).to(policy.dtype))
+            columns["weight_clamped"] = total(clamped.to(policy.dtype))
     stacked = all_reduce_sum_identity_grad(torch.stack(list(columns.values()), dim=-1), group=cp_group)
     return dict(zip(columns, stacked.unbind(-1)))
 
@@ -317,13 +349,15 @@ def _pair_losses(logits: torch.Tensor, *, loss_type: str, beta: float, label_smo
     return losses
 
 
-def _metric(value: torch.Tensor) -> torch.Tensor:
-    return value.detach().to(torch.float32)
+MetricSums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _metrics(
+def _metric_sums(
     sums: dict[str, torch.Tensor], logits: torch.Tensor, *, loss_type: str, beta: float, clamping: bool
-) -> dict[str, torch.Tensor]:
+) -> MetricSums:
+    """``name -> (sum, count)``: per-pair quantities summed over the pairs (count = pairs), token-weight
+    statistics summed over response tokens (count = tokens), so that summing over micro-batches and
+    ranks before dividing gives the exact global mean whatever the micro-batch composition."""
     with torch.no_grad():
         sums = {key: value.detach() for key, value in sums.items()}
         # SimPO has no reference, so its rewards are its own implicit reward (beta * mean log pi);
@@ -331,25 +365,34 @@ def _metrics(
         rewards = beta * (_length_mean(sums, "policy") if loss_type == "simpo" else sums["logratio"])
         chosen, rejected = _split_pairs(rewards)
         logps_chosen, logps_rejected = _split_pairs(sums["policy"])
-        metrics = {
-            "rewards/chosen": chosen.mean(),
-            "rewards/rejected": rejected.mean(),
-            "rewards/accuracy": (chosen > rejected).to(rewards.dtype).mean(),
-            "rewards/margin": (chosen - rejected).mean(),
-            "logps/chosen": logps_chosen.mean(),
-            "logps/rejected": logps_rejected.mean(),
-            "logits/mean": logits.detach().mean(),
+        pairs = torch.full((), float(chosen.shape[0]), dtype=torch.float32, device=chosen.device)
+        out: MetricSums = {
+            "rewards/chosen": (chosen.sum(), pairs),
+            "rewards/rejected": (rejected.sum(), pairs),
+            "rewards/accuracy": ((chosen > rejected).to(rewards.dtype).sum(), pairs),
+            "rewards/margin": ((chosen - rejected).sum(), pairs),
+            "logps/chosen": (logps_chosen.sum(), pairs),
+            "logps/rejected": (logps_rejected.sum(), pairs),
+            "logits/mean": (logits.detach().sum(), pairs),
         }
         if "weighted" in sums:
             tokens_chosen, tokens_rejected = _split_pairs(sums["tokens"])
             weights_chosen, weights_rejected = _split_pairs(sums["weight_sum"])
-            all_tokens = sums["tokens"].sum().clamp(min=1.0)
-            metrics["weights/chosen_mean"] = weights_chosen.sum() / tokens_chosen.sum().clamp(min=1.0)
-            metrics["weights/rejected_mean"] = weights_rejected.sum() / tokens_rejected.sum().clamp(min=1.0)
-            metrics["weights/negative_fraction"] = sums["weight_negative"].sum() / all_tokens
+            all_tokens = sums["tokens"].sum()
+            out["weights/chosen_mean"] = (weights_chosen.sum(), tokens_chosen.sum())
+            out["weights/rejected_mean"] = (weights_rejected.sum(), tokens_rejected.sum())
+            out["weights/negative_fraction"] = (sums["weight_negative"].sum(), all_tokens)
             if clamping:
-                metrics["weights/clamped_fraction"] = sums["weight_clamped"].sum() / all_tokens
-        return {name: _metric(value) for name, value in metrics.items()}
+                out["weights/clamped_fraction"] = (sums["weight_clamped"].sum(), all_tokens)
+        return {name: (total.to(torch.float32), count.to(torch.float32)) for name, (total, count) in out.items()}
+
+
+@dataclass(frozen=True)
+class PreferenceLossSums:
+    """One micro-batch's preference loss in summable form (see :func:`preference_loss_sums`)."""
+
+    losses: torch.Tensor  # [P] per-pair losses (differentiable)
+    metrics: MetricSums  # name -> (sum, count), detached float32; "loss" included
 
 
 def preference_loss(
@@ -413,11 +456,42 @@ def preference_loss(
         ``logits/mean`` and, when guidance is active, ``weights/{chosen_mean,rejected_mean,
         negative_fraction}`` plus ``weights/clamped_fraction`` with a clamp. See ``docs/loss.md``.
     """
+    out = preference_loss_sums(policy_logps, ref_logps, loss_mask, guide_logps=guide_logps, beta=beta, alpha=alpha,
+                               loss_type=loss_type, cp_group=cp_group, **options)
+    metrics = {name: total / count.clamp(min=1.0) for name, (total, count) in out.metrics.items() if name != "loss"}
+    return out.losses.mean(), metrics
+
+
+def preference_loss_sums(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    loss_mask: torch.Tensor,
+    *,
+    guide_logps: torch.Tensor | None = None,
+    beta: float = DEFAULT_BETA,
+    alpha: float = DEFAULT_ALPHA,
+    loss_type: str = "tgdpo",
+    cp_group: dist.ProcessGroup | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    **options: Any,
+) -> PreferenceLossSums:
+    """:func:`preference_loss` in summable form: the per-pair losses and ``name -> (sum, count)`` metrics.
+
+    What a trainer needs when the number of pairs per micro-batch varies (packed rows): sum the losses,
+    count the pairs, divide once for the whole global batch (``docs/loss.md``). With ``sequence_ids``
+    (``[R, T]``, the sequence index of each position, -1 for none) and ``num_sequences`` (``2P``), the
+    tensors are packed rows and sequence ``i < P`` / ``P + i`` are pair ``i``'s chosen / rejected
+    responses; otherwise row ``i`` / ``B + i`` are, as in :func:`preference_loss`.
+    """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     parsed = _parse_options(loss_type, options)
     beta, alpha = _check_coefficients(beta=beta, alpha=alpha)
-    _check_logps("policy_logps", policy_logps, like=None)
+    packed = sequence_ids is not None
+    if packed and (num_sequences is None or num_sequences < 2 or num_sequences % 2):
+        raise ValueError(f"num_sequences must be an even count >= 2 with sequence_ids, got {num_sequences!r}")
+    _check_logps("policy_logps", policy_logps, like=None, packed=packed)
     if ref_logps is None and loss_type != "simpo":
         raise ValueError(f"loss_type={loss_type!r} needs ref_logps (only 'simpo' is reference-free)")
     if ref_logps is not None:
@@ -425,20 +499,27 @@ def preference_loss(
     if guide_logps is not None:
         _check_logps("guide_logps", guide_logps, like=policy_logps)
     response = _check_mask(loss_mask, like=policy_logps)
+    if packed and tuple(sequence_ids.shape) != tuple(policy_logps.shape):
+        raise ValueError(f"sequence_ids has shape {tuple(sequence_ids.shape)}, expected {tuple(policy_logps.shape)}")
 
     weights = clamped = None
     guided = loss_type == "tgdpo" and guide_logps is not None
     if guided:
         weights, clamped = _token_weights(
-            guide_logps, ref_logps, response, beta=beta, alpha=alpha, weight_clamp=parsed.weight_clamp
+            guide_logps, ref_logps, response, beta=beta, alpha=alpha, weight_clamp=parsed.weight_clamp,
+            num_pairs=num_sequences // 2 if packed else None, sequence_ids=sequence_ids,
         )
     if loss_type == "simpo":
         ref_logps = None  # reference-free; do not sum (or all-reduce) what the loss never uses
 
-    sums = _sequence_sums(policy_logps, ref_logps, response, weights, clamped, cp_group=cp_group)
+    reducer = _per_sequence(sequence_ids, num_sequences) if packed else None
+    sums = _sequence_sums(policy_logps, ref_logps, response, weights, clamped, cp_group=cp_group,
+                          per_sequence=reducer)
     logits = _pair_logits(sums, loss_type=loss_type, beta=beta, options=parsed)
     losses = _pair_losses(logits, loss_type=loss_type, beta=beta, label_smoothing=parsed.label_smoothing)
-    metrics = _metrics(
+    metrics = _metric_sums(
         sums, logits, loss_type=loss_type, beta=beta, clamping=guided and parsed.weight_clamp is not None
     )
-    return losses.mean(), metrics
+    pairs = torch.full((), float(losses.shape[0]), dtype=torch.float32, device=losses.device)
+    metrics["loss"] = (losses.detach().sum().to(torch.float32), pairs)
+    return PreferenceLossSums(losses=losses, metrics=metrics)

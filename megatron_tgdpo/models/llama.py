@@ -151,6 +151,9 @@ def transformer_config(arch: LlamaArch, layout: ParallelLayout, precision: Preci
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # Losses return (numerator, count): exact global means for any number of pairs or tokens per
+        # micro-batch (runtime/schedule.py, docs/loss.md).
+        calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
         **compat.cpu_config_overrides(),
         **fp8,

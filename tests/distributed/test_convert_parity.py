@@ -149,12 +149,12 @@ def _forward(chunks, tokens):
 
 
 def _build_and_load(path):
-    from megatron_tgdpo import checkpointing
     from megatron_tgdpo.models import llama
+    from megatron_tgdpo.models.sources import ModelSource
 
     arch = convert.checkpoint_arch(path)
     chunks = llama.build_model(arch, llama.transformer_config(arch, _layout()))
-    checkpointing.load_model_weights(path, chunks)  # the trainer's entry point; dispatches to convert
+    ModelSource.of(path).load_into(chunks)  # the trainer's entry point; dispatches to convert
     for c in chunks:
         c.eval()
     return chunks
@@ -312,7 +312,8 @@ def _train_step_and_save(path, root):
     from megatron_tgdpo.convert.converted import read_metadata
 
     state = {"hf_config": read_metadata(path)["hf_config"]} if size > 1 else None
-    checkpointing.save_checkpoint(root, iteration=5, chunks=chunks, state=state)
+    checkpointing.save_checkpoint(root, iteration=5, parts={"policy": checkpointing.CheckpointPart(chunks)},
+                                  state=state)
     tokens, _ = _batch()
     return full, _forward(chunks, tokens)
 

@@ -25,12 +25,12 @@ def _train(argv):
 
 def _megatron_logps(ckpt, tokens):
     """Log-probs of the trained checkpoint computed by our own stack at TP=1 (reference for the export)."""
-    from megatron_tgdpo import checkpointing
     from megatron_tgdpo.models import llama
+    from megatron_tgdpo.models.sources import ModelSource
 
-    arch = checkpointing.checkpoint_arch(ckpt)
+    arch = ModelSource.of(ckpt).arch()
     chunks = llama.build_model(arch, llama.transformer_config(arch, llama.ParallelLayout()))
-    checkpointing.load_model_weights(ckpt, chunks)
+    ModelSource.of(ckpt).load_into(chunks)
     logits = chunks[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), attention_mask=None).double()
     return torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0], arch
 

@@ -44,13 +44,17 @@ def _argv(data_cache: Path, *extra: str) -> list[str]:
 
 def _save_seeded_checkpoint(argv: list[str], root: str) -> str:
     """A torch_dist checkpoint of the seeded-init tiny model (a stand-in guidance model)."""
-    from megatron_tgdpo import checkpointing, distributed, train
+    from megatron_tgdpo import checkpointing, distributed
+    from megatron_tgdpo.models.sources import ModelSource
+    from megatron_tgdpo.runtime import setup
 
     cfg = parse_args(argv)
-    _, _, vocab, _ = train.resolve_data(cfg)
+    data = setup.resolve_data(cfg)
     distributed.init_model_parallel(seed=cfg.seed)
-    chunks = train.build_frozen(train.model_arch(cfg, vocab), cfg, None)
-    return str(checkpointing.save_checkpoint(root, iteration=1, chunks=chunks, state={"config": cfg.to_dict()}))
+    arch, _ = setup.resolve_architecture(cfg, tokenizer_vocab=data.vocab_size)
+    chunks = setup.build_frozen(arch, cfg, ModelSource.of(None, seed=cfg.seed))
+    return str(checkpointing.save_checkpoint(root, iteration=1, parts={"policy": checkpointing.CheckpointPart(chunks)},
+                                             state={"config": cfg.to_dict()}))
 
 
 def _precompute_and_compare(argv: list[str], output: str) -> dict:
@@ -58,31 +62,33 @@ def _precompute_and_compare(argv: list[str], output: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_tgdpo import train
     from megatron_tgdpo.logprob_cache import cached_logps
-    from megatron_tgdpo.scoring import score_logps
+    from megatron_tgdpo.models.sources import ModelSource
+    from megatron_tgdpo.runtime import setup
+    from megatron_tgdpo.runtime.data import BatchSource
+    from megatron_tgdpo.runtime.schedule import LogprobSettings, score_logps
 
     tool_args, cfg = TOOL.parse(argv + ["--output", output, "--limit-samples", str(LIMIT)])
     TOOL.run(cfg, output=tool_args.output, limit_samples=tool_args.limit_samples)
 
     cfg = TOOL.scoring_config(cfg, dist.get_world_size())  # the tool's batch size: the same batches
-    prefix, _, vocab, pad_id = train.resolve_data(cfg)
-    arch = train.model_arch(cfg, vocab)
-    models = {"reference": train.build_frozen(arch, cfg, cfg.ref_load)}
+    data = setup.resolve_data(cfg)
+    prefix, pad_id = data.train_prefix, data.pad_id
+    arch, _ = setup.resolve_architecture(cfg, tokenizer_vocab=data.vocab_size)
+    models = {"reference": setup.build_frozen(arch, cfg, ModelSource.of(cfg.ref_load, seed=cfg.seed))}
     if cfg.guidance_load:
-        models["guidance"] = train.build_frozen(arch, cfg, cfg.guidance_load)
+        models["guidance"] = setup.build_frozen(arch, cfg, ModelSource.of(cfg.guidance_load, seed=cfg.seed))
     cache = LogprobCache(output, dataset_prefix=prefix, ref_load=cfg.ref_load, guidance_load=cfg.guidance_load,
                          seed=cfg.seed, need_guidance="guidance" in models, model=cfg.model, allow_partial=True)
-    source = train.BatchSource(cfg, prefix, pad_id, consumed_samples=0, shuffle=False)
+    source = BatchSource(cfg, prefix, pad_id, consumed_samples=0, shuffle=False)
     compared, mismatched = 0, []
     for _ in range(math.ceil(LIMIT / cfg.global_batch_size)):
         batches = source.next_global_batch()
-        online = {role: score_logps(chunks, batches, logits_chunk_size=cfg.logits_chunk_size)
+        online = {role: score_logps(chunks, batches, logprobs=LogprobSettings(chunk_size=cfg.logits_chunk_size))
                   for role, chunks in models.items()}
-        ref, guide = cached_logps(cache, batches)
-        cached = {"reference": ref, "guidance": guide}
+        cached = cached_logps(cache, batches)
         for role in models:
-            for index, value in online[role].items():
+            for index, value in enumerate(online[role]):
                 compared += 1
                 if not torch.equal(cached[role][index], value) or cached[role][index].dtype != torch.float32:
                     mismatched.append((role, index, float((cached[role][index] - value).abs().max())))
@@ -322,9 +328,6 @@ def test_existing_output_needs_overwrite(workspace):
 # training with the cache (runs once train.py reads --logprob-cache)
 # ------------------------------------------------------------------------------------------------
 
-TRAIN_WIRED = "logprob_cache" in (REPO / "megatron_tgdpo" / "train.py").read_text()
-
-
 def _train(argv: list[str]) -> int:
     from megatron_tgdpo import train
 
@@ -353,7 +356,6 @@ def _precompute(argv: list[str], output: str) -> None:
     TOOL.run(cfg, output=tool_args.output)
 
 
-@pytest.mark.skipif(not TRAIN_WIRED, reason="train.py does not read cfg.logprob_cache yet (the lead wires it in)")
 def test_training_with_cache_matches_online(workspace):
     from megatron_tgdpo.testing import RankFailure
 

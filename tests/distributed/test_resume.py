@@ -55,9 +55,9 @@ def _run_sigterm_at(argv, iteration: int):
     """Rank 1 alone receives SIGTERM during ``iteration`` (as from SLURM); all ranks must stop together."""
     import torch.distributed as dist
 
-    from megatron_tgdpo import train
+    from megatron_tgdpo.algorithms.preference import PreferenceAlgorithm
 
-    original, calls = train.train_step, [0]
+    original, calls = PreferenceAlgorithm.train_step, [0]
 
     def step(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -66,7 +66,7 @@ def _run_sigterm_at(argv, iteration: int):
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    train.train_step = step
+    PreferenceAlgorithm.train_step = step
     return _run(argv)
 
 

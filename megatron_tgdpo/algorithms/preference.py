@@ -1,0 +1,158 @@
+"""Preference optimisation — DPO, TGDPO, IPO, SimPO — as a runtime algorithm: the step, nothing else.
+
+One iteration: the frozen reference (and, for TGDPO, guidance) model scores this rank's micro-batches
+forward-only (or the offline log-prob cache supplies those log-probs); the policy runs forward+backward
+through megatron-core's schedule with the loss at the last stage; the optimizer steps unless the loss
+or gradient is non-finite. Frozen models are built only for roles the loss reads: SimPO uses no
+reference, and a run with ``--logprob-cache`` builds no frozen model at all.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_tgdpo.checkpointing import POLICY, CheckpointPart
+from megatron_tgdpo.data.batch import Batch
+from megatron_tgdpo.losses import preference_loss_sums
+from megatron_tgdpo.models.sources import ModelSource
+from megatron_tgdpo.runtime import setup
+from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext, StepResult, optimizer_step
+from megatron_tgdpo.runtime.metrics import StepMetrics
+from megatron_tgdpo.runtime.schedule import (LogprobSettings, context_parallel, local_batch, run_schedule,
+                                             score_logps)
+
+__all__ = ["PreferenceAlgorithm"]
+
+BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+                "logps/chosen", "logps/rejected", "logits/mean")
+TGDPO_METRICS = ("weights/chosen_mean", "weights/rejected_mean", "weights/negative_fraction")
+
+
+class PreferenceAlgorithm(Algorithm):
+    name = "preference"
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        cfg = self.cfg
+        self.cache = None
+        self.frozen: dict[str, list] = {}
+        self.policy: Optional[CheckpointPart] = None
+        self.uses_reference = cfg.loss_type != "simpo"
+        self.guided = cfg.loss_type == "tgdpo" and cfg.alpha != 0 and (
+            cfg.guidance_load is not None or cfg.logprob_cache is not None)
+        means = BASE_METRICS + (TGDPO_METRICS if self.guided else ())
+        if self.guided and cfg.weight_clamp() is not None:
+            means += ("weights/clamped_fraction",)
+        self.means = means
+        self.maxima = ("logratio/abs_max",) if self.uses_reference else ()
+        self.eval_means = BASE_METRICS
+        self.logprobs = LogprobSettings(chunk_size=cfg.logits_chunk_size)
+        frozen = 0 if cfg.logprob_cache else int(self.uses_reference) + int(self.guided)
+        self.passes_per_token = 3.0 + frozen
+
+    # ---- models -------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, arch = self.cfg, self.ctx.arch
+        online = cfg.logprob_cache is None
+        if self.uses_reference and online:
+            self.frozen["reference"] = setup.build_frozen(arch, cfg, ModelSource.of(cfg.ref_load, seed=cfg.seed))
+        policy = setup.build_chunks(arch, cfg)
+        start = setup.policy_start(cfg)
+        reference = self.frozen.get("reference")
+        if reference is not None and start == ModelSource.of(cfg.ref_load, seed=cfg.seed):
+            for dst, src in zip(policy, reference):  # the policy starts as an exact copy of the reference
+                dst.load_state_dict(src.state_dict())
+        else:
+            start.load_into(policy)
+        if self.guided and online:
+            self.frozen["guidance"] = setup.build_frozen(arch, cfg, ModelSource.of(cfg.guidance_load, seed=cfg.seed))
+        if not online:
+            from megatron_tgdpo.logprob_cache import LogprobCache
+
+            self.cache = LogprobCache(
+                cfg.logprob_cache, dataset_prefix=self.ctx.data.train_prefix, ref_load=cfg.ref_load,
+                guidance_load=cfg.guidance_load, seed=cfg.seed, need_guidance=self.guided, model=cfg.model,
+            )
+        self.policy = setup.wrap_trained(cfg, policy, train_iters=self.ctx.train_iters)
+
+    def parts(self) -> dict[str, CheckpointPart]:
+        return {POLICY: self.policy}
+
+    def describe(self) -> str:
+        frozen = "log-prob cache" if self.cache is not None else (", ".join(self.frozen) or "none")
+        return f"{self.cfg.loss_type} (frozen: {frozen})"
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _frozen_logps(self, batches: list[Batch]) -> dict[str, list[torch.Tensor]]:
+        if self.cache is not None:
+            from megatron_tgdpo.logprob_cache import cached_logps
+
+            return cached_logps(self.cache, batches)
+        return {role: score_logps(chunks, batches, logprobs=self.logprobs) for role, chunks in self.frozen.items()}
+
+    def _loss_options(self) -> dict:
+        cfg = self.cfg
+        options = dict(beta=cfg.beta, alpha=cfg.alpha, loss_type=cfg.loss_type)
+        if cfg.label_smoothing:
+            options["label_smoothing"] = cfg.label_smoothing
+        if cfg.weight_clamp() is not None:
+            options["weight_clamp"] = cfg.weight_clamp()
+        if cfg.loss_type == "simpo":
+            options["simpo_gamma"] = cfg.simpo_gamma
+        return options
+
+    def _pair_loss(self, batch: Batch, logps: torch.Tensor, ref: Optional[torch.Tensor],
+                   guide: Optional[torch.Tensor], *, options: dict):
+        cp_rank, _, cp_group = context_parallel()
+        packed = {"sequence_ids": batch["sequence_ids"], "num_sequences": batch.num_sequences} if batch.packed else {}
+        out = preference_loss_sums(logps, ref, batch["loss_mask"], guide_logps=guide, cp_group=cp_group,
+                                   **packed, **options)
+        # The loss is CP-global (every CP rank evaluates it from all-reduced sums, its backward giving the
+        # gradient through its own tokens): count each pair once per data-parallel replica.
+        count = batch.num_pairs if cp_rank == 0 else 0
+        return out, count
+
+    def train_step(self, batches: list[Batch]) -> StepResult:
+        frozen = self._frozen_logps(batches)
+        ref, guide = frozen.get("reference"), frozen.get("guidance")
+        options = self._loss_options()
+        metrics = StepMetrics()
+
+        def loss_fn(index: int, batch: Batch, logps: torch.Tensor):
+            if batch.num_pairs == 0:  # a padding micro-batch (interleaved schedule filler)
+                return (logps * 0).sum(), 0, None
+            out, count = self._pair_loss(batch, logps, None if ref is None else ref[index],
+                                         None if guide is None else guide[index], options=options)
+            metrics.add(out.metrics)
+            if ref is not None:
+                diff = ((logps.detach() - ref[index]) * batch["loss_mask"]).abs().max()
+                metrics.add_max("logratio/abs_max", diff, cp_local=True)
+            return out.losses.sum(), count, None
+
+        for chunk in self.policy.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.policy.optimizer.zero_grad()
+        run_schedule(self.policy.chunks, batches, loss_fn, forward_only=False, logprobs=self.logprobs)
+        updated, grad_norm = optimizer_step(self.policy, metrics)
+        return StepResult(metrics=metrics, grad_norm=grad_norm, updated=updated)
+
+    # ---- held-out ----------------------------------------------------------------------------
+    def evaluate(self, batches: Iterator[list[Batch]]) -> Optional[StepMetrics]:
+        """DPO implicit-reward metrics of the current policy against the reference (SimPO: its own)."""
+        reference = self.frozen.get("reference")
+        if self.uses_reference and reference is None:
+            return None  # the cache holds training-set log-probs only
+        options = dict(beta=self.cfg.beta, loss_type="dpo" if self.uses_reference else "simpo")
+        metrics = StepMetrics()
+        for global_batch in batches:
+            ref = score_logps(reference, global_batch, logprobs=self.logprobs) if reference is not None else None
+            policy = score_logps(self.policy.chunks, global_batch, logprobs=self.logprobs)
+            for index, logps in enumerate(policy):
+                if global_batch[index].num_pairs == 0:
+                    continue
+                out, _ = self._pair_loss(local_batch(global_batch[index]), logps,
+                                         None if ref is None else ref[index], None, options=options)
+                metrics.add(out.metrics)
+        return metrics

@@ -1,0 +1,124 @@
+"""Micro-batches through megatron-core's pipeline schedules, with per-count losses.
+
+One forward path serves every model and every algorithm: the policy (forward + backward, the loss at
+the last stage), the frozen reference and guidance models (forward only), the log-prob cache tool,
+evaluation. Same micro-batch shapes, same model call, same vocab-parallel log-prob op: that is what
+makes step-0 policy and reference log-probs identical when both start from one checkpoint.
+
+**The loss contract.** A :data:`LossFn` gets ``(index, batch, logps)`` on the last pipeline stage —
+``batch`` is this context-parallel rank's slice and ``logps`` its fp32 ``[R, S_local]`` token log-probs —
+and returns ``(loss, count, report)``:
+
+* ``loss``: this rank's share of the global *numerator*: summing the gradients of every rank's
+  ``loss`` over data- and context-parallel ranks must give the gradient of the numerator;
+* ``count``: this rank's share of the global *denominator* (pairs, tokens), summed the same way;
+* ``report``: anything (metric sums, log-probs), handed back in micro-batch order.
+
+The models are built with megatron-core's ``calculate_per_token_loss``: the schedule neither divides by
+the number of micro-batches nor multiplies by the CP size, DDP sums gradients over DP x CP, and
+``finalize_model_grads`` divides them by the global count. The gradient is therefore that of
+``sum(numerator) / sum(count)`` over the whole global batch, exactly, whatever the number of
+micro-batches and whatever each one holds (``docs/loss.md``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_tgdpo.data.batch import Batch
+from megatron_tgdpo.data.packing import packed_seq_params_for
+from megatron_tgdpo.ops import vocab_parallel_logprobs
+
+__all__ = ["LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_logps"]
+
+LossFn = Callable[[int, Batch, torch.Tensor], tuple[torch.Tensor, Any, Any]]
+
+
+@dataclass(frozen=True)
+class LogprobSettings:
+    """How the last stage turns the model output into token log-probs."""
+
+    chunk_size: Optional[int] = None  # tokens per chunk of the vocab-parallel op (None: one chunk)
+
+
+def context_parallel() -> tuple[int, int, Any]:
+    """(CP rank, CP size, CP group or None)."""
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_context_parallel_world_size()
+    group = ps.get_context_parallel_group() if size > 1 else None
+    return ps.get_context_parallel_rank(), size, group
+
+
+def local_batch(batch: Batch) -> Batch:
+    """This context-parallel rank's slice of a full micro-batch (what ``score_logps`` values align with)."""
+    cp_rank, cp_size, _ = context_parallel()
+    return batch.for_context_parallel(cp_rank=cp_rank, cp_size=cp_size)
+
+
+def run_schedule(
+    chunks: list[torch.nn.Module],
+    microbatches: list[Batch],
+    loss_fn: LossFn,
+    *,
+    forward_only: bool,
+    logprobs: LogprobSettings = LogprobSettings(),
+) -> list[Any]:
+    """Run every micro-batch through megatron-core's schedule (1F1B, interleaved with virtual stages);
+    returns the ``report`` of each micro-batch on the last pipeline stage (an empty list elsewhere).
+
+    ``microbatches`` hold full sequences (all of one shape when pipeline-parallel); each rank takes its
+    context-parallel slice here, so ``loss_fn`` sees this rank's tokens."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cp_rank, cp_size, _ = context_parallel()
+
+    def forward_step(data_iterator, model):
+        index = next(data_iterator)
+        batch = microbatches[index].for_context_parallel(cp_rank=cp_rank, cp_size=cp_size)
+        kwargs = {}
+        packed = packed_seq_params_for(batch)
+        if packed is not None:
+            kwargs["packed_seq_params"] = packed
+        output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
+
+        def loss_func(logits: torch.Tensor):
+            logps = vocab_parallel_logprobs(logits, batch["labels"], chunk_size=logprobs.chunk_size)
+            loss, count, report = loss_fn(index, batch, logps)
+            return loss, torch.as_tensor(count, dtype=torch.int, device=loss.device), report
+
+        return output, loss_func
+
+    n = len(microbatches)
+    iterators = [iter(range(n)) for _ in chunks] if len(chunks) > 1 else iter(range(n))
+    rows, seq = microbatches[0].shape
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=chunks,
+            num_microbatches=n,
+            seq_length=seq,  # full length: megatron divides by CP (and TP with SP) itself
+            micro_batch_size=rows,
+            forward_only=forward_only,
+        )
+    return list(reports or [])
+
+
+def score_logps(
+    chunks: list[torch.nn.Module],
+    microbatches: list[Batch],
+    *,
+    logprobs: LogprobSettings = LogprobSettings(),
+) -> list[torch.Tensor]:
+    """Forward-only token log-probs ``logps * loss_mask`` (fp32, this CP rank's ``[R, S_local]``), one
+    per micro-batch, on the last pipeline stage; an empty list on other stages."""
+
+    def collect(index: int, batch: Batch, logps: torch.Tensor):
+        return logps.new_zeros(()), 0, logps.detach() * batch["loss_mask"]
+
+    for chunk in chunks:
+        chunk.eval()
+    return run_schedule(chunks, microbatches, collect, forward_only=True, logprobs=logprobs)
