@@ -28,9 +28,10 @@ Two jobs, nothing else:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from packaging.version import Version
@@ -382,3 +383,22 @@ def guarded_optimizer_step(optimizer, *, loss_finite: bool) -> tuple[bool, float
                 use_decoupled_grad=getattr(inner.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False),
             )
     return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+# --------------------------------------------------------------------------------------------
+# Inference forwards (KV-cache generation)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def inference_forward() -> Iterator[None]:
+    """Mark a model forward as inference for megatron-core (0.19's ``InferenceMode``; no-op on 0.16)."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:  # 0.16: inference is "context given and not training"
+        InferenceMode = None
+    if InferenceMode is None or not hasattr(InferenceMode, "active"):
+        yield
+        return
+    with InferenceMode.active():
+        yield

@@ -23,7 +23,6 @@ and its sample count) and, per role, the checkpoint (resolved path + sha256 of i
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time

@@ -37,9 +37,11 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "PROBLEM_CODES",
     "ROLES",
+    "InvalidField",
     "Message",
     "PreferenceRecord",
     "Problem",
+    "parse_prompt",
     "parse_record",
     "printable",
 ]
@@ -121,7 +123,9 @@ class Problem:
         return printable(f"{text} ({self.hint})" if self.hint else text)
 
 
-class _Invalid(Exception):
+class InvalidField(Exception):
+    """One field of a record is unusable: ``field``, ``reason``, a ``code`` from PROBLEM_CODES, ``hint``."""
+
     def __init__(self, field: str, reason: str, code: str, hint: str = "") -> None:
         super().__init__(reason)
         self.field, self.reason, self.code, self.hint = field, reason, code, hint
@@ -150,13 +154,13 @@ def _text(field: str, value: str) -> str:
         return value
     position = bad.start()
     if bad.group() == "\x00":
-        raise _Invalid(
+        raise InvalidField(
             field,
             f"NUL character (\\u0000) at character {position}",
             "nul_character",
             "NUL never occurs in text and C-string based tools cut the text at it; remove it",
         )
-    raise _Invalid(
+    raise InvalidField(
         field,
         f"lone UTF-16 surrogate \\u{ord(bad.group()):04x} at character {position} (not a character, "
         "cannot be encoded as UTF-8)",
@@ -177,19 +181,19 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _too_deep() -> _Invalid:
-    return _Invalid("<record>", f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
+def _too_deep() -> InvalidField:
+    return InvalidField("<record>", f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "too_deep")
 
 
 def _load_json(text: str) -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _Invalid("<record>", f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json") from None
+        raise InvalidField("<record>", f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json") from None
     except RecursionError:
         raise _too_deep() from None  # the C parser recurses per level and gives up cleanly
     except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        raise _Invalid("<record>", f"invalid JSON: {exc}", "invalid_json") from None
+        raise InvalidField("<record>", f"invalid JSON: {exc}", "invalid_json") from None
     # Each level opens a bracket, so their count bounds the depth: only a line with many needs the walk.
     if isinstance(obj, (dict, list)) and text.count("[") + text.count("{") > MAX_JSON_DEPTH:
         if _depth_exceeds(obj, MAX_JSON_DEPTH):
@@ -199,47 +203,47 @@ def _load_json(text: str) -> Any:
 
 def _message(field: str, obj: Any) -> Message:
     if not isinstance(obj, dict):
-        raise _Invalid(
+        raise InvalidField(
             field, f'expected a message object with "role" and "content", got {_json_type(obj)}', "not_a_message"
         )
     if "role" not in obj:
         hint = 'ShareGPT-style {"from", "value"} messages must be converted to {"role", "content"}' if "from" in obj else ""
-        raise _Invalid(f"{field}.role", "missing", "missing_field", hint)
+        raise InvalidField(f"{field}.role", "missing", "missing_field", hint)
     role = obj["role"]
     if not isinstance(role, str):
-        raise _Invalid(f"{field}.role", f"expected a string, got {_json_type(role)}", "wrong_type")
+        raise InvalidField(f"{field}.role", f"expected a string, got {_json_type(role)}", "wrong_type")
     _text(f"{field}.role", role)
     if role not in ROLES:
-        raise _Invalid(f"{field}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})", "unknown_role")
+        raise InvalidField(f"{field}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})", "unknown_role")
     if "content" not in obj:
-        raise _Invalid(f"{field}.content", "missing", "missing_field")
+        raise InvalidField(f"{field}.content", "missing", "missing_field")
     content = obj["content"]
     if not isinstance(content, str):
         hint = "multimodal content parts are not supported; give the text as one string" if isinstance(content, list) else ""
-        raise _Invalid(f"{field}.content", f"expected a string, got {_json_type(content)}", "wrong_type", hint)
+        raise InvalidField(f"{field}.content", f"expected a string, got {_json_type(content)}", "wrong_type", hint)
     return Message(role, _text(f"{field}.content", content))
 
 
 def _messages(field: str, value: list) -> tuple[Message, ...]:
     if not value:
-        raise _Invalid(field, "empty list of messages", "empty_list")
+        raise InvalidField(field, "empty list of messages", "empty_list")
     return tuple(_message(f"{field}[{i}]", m) for i, m in enumerate(value))
 
 
-def _prompt(value: Any) -> tuple[Message, ...]:
+def parse_prompt(value: Any) -> tuple[Message, ...]:
     if isinstance(value, str):
         if not _text("prompt", value).strip():
-            raise _Invalid("prompt", "empty prompt", "empty_prompt")
+            raise InvalidField("prompt", "empty prompt", "empty_prompt")
         return (Message("user", value),)
     if not isinstance(value, list):
-        raise _Invalid("prompt", f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
+        raise InvalidField("prompt", f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
     if not value:
-        raise _Invalid("prompt", "empty prompt", "empty_prompt")
+        raise InvalidField("prompt", "empty prompt", "empty_prompt")
     messages = _messages("prompt", value)
     if not any(m.content.strip() for m in messages):
-        raise _Invalid("prompt", "empty prompt (every message is blank)", "empty_prompt")
+        raise InvalidField("prompt", "empty prompt (every message is blank)", "empty_prompt")
     if messages[-1].role != "user":
-        raise _Invalid(
+        raise InvalidField(
             f"prompt[{len(messages) - 1}].role",
             f"the prompt must end with a user message, got {messages[-1].role!r}",
             "prompt_last_role",
@@ -252,33 +256,33 @@ def _response_messages(field: str, value: Any) -> tuple[Message, ...]:
     if isinstance(value, str):
         return (Message("assistant", _text(field, value)),)
     if not isinstance(value, list):
-        raise _Invalid(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
+        raise InvalidField(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
     return _messages(field, value)
 
 
 def _check_response(field: str, messages: tuple[Message, ...], *, offset: int, why: str = "") -> None:
     """``offset``: index of ``messages[0]`` in the record's original list, so fields name real positions."""
     if not messages:
-        raise _Invalid(field, "nothing after the prompt", "no_response", why)
+        raise InvalidField(field, "nothing after the prompt", "no_response", why)
     last = len(messages) - 1
     for i, m in enumerate(messages):
         if m.role == "assistant":
             continue
         where = f"{field}[{offset + i}].role"
         if i == last:
-            raise _Invalid(where, f"a response must end with an assistant message, got {m.role!r}", "response_last_role", why)
-        raise _Invalid(
+            raise InvalidField(where, f"a response must end with an assistant message, got {m.role!r}", "response_last_role", why)
+        raise InvalidField(
             where,
             f"a response may contain only assistant messages, got {m.role!r}",
             "response_role",
             why or "the prompt's turns belong in the prompt",
         )
     if not any(m.content.strip() for m in messages):
-        raise _Invalid(field, "empty response", "empty_response", "give a non-empty response or remove the record")
+        raise InvalidField(field, "empty response", "empty_response", "give a non-empty response or remove the record")
 
 
 def _with_prompt(obj: dict) -> PreferenceRecord:
-    prompt = _prompt(obj["prompt"])
+    prompt = parse_prompt(obj["prompt"])
     chosen = _response_messages("chosen", obj["chosen"])
     rejected = _response_messages("rejected", obj["rejected"])
     n = len(prompt)
@@ -296,9 +300,9 @@ def _shared_prefix(obj: dict) -> PreferenceRecord:
     chosen_raw, rejected_raw = obj["chosen"], obj["rejected"]
     for field, value in (("chosen", chosen_raw), ("rejected", rejected_raw)):
         if not isinstance(value, (str, list)):
-            raise _Invalid(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
+            raise InvalidField(field, f"expected a string or a list of messages, got {_json_type(value)}", "wrong_type")
     if not (isinstance(chosen_raw, list) and isinstance(rejected_raw, list)):
-        raise _Invalid(
+        raise InvalidField(
             "prompt",
             "missing",
             "missing_field",
@@ -307,12 +311,12 @@ def _shared_prefix(obj: dict) -> PreferenceRecord:
     chosen = _messages("chosen", chosen_raw)
     rejected = _messages("rejected", rejected_raw)
     if chosen == rejected:
-        raise _Invalid("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
+        raise InvalidField("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise _Invalid(
+        raise InvalidField(
             "chosen/rejected",
             "the conversations differ from their first message, so there is no shared prompt",
             "no_shared_prompt",
@@ -320,10 +324,10 @@ def _shared_prefix(obj: dict) -> PreferenceRecord:
         )
     for field, side, other in (("chosen", chosen, "rejected"), ("rejected", rejected, "chosen")):
         if n == len(side):
-            raise _Invalid(field, "nothing after the prompt", "no_response", f"this conversation is a prefix of {other}")
+            raise InvalidField(field, "nothing after the prompt", "no_response", f"this conversation is a prefix of {other}")
     prompt = chosen[:n]
     if prompt[-1].role != "user":
-        raise _Invalid(
+        raise InvalidField(
             f"chosen[{n - 1}].role",
             f"the shared prompt (the first {n} messages) must end with a user message, got {prompt[-1].role!r}",
             "prompt_last_role",
@@ -341,7 +345,7 @@ def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecor
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise _Invalid("<record>", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8") from None
+                raise InvalidField("<record>", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8") from None
         else:
             text = raw
         if line == 1:
@@ -350,13 +354,13 @@ def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecor
             return None
         obj = _load_json(text)
         if not isinstance(obj, dict):
-            raise _Invalid("<record>", f"expected a JSON object, got {_json_type(obj)}", "not_an_object")
+            raise InvalidField("<record>", f"expected a JSON object, got {_json_type(obj)}", "not_an_object")
         for key in ("chosen", "rejected"):
             if key not in obj:
-                raise _Invalid(key, "missing", "missing_field", 'every record needs "chosen" and "rejected"')
+                raise InvalidField(key, "missing", "missing_field", 'every record needs "chosen" and "rejected"')
         record = _with_prompt(obj) if "prompt" in obj else _shared_prefix(obj)
         if record.chosen == record.rejected:
-            raise _Invalid("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
+            raise InvalidField("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
         return record
-    except _Invalid as bad:
+    except InvalidField as bad:
         return Problem(source, line, bad.field, bad.reason, bad.code, bad.hint)

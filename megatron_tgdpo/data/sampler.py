@@ -18,12 +18,12 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["PreferenceSampler", "epoch_permutation"]
+__all__ = ["PreferenceSampler", "epoch_permutation", "splitmix64"]
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, vectorised; uint64 arithmetic wraps modulo 2**64 as intended."""
     with np.errstate(over="ignore"):
         x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
@@ -34,9 +34,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def epoch_permutation(num_samples: int, *, seed: int, epoch: int) -> np.ndarray:
     """int64 permutation of ``range(num_samples)`` for ``(seed, epoch)``."""
-    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    key = _splitmix64(key ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
-    scores = _splitmix64(np.arange(num_samples, dtype=np.uint64) ^ key)
+    key = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    key = splitmix64(key ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
+    scores = splitmix64(np.arange(num_samples, dtype=np.uint64) ^ key)
     return np.argsort(scores, kind="stable").astype(np.int64)
 
 

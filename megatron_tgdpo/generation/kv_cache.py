@@ -13,13 +13,11 @@ are fed their own prompt tokens until they start generating).
 
 Version difference: 0.16 treats a forward as inference when an ``inference_context`` is passed to a
 model in eval mode; 0.19 additionally reads a process-wide flag (``InferenceMode``), without which it
-would compute logits for every position instead of the last one. :func:`inference_forward` sets it
+would compute logits for every position instead of the last one. :func:`megatron_tgdpo.compat.inference_forward` sets it
 around each forward on 0.19 only.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 
 def new_context(*, max_batch_size: int, max_sequence_length: int):
@@ -36,15 +34,3 @@ def advance(context, num_tokens: int) -> None:
     context.enable_decode_mode()
 
 
-@contextlib.contextmanager
-def inference_forward() -> Iterator[None]:
-    """Mark a model forward as inference for megatron-core (0.19's ``InferenceMode``; no-op on 0.16)."""
-    try:
-        from megatron.core.inference.utils import InferenceMode
-    except ImportError:  # 0.16: inference is "context given and not training"
-        InferenceMode = None
-    if InferenceMode is None or not hasattr(InferenceMode, "active"):
-        yield
-        return
-    with InferenceMode.active():
-        yield

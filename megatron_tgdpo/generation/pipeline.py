@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tgdpo.generation.kv_cache import inference_forward
+from megatron_tgdpo.compat import inference_forward
 from megatron_tgdpo.models.state_dict import unwrap
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_tgdpo.data.records import Message, PreferenceRecord
-# The data tool's prompt validation (private names: see the report, which asks for a public parse_prompt).
-from megatron_tgdpo.data.records import _Invalid, _prompt
+# The data tool's prompt validation: a prompt accepted here is one prepare_data accepts.
+from megatron_tgdpo.data.records import InvalidField, parse_prompt
 from megatron_tgdpo.data.tokenizer import Tokenizer
 from megatron_tgdpo.tasks.jsonl import BadLinesError, LineProblem, json_type, read_jsonl
 
@@ -32,15 +32,15 @@ class PromptRecord:
 
 
 def _messages(obj: dict[str, Any]) -> tuple[Message, ...]:
-    """The record's prompt messages; raises ``_Invalid`` for the first problem."""
+    """The record's prompt messages; raises ``InvalidField`` for the first problem."""
     for key in ("id", "prompt"):
         if key not in obj:
-            raise _Invalid(key, "missing", "missing_field")
+            raise InvalidField(key, "missing", "missing_field")
     if not isinstance(obj["id"], str) or not obj["id"]:
-        raise _Invalid("id", f"expected a non-empty string, got {json_type(obj['id'])} {obj['id']!r}", "wrong_type")
+        raise InvalidField("id", f"expected a non-empty string, got {json_type(obj['id'])} {obj['id']!r}", "wrong_type")
     if OUTPUT_FIELD in obj:
-        raise _Invalid(OUTPUT_FIELD, "reserved: generation adds this field (rename it in the input)", "reserved")
-    return _prompt(obj["prompt"])
+        raise InvalidField(OUTPUT_FIELD, "reserved: generation adds this field (rename it in the input)", "reserved")
+    return parse_prompt(obj["prompt"])
 
 
 def read_prompt_file(path: str | Path) -> list[PromptRecord]:
@@ -54,9 +54,9 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
             messages = _messages(line.value)
             earlier = first_line.setdefault(line.value["id"], line.number)
             if earlier != line.number:
-                raise _Invalid("id", f"duplicate of line {earlier} ({line.value['id']!r}); each prompt must appear once",
+                raise InvalidField("id", f"duplicate of line {earlier} ({line.value['id']!r}); each prompt must appear once",
                                "duplicate")
-        except _Invalid as bad:
+        except InvalidField as bad:
             problems.append(LineProblem(line.source, line.number, bad.field, bad.reason))
             continue
         records.append(PromptRecord(line=line.number, fields=line.value, messages=messages))

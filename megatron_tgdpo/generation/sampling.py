@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_tgdpo.data.sampler import _splitmix64  # the project's one splitmix64 (seeded data order)
+from megatron_tgdpo.data.sampler import splitmix64  # the project's one splitmix64 (seeded data order)
 from megatron_tgdpo.generation.config import SamplingConfig
 
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -26,9 +26,9 @@ def keyed_uniforms(*, seed: int, prompt_keys: Sequence[int], sample_indices: Seq
     def u64(values) -> np.ndarray:
         return np.asarray([int(v) & _U64 for v in values], dtype=np.uint64)
 
-    x = _splitmix64(np.full(len(prompt_keys), int(seed) & _U64, dtype=np.uint64))
+    x = splitmix64(np.full(len(prompt_keys), int(seed) & _U64, dtype=np.uint64))
     for part in (u64(prompt_keys), u64(sample_indices), u64(steps)):
-        x = _splitmix64(x ^ part)
+        x = splitmix64(x ^ part)
     # The top 53 bits, as a double in [0, 1).
     return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 

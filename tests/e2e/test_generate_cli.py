@@ -99,14 +99,14 @@ def test_prompts_are_rendered_as_the_data_tool_renders_them(model_dir):
     from megatron_tgdpo.data.records import Message, PreferenceRecord
     from megatron_tgdpo.data.tokenizer import load_tokenizer
     from megatron_tgdpo.generation.prompts import encode_prompt, stop_token_ids
-    from megatron_tgdpo.data.records import _prompt  # the data tool's prompt parser
+    from megatron_tgdpo.data.records import parse_prompt  # the data tool's prompt parser
 
     reply = (Message("assistant", "fine"),)
     other = (Message("assistant", "bad"),)
     for template in ("auto", "llama3", "plain"):
         tokenizer = load_tokenizer(model_dir, chat_template=template)
         for p in PROMPTS:
-            messages = _prompt(p["prompt"])
+            messages = parse_prompt(p["prompt"])
             want = encode_record(PreferenceRecord(messages, reply, other), tokenizer)
             assert encode_prompt(messages, tokenizer) == want.prompt, (template, p["id"])
             assert want.chosen[-1] in stop_token_ids(tokenizer)
