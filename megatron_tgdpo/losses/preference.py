@@ -438,16 +438,9 @@ def preference_loss(
     before the loss, with an identity backward, so the returned loss (and every metric) is the exact
     global value on every CP rank, and each rank's backward gives exactly ``d loss / d (its own token
     log-probs)``. The gradient of a model parameter is then the SUM over CP ranks of their backward
-    results, while megatron-core DDP *averages* gradients over the DP x CP group. Hence:
-
-    * own training loop (megatron DDP, ``calculate_per_token_loss=False``): backpropagate
-      ``loss * cp_size / num_microbatches``; DDP's 1/(DP*CP) then leaves the mean over DP replicas.
-    * megatron-core ``forward_backward_func`` with a loss_func returning ``(loss, metrics)``: return
-      ``loss`` unscaled; the schedule itself multiplies by the CP size and divides by the number of
-      micro-batches (megatron-core 0.16 ``forward_step_calc_loss``). Do not scale twice.
-    * a loss_func returning ``(loss_sum, count, metrics)``: return ``(loss * B * cp_size, B, ...)``;
-      correct with and without ``calculate_per_token_loss`` because megatron sums ``count`` over
-      DP x CP, which counts each pair ``cp_size`` times.
+    results. The trainer's rule for that (each pair counted once per data-parallel replica, with
+    megatron-core's ``calculate_per_token_loss``) is in ``docs/loss.md`` and ``runtime/schedule.py``;
+    :func:`preference_loss_sums` is the summable form it uses.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is 0-dim, the mean over the B pairs; ``metrics`` maps names to
