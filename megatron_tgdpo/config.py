@@ -16,10 +16,12 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-PREFERENCE_LOSS_TYPES = ("dpo", "tgdpo", "ipo", "simpo")  # megatron_tgdpo.losses.LOSS_TYPES (a test checks)
+from megatron_tgdpo.losses import LOSS_TYPES as PREFERENCE_LOSS_TYPES
+from megatron_tgdpo.models.llama import PRESETS
+
 LOSS_TYPES = PREFERENCE_LOSS_TYPES + ("sft",)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-PRESET_NAMES = ("tiny", "llama3.2-1b", "llama3-8b", "llama3-70b")  # models.llama.PRESETS (a test checks)
+PRESET_NAMES = tuple(PRESETS)
 
 
 class ConfigError(SystemExit):

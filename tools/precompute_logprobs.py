@@ -10,8 +10,8 @@ then train with the same --data-path/--ref-load/--guidance-load/--seed/--model p
 
 Takes every training flag (``--help`` lists them after this tool's own); only the model, data, layout
 and precision flags matter. The data set is read in order, no shuffle: each global step hands every
-data-parallel rank its micro-batches (``train.BatchSource``), the models score them through the same
-megatron-core schedule as online training (``scoring.score_logps``), so the cache holds what online
+data-parallel rank its micro-batches (``runtime.data.BatchSource``), the models score them through the
+same megatron-core schedule as online training (``runtime.schedule.score_logps``), so the cache holds what online
 scoring computes. ``--global-batch-size`` is not used: a step is 4 x PP micro-batches per DP rank with
 pipeline parallelism (to fill the pipeline), one without.
 
@@ -140,6 +140,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     from megatron_tgdpo.models.sources import ModelSource
     from megatron_tgdpo.runtime import setup
     from megatron_tgdpo.runtime.data import BatchSource
+    from megatron_tgdpo.runtime.metrics import holds_metrics
     from megatron_tgdpo.runtime.schedule import LogprobSettings, context_parallel, score_logps
 
     output_path = Path(output)
@@ -168,8 +169,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     dist.barrier()
 
     source = BatchSource(cfg, prefix, data.pad_id, consumed_samples=0, shuffle=False)
-    keeper = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-              and ps.get_context_parallel_rank() == 0)
+    keeper = holds_metrics(cp_local=False)  # one rank per DP replica keeps what it scored
     collector = ShardCollector(list(roles), limit=limit)
     steps = math.ceil(limit / cfg.global_batch_size)
     dp = ps.get_data_parallel_world_size()

@@ -21,7 +21,8 @@ __all__ = ["StepMetrics", "holds_metrics"]
 
 
 def holds_metrics(*, cp_local: bool) -> bool:
-    """Whether this rank contributes step metrics (see the module docstring)."""
+    """Whether this rank holds its data-parallel replica's copy of a last-stage result (step metrics,
+    scored log-probs): TP rank 0 of the last pipeline stage, and CP rank 0 unless ``cp_local``."""
     from megatron.core import parallel_state as ps
 
     if not ps.is_pipeline_last_stage(ignore_virtual=True) or ps.get_tensor_model_parallel_rank() != 0:
