@@ -20,11 +20,13 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "matplotlib"],
+        "test": ["pytest>=8", "transformers>=4.45", "matplotlib", "wandb"],
         "plot": ["matplotlib"],
         # GPU only: TransformerEngine with its torch extension (FP8 layers, CP attention).
         "te": ["transformer-engine[pytorch]"],
         "tensorboard": ["tensorboard"],
+        # --wandb-project: Weights & Biases logging (offline without an API key)
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["megatron-tgdpo-train=megatron_tgdpo.train:main"]},
 )

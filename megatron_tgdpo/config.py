@@ -111,6 +111,14 @@ class TrainConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 8
     tensorboard: bool = True
+    wandb_project: Optional[str] = field(default=None, metadata={
+        "help": "log the metrics of metrics.jsonl and the config to this Weights & Biases project (rank 0; needs "
+                "`pip install wandb`); offline, into --wandb-save-dir, when no API key is set (WANDB_API_KEY or "
+                "`wandb login`) or WANDB_MODE=offline"})
+    wandb_exp_name: Optional[str] = field(default=None, metadata={"help": "W&B run name (default: W&B picks one)"})
+    wandb_save_dir: Optional[str] = field(default=None, metadata={
+        "help": "where W&B keeps its local files (a wandb/ folder is made inside); default: --log-dir, else --save, "
+                "else the current directory"})
     verbose: bool = field(default=False, metadata={"help": "show library warnings (also MEGATRON_TGDPO_VERBOSE=1)"})
     logits_chunk_size: Optional[int] = field(default=4096, metadata={"help": "tokens per log-prob chunk"})
 

@@ -1,4 +1,12 @@
-"""Progress and metrics: rank-0 console lines, ``metrics.jsonl``, TensorBoard, FLOP accounting.
+"""Progress and metrics: rank-0 console lines, ``metrics.jsonl``, TensorBoard, Weights & Biases, FLOPs.
+
+Every sink gets the same record per logged step (the ``metrics.jsonl`` line). TensorBoard and W&B are
+optional: a sink that cannot be started or written is reported once and dropped; training goes on.
+
+W&B (``--wandb-project``, ``--wandb-exp-name``, ``--wandb-save-dir``; Megatron's names) logs from rank 0
+only, with the run's config. Without an API key (``WANDB_API_KEY``, ``wandb login``) it runs offline
+into ``<wandb-save-dir>/wandb/offline-run-*`` (upload later with ``wandb sync``); ``WANDB_MODE`` set in
+the environment is obeyed as W&B does.
 
 (Named ``monitoring`` rather than ``logging`` so it never shadows the standard library module.)
 """
@@ -8,10 +16,17 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
+
+VERBOSE_ENV = "MEGATRON_TGDPO_VERBOSE"
+
+
+def verbose_requested(flag: bool = False) -> bool:
+    """``--verbose`` or ``MEGATRON_TGDPO_VERBOSE=1``: show library warnings and chatter."""
+    return flag or os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
 
 # Dense bf16 peak of the GPUs we quote MFU for (per device, TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -49,16 +64,54 @@ class FlopModel:
         return tokens * per_token * (3 + frozen_models)
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """What ``wandb.init`` gets (see the module docstring)."""
+
+    project: str
+    name: Optional[str] = None
+    save_dir: str = "."
+    config: dict = field(default_factory=dict)
+    verbose: bool = False
+
+
+def _has_wandb_credentials() -> bool:
+    """An API key W&B would find: ``WANDB_API_KEY``, an identity token file, or ``wandb login``'s netrc."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        import netrc
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+        path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+        return os.path.isfile(path) and netrc.netrc(path).authenticators(host) is not None
+    except Exception:  # noqa: BLE001 - an unreadable netrc: no key
+        return False
+
+
+def wandb_mode() -> tuple[Optional[str], str]:
+    """(mode for ``wandb.init``, why): W&B's own choice when ``WANDB_MODE`` is set or an API key exists,
+    else ``"offline"``."""
+    if os.environ.get("WANDB_MODE"):
+        return None, f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    if _has_wandb_credentials():
+        return None, "online"
+    return "offline", "offline: no W&B API key; set WANDB_API_KEY or run `wandb login` to log online"
+
+
 class MetricsLogger:
     """Writes on one rank only (the caller decides which); a no-op elsewhere."""
 
-    def __init__(self, *, log_dir: Optional[str], enabled: bool, total_iters: int, tensorboard: bool = True):
+    def __init__(self, *, log_dir: Optional[str], enabled: bool, total_iters: int, tensorboard: bool = True,
+                 wandb: Optional[WandbSettings] = None):
         self.enabled = enabled
         self.total = total_iters
         self.start = time.monotonic()
         self.first_iteration: Optional[int] = None
         self.jsonl = None
         self.tb = None
+        self.wandb = None
         self._warned: set[str] = set()
         if enabled and log_dir:
             os.makedirs(log_dir, exist_ok=True)
@@ -70,6 +123,47 @@ class MetricsLogger:
                     self.tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
                 except Exception:  # noqa: BLE001 - TensorBoard is optional
                     self.tb = None
+        if enabled and wandb is not None:
+            self.wandb = self._start_wandb(wandb)
+
+    @classmethod
+    def for_run(cls, cfg: Any, *, enabled: bool, total_iters: int) -> "MetricsLogger":
+        """The logger a training run's ``TrainConfig`` asks for (``enabled``: on rank 0 only)."""
+        wandb = None
+        if not cfg.wandb_project and (cfg.wandb_exp_name or cfg.wandb_save_dir) and enabled:
+            print("note: --wandb-exp-name / --wandb-save-dir have no effect without --wandb-project", flush=True)
+        if cfg.wandb_project:
+            wandb = WandbSettings(project=cfg.wandb_project, name=cfg.wandb_exp_name or None,
+                                  save_dir=cfg.wandb_save_dir or cfg.log_dir or cfg.save or os.getcwd(),
+                                  config=cfg.to_dict(), verbose=verbose_requested(cfg.verbose))
+        return cls(log_dir=cfg.log_dir, enabled=enabled, total_iters=total_iters, tensorboard=cfg.tensorboard,
+                   wandb=wandb)
+
+    def _start_wandb(self, settings: WandbSettings) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            print("warning: --wandb-project is set but the wandb package is not installed (pip install wandb, or "
+                  "pip install 'megatron_tgdpo[wandb]'); training continues without W&B", flush=True)
+            return None
+        mode, why = wandb_mode()
+        try:
+            os.makedirs(settings.save_dir, exist_ok=True)
+            run = wandb.init(
+                project=settings.project, name=settings.name, dir=settings.save_dir, config=settings.config,
+                mode=mode,
+                # console="off": W&B does not wrap this process's stdout/stderr; silent: no "wandb:" banner
+                # lines (the one line below says where the run is) unless --verbose.
+                settings=wandb.Settings(console="off", silent=not settings.verbose),
+            )
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            self._warn_once("W&B", exc)
+            return None
+        where = os.path.dirname(run.dir) if getattr(run, "dir", None) else settings.save_dir  # <run>/files
+        offline = (mode or os.environ.get("WANDB_MODE", "")) in ("offline", "dryrun")
+        self.info(f"W&B: run {run.name} of project {settings.project} in {where} ({why}"
+                  + (f"; upload it later with `wandb sync {where}`)" if offline else ")"))
+        return run
 
     def log_step(self, iteration: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -87,6 +181,12 @@ class MetricsLogger:
             except Exception as exc:  # noqa: BLE001 - logging must never stop training
                 self._warn_once("TensorBoard", exc)
                 self.tb = None
+        if self.wandb is not None:
+            try:
+                self.wandb.log({k: _number(v) for k, v in metrics.items()}, step=iteration)
+            except Exception as exc:  # noqa: BLE001 - logging must never stop training
+                self._warn_once("W&B", exc)
+                self.wandb = None
         print(self._console_line(iteration, metrics), flush=True)
 
     def _write(self, record: dict) -> None:
@@ -137,6 +237,17 @@ class MetricsLogger:
                 self._warn_once(self.jsonl.name, exc)
         if self.tb:
             self.tb.close()
+        if self.wandb is not None:
+            run, self.wandb = self.wandb, None
+            try:
+                run.finish()
+            except Exception as exc:  # noqa: BLE001 - a failed upload must not fail a finished run
+                self._warn_once("W&B", exc)
+
+
+def _number(value):
+    """A metric as W&B takes it: a Python number (non-finite floats stay floats)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _plain(value):

@@ -22,7 +22,8 @@ def tokenizer_files(src: Path) -> list[Path]:
     return sorted(found)
 
 
-def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Optional[Path], dst: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy ``src``'s tokenizer files (``TOKENIZER_PATTERNS``, less the names in ``skip``) into ``dst``."""
     if src is None:
         return []
     src = Path(src)
@@ -30,6 +31,8 @@ def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list[str]:
         raise ConversionError(f"{src}: tokenizer directory does not exist")
     copied = []
     for path in tokenizer_files(src):
+        if path.name in skip:
+            continue
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
     return copied

@@ -1,7 +1,10 @@
 """megatron checkpoint (converted format or torch_dist at any TP/PP) -> Hugging Face Llama directory.
 
 Writes ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_size`` bytes,
-``model.safetensors.index.json``, ``config.json`` and tokenizer files. Streaming: each HF tensor is
+``model.safetensors.index.json``, ``config.json``, tokenizer files and ``generation_config.json``. From a
+training checkpoint these come from the origin it records (:mod:`.origin`): the start model's
+config.json and generation_config.json, and the run's tokenizer (checked against its content hash), so
+no extra flag is needed. Streaming: each HF tensor is
 assembled from row ranges of one megatron tensor and appended to its shard; memory is one megatron
 tensor (a torch_dist region is cached while its q/k/v or gate/up are written) plus one HF tensor.
 """
@@ -17,6 +20,7 @@ from megatron_tgdpo.convert.errors import ConversionError
 from megatron_tgdpo.convert.files import copy_tokenizer_files, staged_output, write_json
 from megatron_tgdpo.convert.hf_config import arch_to_hf_config, config_dtype, set_dtype
 from megatron_tgdpo.convert.layout import hf_from_megatron, hf_groups
+from megatron_tgdpo.convert.origin import GENERATION_CONFIG, checked_tokenizer_dir
 from megatron_tgdpo.convert.safetensors_io import HF_INDEX, SafetensorsWriter, tensor_bytes
 from megatron_tgdpo.convert.sources import open_megatron_source
 from megatron_tgdpo.convert.views import ConcatRows, TensorView
@@ -69,15 +73,24 @@ def megatron_to_hf(
 ) -> Path:
     """Export ``ckpt`` as a Hugging Face ``LlamaForCausalLM`` directory at ``out_dir``.
 
-    ``hf_config``: the model's config.json (dict, file or directory); needed for a torch_dist checkpoint
-    that does not record its architecture, and recommended otherwise (it carries the token ids).
-    ``dtype``: cast to bfloat16/float16/float32 (default: keep the stored dtype).
+    ``hf_config``: the model's config.json (dict, file or directory); needed only for a torch_dist
+    checkpoint that records neither its start model's config nor its architecture (older checkpoints).
+    ``tokenizer_dir``: copy tokenizer files from here (default: the tokenizer the checkpoint records, else
+    the converted / ``hf_config`` directory). ``dtype``: cast to bfloat16/float16/float32 (default: keep
+    the stored dtype; the config's dtype entry always names what was written).
     """
     out_dir = Path(out_dir)
     say = progress or (lambda message: None)
     cast_to = parse_dtype(dtype)
     src = open_megatron_source(ckpt, hf_config=hf_config)
     arch = src.arch
+    # Checked before any weight is written: a moved or changed tokenizer stops the export at once.
+    origin = src.origin or {}
+    tok_dir = checked_tokenizer_dir(origin.get("tokenizer"), given=Path(tokenizer_dir) if tokenizer_dir else None,
+                                    where=f"{src.label}/tgdpo_checkpoint.json", say=say)
+    if tok_dir is None and tokenizer_dir is None and not origin.get("tokenizer"):
+        tok_dir = src.tokenizer_dir
+    generation = origin.get("generation_config") if origin.get("model") else None
     views: dict[str, TensorView] = {
         name: ConcatRows([(src.views[r.name], r.start, r.stop) for r in rows], label=f"{name} (from {src.label})")
         for name, rows in hf_from_megatron(arch).items()
@@ -112,10 +125,19 @@ def megatron_to_hf(
             say("no config.json to start from: writing one from the architecture; bos/eos/pad token ids are "
                 "not set (pass --hf-config with the original config.json to keep them)")
             config = arch_to_hf_config(arch, dtype=written_name or "float32")
-        elif written_name and config_dtype(config) != written_name:
-            config = set_dtype(config, written_name)
+        else:
+            changed = []
+            if written_name and config_dtype(config) != written_name:
+                changed.append(f"dtype {config_dtype(config)} -> {written_name} (the weights' dtype)")
+                config = set_dtype(config, written_name)
+            source = origin.get("model") or ("--hf-config" if hf_config is not None else src.label)
+            say(f"config.json: that of {source}" + (f"; changed: {', '.join(changed)}" if changed else ", unchanged"))
         write_json(tmp / "config.json", config)
-        copied = copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir, tmp)
-        say(f"copied {', '.join(copied)}" if copied else "no tokenizer files copied (pass --tokenizer-dir)")
+        copied = copy_tokenizer_files(tok_dir, tmp, skip=(GENERATION_CONFIG,) if origin.get("model") else ())
+        say(f"copied {', '.join(copied)} from {tok_dir}" if copied else
+            "no tokenizer files copied (pass --tokenizer-dir)")
+        if generation is not None:
+            write_json(tmp / GENERATION_CONFIG, generation)
+            say(f"{GENERATION_CONFIG}: that of {origin['model']}")
     say(f"wrote {out_dir}")
     return out_dir

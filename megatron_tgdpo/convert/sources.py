@@ -3,7 +3,8 @@
 Sources: our converted format, a Hugging Face directory, or a torch_dist checkpoint written by
 :func:`megatron_tgdpo.checkpointing.save_checkpoint` (a save root or one ``iter_*`` directory, any TP/PP).
 A torch_dist checkpoint holds no architecture of its own; it comes from ``hf_config``, else from the
-``hf_config`` / ``arch`` entries of its ``tgdpo_checkpoint.json`` if the trainer recorded them.
+``hf_config`` / ``arch`` entries of its ``tgdpo_checkpoint.json`` (the trainer records both, plus the
+``origin``: generation config and tokenizer, see :mod:`.origin`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class MegatronSource:
     hf_config: Optional[dict]  # the config.json to publish with an export (None: derive from arch)
     tokenizer_dir: Optional[Path]  # where tokenizer files can be copied from
     label: str
+    origin: Optional[dict] = None  # a torch_dist checkpoint's recorded origin (see .origin)
 
 
 def arch_difference(a: LlamaArch, b: LlamaArch) -> list[str]:
@@ -104,4 +106,5 @@ def _open_torch_dist(path: Path, given: Optional[dict], given_dir: Optional[Path
             "config.json with --hf-config"
         )
     views = torch_dist_views(TorchDistCheckpoint(ckpt_dir), arch, arch_source=arch_source)
-    return MegatronSource(arch, views, config, given_dir, str(ckpt_dir))
+    origin = meta.get("origin") if isinstance(meta.get("origin"), dict) else None
+    return MegatronSource(arch, views, config, given_dir, str(ckpt_dir), origin)

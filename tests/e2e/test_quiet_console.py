@@ -1,0 +1,65 @@
+"""The console shows the run, not library warnings, on every rank; ``--verbose`` shows them.
+
+Through the real CLI (torchrun, 2 ranks, TP=2): a DPO run that saves, then a TGDPO run that loads that
+torch_dist checkpoint as its guidance model (the paths that print megatron-core's and torch's notices:
+TP linear layers, the optimizer fallback, the torch_dist loader). Python's own warning settings are left
+at their defaults (no PYTHONWARNINGS), as a user has them.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_tgdpo.testing import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FALLBACK_NOTICE = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."
+
+
+def _torchrun(*flags: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
+    env.update(OMP_NUM_THREADS="1")  # as the demo sets it (torchrun itself warns when it is unset)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "megatron_tgdpo.train", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+
+
+def _warning_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "Warning" in line or "warnings.warn" in line]
+
+
+def test_no_library_warning_on_any_rank_unless_verbose(tmp_path):
+    common = ["--model", "tiny", "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "64",
+              "--tensor-model-parallel-size", "2", "--eval-iters", "1", "--data-cache-dir", str(tmp_path / "data"),
+              "--no-tensorboard"]
+    dpo = _torchrun(*common, "--loss-type", "dpo", "--train-iters", "2", "--save", str(tmp_path / "dpo"))
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    tgdpo = _torchrun(*common, "--loss-type", "tgdpo", "--train-iters", "1", "--guidance-load", str(tmp_path / "dpo"))
+    assert tgdpo.returncode == 0, tgdpo.stderr[-3000:]
+    for run in (dpo, tgdpo):
+        assert _warning_lines(run.stderr) == [], run.stderr[-3000:]
+        assert _warning_lines(run.stdout) == [], run.stdout[-3000:]
+    assert "iter      1/1" in tgdpo.stdout
+
+    verbose = _torchrun(*common, "--loss-type", "tgdpo", "--train-iters", "1", "--guidance-load",
+                        str(tmp_path / "dpo"), "--verbose")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert verbose.stderr.count(FALLBACK_NOTICE) == 2, verbose.stderr[-3000:]  # one per rank
+    assert "deprecating ShardedTensor" in verbose.stderr  # the torch_dist loader's notice, hidden above
+
+
+def test_the_environment_variable_is_verbose_too():
+    """``MEGATRON_TGDPO_VERBOSE=1`` does what ``--verbose`` does (the entry point's filter set-up, then
+    megatron-core's optimizer import, which prints the fallback notice on CPU)."""
+    code = ("from megatron_tgdpo.runtime.console import quiet_library_warnings; quiet_library_warnings(); "
+            "import megatron.core.optimizer")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
+    quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    loud = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, MEGATRON_TGDPO_VERBOSE="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert _warning_lines(quiet.stderr) == [], quiet.stderr
+    assert FALLBACK_NOTICE in loud.stderr, loud.stderr
