@@ -40,9 +40,14 @@ Micro-batches in flight on pipeline rank r (1F1B keeps its warm-up forwards plus
                                                                     first stage: L (1 + (p - 1)/(p v))
     where m = micro-batches per step (``global batch / (b d)``; assumed large when not given).
 
-Logits (last stage): the LM head output ``2b s/c x V/t`` in the activation dtype is kept for the
-backward of the vocab-parallel log-probs and its gradient of the same size exists during backward,
-plus the op's one fp32 ``[chunk, V/t]`` work buffer (``--logits-chunk-size``; all tokens when unset).
+Logits (last stage). Plain head (``--no-fused-logprobs``): the LM head output ``2b s/c x V/t`` in the
+activation dtype is kept for the backward of the vocab-parallel log-probs and its gradient of the same
+size exists during backward, plus the op's one fp32 ``[chunk, V/t]`` work buffer. Fused head (the
+default): no logits at all; the op's chunk buffers (fp32 work buffer, and a logits chunk in the
+activation dtype) plus an fp32 ``[tokens, h]`` hidden-gradient accumulator. ``chunk`` is
+``--logits-chunk-size`` tokens, or by default the tokens whose fp32 row block is 128 MiB
+(``ops.DEFAULT_CHUNK_BYTES``). A packed micro-batch holds at most ``2b x s`` tokens, the same as a
+padded one, so packing does not change these figures (it changes how many of the tokens are real).
 
 Not counted: CUDA context, NCCL buffers, allocator fragmentation (leave a few GiB: see ``reserve``),
 the frozen models' scoring pass (it runs before the policy step, when no policy activations are alive,
@@ -55,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_tgdpo.models.llama import LlamaArch
+from megatron_tgdpo.ops import DEFAULT_CHUNK_BYTES
 
 __all__ = [
     "GIB",
@@ -70,7 +76,9 @@ __all__ = [
 ]
 
 GIB = float(2**30)
-FROZEN_MODELS = {"tgdpo": 2, "dpo": 1, "ipo": 1, "simpo": 1}  # the reference is always built (it seeds the policy)
+# Frozen models a run builds: the reference (and guidance) its loss reads; SimPO and SFT read none, and
+# a run with --logprob-cache builds none (``estimate(logprob_cache=True)``).
+FROZEN_MODELS = {"tgdpo": 2, "dpo": 1, "ipo": 1, "simpo": 0, "sft": 0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,9 +181,16 @@ def logits_bytes(
     tensor_model_parallel_size: int = 1,
     logits_chunk_size: Optional[int] = None,
     bytes_per_element: int = 2,
+    fused: bool = False,
 ) -> float:
-    """Saved logits + their gradient (activation dtype) + the fp32 ``[chunk, V/t]`` work buffer."""
+    """Plain head: saved logits + their gradient (activation dtype) + the fp32 ``[chunk, V/t]`` work
+    buffer (``logits_chunk_size`` None: all tokens). Fused head: the chunk buffers (chunk None: the
+    128 MiB default) + the fp32 hidden-gradient accumulator; no logits."""
     shard_vocab = arch.vocab_size / tensor_model_parallel_size
+    if fused:
+        chunk = min(logits_chunk_size or max(1, DEFAULT_CHUNK_BYTES // int(4 * shard_vocab)), tokens)
+        buffers = chunk * shard_vocab * (4 + (bytes_per_element if bytes_per_element != 4 else 0))
+        return buffers + 4 * tokens * arch.hidden_size
     chunk = min(logits_chunk_size or tokens, tokens)
     return 2 * tokens * shard_vocab * bytes_per_element + 4 * chunk * shard_vocab
 
@@ -235,6 +250,8 @@ def estimate(
     global_batch_size: Optional[int] = None,
     logits_chunk_size: Optional[int] = 4096,
     flash_attention: bool = True,
+    fused_logprobs: bool = False,
+    logprob_cache: bool = False,
 ) -> MemoryEstimate:
     """Per-GPU bytes of the first and the last pipeline stage (one entry without PP)."""
     t, p, c = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
@@ -256,7 +273,7 @@ def estimate(
         m = global_batch_size // (micro_batch_size * d)
     weight_bytes = 2 if bf16 else 4
     optimizer_bytes = (12 if bf16 else 8) / (d * c if use_distributed_optimizer else 1)
-    frozen = FROZEN_MODELS[loss_type]
+    frozen = 0 if logprob_cache else FROZEN_MODELS[loss_type]
     fp8_policy, fp8_frozen = (2, 1) if fp8_format else (0, 0)
     tokens = 2 * micro_batch_size * seq_length / c  # chosen + rejected rows, this CP rank's share
     per_layer = tokens * activation_bytes_per_token_layer(
@@ -280,7 +297,8 @@ def estimate(
             norm = 2 * weight_bytes * arch.hidden_size * tokens / (t if sequence_parallel else 1)
             activations += norm
             logits = logits_bytes(arch, tokens=tokens, tensor_model_parallel_size=t,
-                                  logits_chunk_size=logits_chunk_size, bytes_per_element=weight_bytes)
+                                  logits_chunk_size=logits_chunk_size, bytes_per_element=weight_bytes,
+                                  fused=fused_logprobs)
         stages.append(StageMemory(
             name=name,
             parameters=params.total,

@@ -15,6 +15,24 @@ Compared on the same inputs in the same run:
 
 Modes: ``fwd`` (no autograd, e.g. the reference model's pass) and ``fwd+bwd`` (``out.sum().backward()``).
 
+``--head``: the LM head plus log-probs, fwd+bwd, for one micro-batch pair (default 2 x 4,096 tokens,
+hidden 2,048), megatron layout ``[s, b, H]``:
+
+    python tools/bench_logprobs.py --head --vocab 128256 --dtype fp32 --threads 2 --repeats 1
+
+* ``plain``: the unfused head as megatron's ``ColumnParallelLinear`` with gradient-accumulation fusion
+  (``logits = h @ W.T``; backward: ``grad_h = g @ W``, the weight gradient added to ``W.main_grad``) +
+  ``vocab_parallel_logprobs`` chunked by ``--budget-mib`` (``chunk_tokens``), + its backward;
+* ``fused``: ``fused_vocab_parallel_logprobs`` (default ``chunk_size="auto"``, the same budget) with the
+  weight gradient added to ``W.main_grad`` (as under megatron DDP).
+
+The weight gradient both paths need is *not* counted: ``W.main_grad`` (fp32, as DDP with
+``grad_reduce_in_fp32``) exists before the meter starts, and for 16-bit weights so does the
+weight-sized buffer the plain head computes its gradient into before adding it (autograd's
+``param.grad`` that DDP's hook would add). Peak = everything else, including the returned hidden
+gradient. Runs alternate plain, fused, plain, ... (a shared machine's load then hits both alike); each
+is timed, the first of each path is also its memory run; times are the minimum over runs.
+
 Peak memory is the extra memory the call needs on top of its inputs, *including the gradient it
 returns* in fwd+bwd. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the
 call. On CPU: the kernel's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``, reset by
@@ -42,7 +60,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (imported before forking ranks)
 
 from megatron_tgdpo import distributed  # noqa: E402
-from megatron_tgdpo.ops import vocab_parallel_logprobs  # noqa: E402
+from megatron_tgdpo.ops import (  # noqa: E402
+    DEFAULT_CHUNK_BYTES,
+    chunk_tokens,
+    fused_vocab_parallel_logprobs,
+    vocab_parallel_logprobs,
+)
+from megatron_tgdpo.ops.logprobs import _vocab_block  # noqa: E402  (only to print the backward block)
 
 MIB = 2**20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -283,9 +307,161 @@ def run_benchmark(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def _rank_main(args: argparse.Namespace) -> list[Result]:
+# --------------------------------------------------------------------------------------------
+# --head: LM head + log-probs, plain vs fused
+# --------------------------------------------------------------------------------------------
+
+
+class _PlainHead(torch.autograd.Function):
+    """The unfused LM head as megatron-core's ``ColumnParallelLinear`` runs it with gradient-accumulation
+    fusion: ``logits = hidden @ weight.T``; backward returns the hidden gradient and adds the weight
+    gradient to ``weight.main_grad`` (in place for fp32; for 16-bit weights through ``wgrad_buffer``, the
+    16-bit gradient that DDP's hook would add)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, wgrad_buffer):  # noqa: D102
+        ctx.save_for_backward(hidden, weight)
+        ctx.wgrad_buffer = wgrad_buffer
+        return torch.matmul(hidden, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad_logits):  # noqa: D102
+        hidden, weight = ctx.saved_tensors
+        grad_2d, hidden_2d = grad_logits.reshape(-1, weight.shape[0]), hidden.reshape(-1, weight.shape[1])
+        grad_hidden = torch.mm(grad_2d, weight).view(hidden.shape)
+        if ctx.wgrad_buffer is None:
+            weight.main_grad.addmm_(grad_2d.t(), hidden_2d)
+        else:
+            weight.main_grad.add_(torch.mm(grad_2d.t(), hidden_2d, out=ctx.wgrad_buffer))
+        return grad_hidden, None, None
+
+
+@dataclass
+class HeadResult:
+    vocab: int
+    dtype: str
+    path: str
+    chunk: str
+    time_ms: float
+    cpu_ms: float
+    peak_bytes: int
+    logp_diff: float = 0.0  # max |fused - plain|
+    grad_hidden_rel: float = 0.0  # max |fused - plain| / max |plain|
+    grad_weight_rel: float = 0.0
+
+
+def _head_call(path: str, hidden, weight, target, *, chunk: int, wgrad_buffer):
+    """One fwd+bwd of the log-prob path; returns (log-probs, hidden gradient)."""
+    h = hidden.detach().requires_grad_()  # shares storage: no copy
+    if path == "plain":
+        logits = _PlainHead.apply(h, weight, wgrad_buffer)
+        out = vocab_parallel_logprobs(logits, target, chunk_size=chunk)
+        del logits
+    else:
+        out = fused_vocab_parallel_logprobs(h, weight, target, chunk_size=chunk)  # the default "auto" at 128 MiB
+    out.sum().backward()
+    return out.detach(), h.grad
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def run_head_benchmark(args: argparse.Namespace) -> list[HeadResult]:
+    """Plain vs fused LM head + log-probs on this rank's vocab shard (hidden replicated, no SP)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    seq = args.tokens // 2
+    results = []
+    for vocab in args.vocab:
+        if vocab % tp:
+            raise SystemExit(f"--vocab {vocab} is not divisible by --tp {tp}")
+        shard = vocab // tp
+        chunk = chunk_tokens(shard, budget_bytes=args.budget_mib * MIB)  # both paths: the same budget
+        for dtype_name in args.dtype:
+            dtype = DTYPES[dtype_name]
+            gen = torch.Generator().manual_seed(1000 * rank + vocab)
+            hidden = torch.randn(seq, 2, args.hidden, generator=gen).to(dtype).to(device)
+            weight = torch.nn.Parameter(
+                (torch.randn(shard, args.hidden, generator=gen) * (3.0 / args.hidden**0.5)).to(dtype).to(device)
+            )
+            weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+            target = torch.randint(0, vocab, (seq, 2), generator=torch.Generator().manual_seed(vocab)).to(device)
+            wgrad_buffer = None if dtype == torch.float32 else torch.empty_like(weight, requires_grad=False)
+            paths = ("plain", "fused")
+            times = {path: [] for path in paths}
+            cpu_times = {path: [] for path in paths}
+            peaks, reference, diffs = {}, None, (float("nan"),) * 3
+            # Runs alternate between the paths, so that a shared machine's changing load hits both alike.
+            for run in range(max(1, args.repeats)):
+                for path in paths:
+                    weight.main_grad.zero_()
+                    _release_free_heap()
+                    _sync(device)
+                    with PeakMemory(device) as meter:
+                        start, cpu_start = time.perf_counter(), time.process_time()
+                        out, grad_hidden = _head_call(path, hidden, weight, target, chunk=chunk,
+                                                      wgrad_buffer=wgrad_buffer)
+                        _sync(device)
+                        times[path].append(time.perf_counter() - start)
+                        cpu_times[path].append(time.process_time() - cpu_start)
+                    if run == 0:
+                        peaks[path] = meter.peak
+                        if path == "plain":
+                            reference = (out, grad_hidden, weight.main_grad.clone())
+                        else:
+                            diffs = ((out - reference[0]).abs().max().item(), _rel(grad_hidden, reference[1]),
+                                     _rel(weight.main_grad, reference[2]))
+                            reference = None
+                    del out, grad_hidden
+            chunks = {"plain": f"{chunk} tok", "fused": f"{chunk} tok / {_vocab_block(args.tokens, shard, chunk)} voc"}
+            for path in paths:
+                results.append(HeadResult(
+                    vocab, dtype_name, path, chunks[path], min(times[path]) * 1e3, min(cpu_times[path]) * 1e3,
+                    peaks[path], *(diffs if path == "fused" else ()),
+                ))
+            del hidden, weight, target, wgrad_buffer
+            _release_free_heap()
+    return results
+
+
+def print_head_table(results: list[HeadResult], args: argparse.Namespace, device: torch.device, ranks: int) -> None:
+    method = PeakMemory.method(device)
+    cal = calibrate(device, 256 * MIB)
+    threads = torch.get_num_threads() if ranks == 1 else args.threads or 1
+    print(
+        "\nLM head + token log-probs, fwd+bwd: plain (head GEMM + logits + vocab_parallel_logprobs) vs "
+        f"fused_vocab_parallel_logprobs\ndevice {device.type}"
+        f"{'' if device.type == 'cpu' else ' ' + torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, {threads} thread(s) per rank, tokens {args.tokens} (2 x {args.tokens // 2}), "
+        f"hidden {args.hidden}, TP {args.tp}, chunk budget {args.budget_mib} MiB "
+        f"(default {DEFAULT_CHUNK_BYTES // MIB} MiB), time = best of {max(1, args.repeats)}"
+    )
+    print(f"peak = extra memory over the inputs, weight gradient (main_grad) excluded: {method}")
+    print(f"calibration: a 256 MiB tensor reads as {cal / MIB:.1f} MiB")
+    header = (f"{'V':>7} {'dtype':>5}  {'path':<6}{'chunk':<20}{'time ms':>11}{'cpu ms':>11}{'peak MiB':>10}"
+              f"{'|dlogp|':>10}{'dh rel':>9}{'dW rel':>9}")
+    print(header)
+    print("-" * len(header))
+    plain = {}
+    for row in results:
+        key = (row.vocab, row.dtype)
+        diffs = (f"{'':>10}{'':>9}{'':>9}" if row.path == "plain" else
+                 f"{row.logp_diff:>10.1e}{row.grad_hidden_rel:>9.1e}{row.grad_weight_rel:>9.1e}")
+        print(f"{row.vocab:>7} {row.dtype:>5}  {row.path:<6}{row.chunk:<20}{row.time_ms:>11.0f}{row.cpu_ms:>11.0f}"
+              f"{row.peak_bytes / MIB:>10.0f}{diffs}")
+        if row.path == "plain":
+            plain[key] = row
+        else:
+            ref = plain[key]
+            print(f"{'':>15}fused/plain{'':<15}{row.time_ms / ref.time_ms:>11.2f}{row.cpu_ms / ref.cpu_ms:>11.2f}"
+                  f"{row.peak_bytes / max(ref.peak_bytes, 1):>10.3f}")
+
+
+def _rank_main(args: argparse.Namespace) -> list:
     torch.set_num_threads(args.threads or 1)
-    return run_benchmark(args)
+    return run_head_benchmark(args) if args.head else run_benchmark(args)
 
 
 def _single_process(args: argparse.Namespace) -> list[Result]:
@@ -296,7 +472,7 @@ def _single_process(args: argparse.Namespace) -> list[Result]:
     distributed.init_process_group(distributed.read_launch_env())
     distributed.init_model_parallel(tensor_model_parallel_size=1)
     try:
-        return run_benchmark(args)
+        return run_head_benchmark(args) if args.head else run_benchmark(args)
     finally:
         distributed.destroy()
 
@@ -366,9 +542,25 @@ def _merge_ranks(per_rank: list[list[Result]]) -> list[Result]:
     return merged
 
 
+def _merge_head_ranks(per_rank: list[list[HeadResult]]) -> list[HeadResult]:
+    merged = []
+    for rows in zip(*per_rank):
+        first = rows[0]
+        merged.append(HeadResult(
+            first.vocab, first.dtype, first.path, first.chunk, max(r.time_ms for r in rows),
+            max(r.cpu_ms for r in rows), max(r.peak_bytes for r in rows), max(r.logp_diff for r in rows),
+            max(r.grad_hidden_rel for r in rows), max(r.grad_weight_rel for r in rows),
+        ))
+    return merged
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens (s*b) per call")
+    parser.add_argument("--head", action="store_true", help="LM head + log-probs: plain vs fused (see above)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens (s*b) per call (default 2048; --head: 8192)")
+    parser.add_argument("--hidden", type=int, default=2048, help="--head: hidden size")
+    parser.add_argument("--budget-mib", type=int, default=DEFAULT_CHUNK_BYTES // MIB,
+                        help="--head: fp32 work-buffer budget of both paths' chunks (MiB; chunk_tokens)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="full vocab sizes")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--chunk-size", type=int, nargs="+", default=[256], help="chunk sizes for the chunked rows")
@@ -382,7 +574,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = 8192 if args.head else 2048
+    if args.head and args.tokens % 2:
+        parser.error("--head needs an even --tokens (a pair of sequences)")
+    return args
 
 
 _MMAP_FIXED = False
@@ -404,10 +601,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit("--tp > 1 forks gloo ranks and is CPU only; on GPUs launch with torchrun instead")
         from megatron_tgdpo.testing import run_on_ranks
 
-        results = _merge_ranks(
-            run_on_ranks(args.tp, _rank_main, args, tensor_model_parallel_size=args.tp, timeout=3600.0)
-        )
-    print_table(results, args, device, args.tp)
+        per_rank = run_on_ranks(args.tp, _rank_main, args, tensor_model_parallel_size=args.tp, timeout=3600.0)
+        results = _merge_head_ranks(per_rank) if args.head else _merge_ranks(per_rank)
+    (print_head_table if args.head else print_table)(results, args, device, args.tp)
     load_after = os.getloadavg()
     print(
         f"1-min load average before/after: {load_before[0]:.1f}/{load_after[0]:.1f} on {os.cpu_count()} cores "

@@ -88,6 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             global_batch_size=cfg.global_batch_size,
             logits_chunk_size=cfg.logits_chunk_size,
             flash_attention=args.flash_attention,
+            fused_logprobs=cfg.fused_logprobs,
+            logprob_cache=cfg.logprob_cache is not None,
         )
         llama.check_layout(arch, llama.ParallelLayout(
             tensor_model_parallel_size=cfg.tensor_model_parallel_size,

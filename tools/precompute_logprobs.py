@@ -174,7 +174,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     steps = math.ceil(limit / cfg.global_batch_size)
     dp = ps.get_data_parallel_world_size()
     _, _, cp_group = context_parallel()
-    settings = LogprobSettings(chunk_size=cfg.logits_chunk_size)
+    settings = LogprobSettings.of(cfg)
     _log(f"precompute_logprobs: {limit} pairs of {prefix} | roles {', '.join(roles)} | model {arch_name} | "
          f"TP {cfg.tensor_model_parallel_size} x PP {cfg.pipeline_model_parallel_size} x "
          f"CP {cfg.context_parallel_size} x DP {dp} | {steps} steps of {cfg.global_batch_size} pairs")

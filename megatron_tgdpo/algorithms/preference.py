@@ -47,7 +47,7 @@ class PreferenceAlgorithm(Algorithm):
         self.means = means
         self.maxima = ("logratio/abs_max",) if self.uses_reference else ()
         self.eval_means = BASE_METRICS
-        self.logprobs = LogprobSettings(chunk_size=cfg.logits_chunk_size)
+        self.logprobs = LogprobSettings.of(cfg)
         frozen = 0 if cfg.logprob_cache else int(self.uses_reference) + int(self.guided)
         self.passes_per_token = 3.0 + frozen
 

@@ -30,7 +30,7 @@ class SFTAlgorithm(Algorithm):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.policy: Optional[CheckpointPart] = None
-        self.logprobs = LogprobSettings(chunk_size=self.cfg.logits_chunk_size)
+        self.logprobs = LogprobSettings.of(self.cfg)
 
     def build(self) -> None:
         chunks = setup.build_chunks(self.ctx.arch, self.cfg)

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from megatron_tgdpo.generation.config import GenerationError
+from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, is_fused_head_enabled
 from megatron_tgdpo.models.state_dict import unwrap
 
 _SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
@@ -42,13 +43,17 @@ def check_supported(chunks: list[torch.nn.Module]) -> None:
 
 @contextlib.contextmanager
 def generation_mode(chunks: list[torch.nn.Module]) -> Iterator[None]:
-    """eval mode, no autograd, sequence parallelism off; everything restored afterwards."""
+    """eval mode, no autograd, sequence parallelism off, the normal LM head (generation samples from
+    logits); everything restored afterwards."""
     modules = [m for chunk in chunks for m in chunk.modules()]
+    fused = [chunk for chunk in chunks if is_fused_head_enabled(chunk)]
     training = [m.training for m in modules]
     configs = {id(unwrap(c).config): unwrap(c).config for c in chunks}
     saved_sp = [(m, a, getattr(m, a)) for m in modules for a in _SP_ATTRS if isinstance(getattr(m, a, None), bool)]
     saved_cfg = [(c, c.sequence_parallel) for c in configs.values()]
     try:
+        for chunk in fused:
+            disable_fused_head(chunk)
         for chunk in chunks:
             chunk.eval()
         for module, attr, _ in saved_sp:
@@ -58,6 +63,8 @@ def generation_mode(chunks: list[torch.nn.Module]) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
+        for chunk in fused:
+            enable_fused_head(chunk)
         for module, attr, value in saved_sp:
             setattr(module, attr, value)
         for config, value in saved_cfg:

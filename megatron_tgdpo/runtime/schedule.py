@@ -23,13 +23,13 @@ micro-batches and whatever each one holds (``docs/loss.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Union
 
 import torch
 
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.data.packing import packed_seq_params_for
-from megatron_tgdpo.ops import vocab_parallel_logprobs
+from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, output_logprobs
 
 __all__ = ["LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_logps"]
 
@@ -38,9 +38,20 @@ LossFn = Callable[[int, Batch, torch.Tensor], tuple[torch.Tensor, Any, Any]]
 
 @dataclass(frozen=True)
 class LogprobSettings:
-    """How the last stage turns the model output into token log-probs."""
+    """How the last stage turns the model output into token log-probs.
 
-    chunk_size: Optional[int] = None  # tokens per chunk of the vocab-parallel op (None: one chunk)
+    ``fused``: the last stage returns final hidden states and the LM head is computed chunk by chunk
+    inside the log-prob op, so the ``[tokens, V/tp]`` logits never exist (``models/fused_head.py``);
+    otherwise megatron's output layer produces vocab-sharded logits and the plain op reads them.
+    ``chunk_size``: tokens per chunk, ``None`` for one chunk, ``"auto"`` for chunks whose fp32 work
+    buffer is ``ops.DEFAULT_CHUNK_BYTES`` (128 MiB)."""
+
+    fused: bool = True
+    chunk_size: Union[int, None, str] = "auto"
+
+    @classmethod
+    def of(cls, cfg) -> "LogprobSettings":
+        return cls(fused=cfg.fused_logprobs, chunk_size=cfg.logits_chunk_size or "auto")
 
 
 def context_parallel() -> tuple[int, int, Any]:
@@ -74,6 +85,8 @@ def run_schedule(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cp_rank, cp_size, _ = context_parallel()
+    for chunk in chunks:  # cheap and idempotent: generation may have switched the head back meanwhile
+        (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
 
     def forward_step(data_iterator, model):
         index = next(data_iterator)
@@ -85,7 +98,7 @@ def run_schedule(
         output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
 
         def loss_func(logits: torch.Tensor):
-            logps = vocab_parallel_logprobs(logits, batch["labels"], chunk_size=logprobs.chunk_size)
+            logps = output_logprobs(model, logits, batch["labels"], chunk_size=logprobs.chunk_size)
             loss, count, report = loss_fn(index, batch, logps)
             return loss, torch.as_tensor(count, dtype=torch.int, device=loss.device), report
 

@@ -84,7 +84,7 @@ def _precompute_and_compare(argv: list[str], output: str) -> dict:
     compared, mismatched = 0, []
     for _ in range(math.ceil(LIMIT / cfg.global_batch_size)):
         batches = source.next_global_batch()
-        online = {role: score_logps(chunks, batches, logprobs=LogprobSettings(chunk_size=cfg.logits_chunk_size))
+        online = {role: score_logps(chunks, batches, logprobs=LogprobSettings.of(cfg))
                   for role, chunks in models.items()}
         cached = cached_logps(cache, batches)
         for role in models:

@@ -249,3 +249,85 @@ def test_fused_tp2_matches_single_device(sequence_parallel, dtype):
         else:
             assert res["fwd_calls"] == ["all_reduce", "all_reduce"], res
             assert res["bwd_calls"] == ["all_reduce"], res
+
+
+# --------------------------------------------------------------------------------------------
+# Fused vs unfused head at TP = 2, 4, with SP, chunking and megatron DDP's main_grad
+# --------------------------------------------------------------------------------------------
+
+
+def _simulate_ddp(param, grad_dtype=torch.float32):
+    """megatron-core DDP's per-parameter state: main_grad, and a post-hook on the AccumulateGrad node
+    that moves param.grad into main_grad (see tests/unit/test_logprobs.py)."""
+    param.main_grad = torch.zeros(param.shape, dtype=grad_dtype)
+    param.grad_added_to_main_grad = False
+    accumulate = param.expand_as(param).grad_fn.next_functions[0][0]
+
+    def hook(*_):
+        if param.grad is not None and not param.grad_added_to_main_grad:
+            param.main_grad.add_(param.grad.data)
+        param.grad = None
+
+    accumulate.register_hook(hook)
+    param._test_grad_acc = accumulate
+    return param.main_grad
+
+
+def _rel(actual, expected) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def _fused_vs_unfused_on_rank(cases):
+    """For each (sequence_parallel, main_grad, chunk_size, dtype): this rank's fused head against the
+    unfused head (this rank's logits shard -> plain op, hidden gradient summed over TP as megatron's
+    column-parallel layer does); relative errors of log-probs and both gradients."""
+    rank, size = _tp_rank_and_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    seq, batch, hidden_size, vocab = 12, 2, 16, 384
+    gen = torch.Generator().manual_seed(21)
+    hidden64 = torch.randn(seq, batch, hidden_size, generator=gen, dtype=torch.float64)
+    weight64 = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * 0.75
+    target = torch.randint(0, vocab, (seq, batch), generator=gen)
+    grad_output = torch.randn(seq, batch, generator=gen)
+    rows = slice(rank * vocab // size, (rank + 1) * vocab // size)
+    out = []
+    for sequence_parallel, ddp, chunk_size, dtype in cases:
+        hidden, weight = hidden64.to(dtype), weight64[rows].to(dtype)
+        h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        expected = vocab_parallel_logprobs(h_ref @ w_ref.t(), target)
+        expected.backward(grad_output)
+        grad_h_ref = h_ref.grad.float()
+        dist.all_reduce(grad_h_ref, group=group)
+
+        tokens = slice(rank * seq // size, (rank + 1) * seq // size) if sequence_parallel else slice(None)
+        h, w = hidden[tokens].clone().requires_grad_(), torch.nn.Parameter(weight.clone())
+        main_grad = _simulate_ddp(w) if ddp else None
+        logprobs = fused_vocab_parallel_logprobs(
+            h, w, target, sequence_parallel=sequence_parallel, chunk_size=chunk_size
+        )
+        logprobs.backward(grad_output)
+        out.append(dict(
+            case=(sequence_parallel, ddp, chunk_size, str(dtype)),
+            logp_err=(logprobs - expected).abs().max().item(),
+            hidden_rel=_rel(h.grad, grad_h_ref[tokens]),
+            weight_rel=_rel(main_grad if ddp else w.grad, w_ref.grad),
+            stray_grad=ddp and w.grad is not None,
+            dtypes=(logprobs.dtype, h.grad.dtype),
+        ))
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 4], ids=lambda t: f"tp{t}")
+def test_fused_matches_unfused_head_tp_sp_main_grad(tp):
+    cases = [
+        (sp, ddp, chunk, torch.float32)
+        for sp in (False, True) for ddp in (False, True) for chunk in (None, 5, "auto")
+    ] + [(sp, True, 5, torch.bfloat16) for sp in (False, True)]
+    for rank_results in run_on_ranks(tp, _fused_vs_unfused_on_rank, cases, tensor_model_parallel_size=tp):
+        for res in rank_results:
+            bf16 = res["case"][3] == str(torch.bfloat16)
+            logp_tol, rel_tol = (2e-2, 2e-2) if bf16 else (1e-5, 1e-5)
+            assert res["logp_err"] < logp_tol, res
+            assert res["hidden_rel"] < rel_tol and res["weight_rel"] < rel_tol, res
+            assert not res["stray_grad"], res
+            assert res["dtypes"][0] == torch.float32, res

@@ -301,3 +301,165 @@ _H, _W, _T = torch.randn(4, 2, 8), torch.randn(10, 8), torch.zeros(4, 2, dtype=t
 def test_fused_bad_inputs_raise(hidden, weight, target, kwargs, error, match):
     with pytest.raises(error, match=match):
         fused_vocab_parallel_logprobs(hidden, weight, target, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks by bytes, and the fused op's weight gradient into megatron DDP's main_grad
+# --------------------------------------------------------------------------------------------
+
+
+def test_chunk_tokens_by_bytes():
+    from megatron_tgdpo.ops import DEFAULT_CHUNK_BYTES, chunk_tokens
+
+    assert chunk_tokens(128256, budget_bytes=256 * 2**20) == 523  # 523 * 128256 * 4 B <= 256 MiB
+    assert 523 * 128256 * 4 <= 256 * 2**20 < 524 * 128256 * 4
+    assert chunk_tokens(128256 // 8, budget_bytes=256 * 2**20) == 4185
+    assert chunk_tokens(1000, budget_bytes=10) == 1  # never zero tokens
+    assert chunk_tokens(128256) == chunk_tokens(128256, budget_bytes=DEFAULT_CHUNK_BYTES)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="shard_vocab"):
+            chunk_tokens(bad)
+        with pytest.raises(ValueError, match="budget_bytes"):
+            chunk_tokens(10, budget_bytes=bad)
+
+
+def test_fused_chunk_size_auto_and_bad_string():
+    hidden, weight, target = make_head(6, 2, 8, 50, dtype=torch.float32)
+    grad_output = torch.randn(6, 2, generator=torch.Generator().manual_seed(2))
+    auto = run_fused(hidden, weight, target, grad_output)  # default: "auto"
+    one = run_fused(hidden, weight, target, grad_output, chunk_size=None)
+    for a, b in zip(auto, one):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_vocab_parallel_logprobs(hidden, weight, target, chunk_size="big")
+
+
+def simulate_ddp(param: torch.nn.Parameter, grad_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What megatron-core DDP does to a parameter: a ``main_grad`` buffer, ``grad_added_to_main_grad``,
+    and a post-hook on its AccumulateGrad node that adds ``param.grad`` to ``main_grad`` and clears it."""
+    param.main_grad = torch.zeros(param.shape, dtype=grad_dtype)
+    param.grad_added_to_main_grad = False
+    accumulate = param.expand_as(param).grad_fn.next_functions[0][0]
+
+    def hook(*_):
+        if param.grad is not None and not param.grad_added_to_main_grad:
+            param.main_grad.add_(param.grad.data)
+        param.grad = None
+
+    accumulate.register_hook(hook)
+    param._test_grad_acc = accumulate  # megatron keeps the node alive the same way (DDP.grad_accs)
+    return param.main_grad
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 64, "auto"], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("ddp", [False, True], ids=["plain-param", "main_grad"])
+def test_fused_fp32_matches_plain_head_with_and_without_main_grad(ddp, chunk_size):
+    """fp32: values and both gradients within 1e-5 relative of the unfused head, through DDP's main_grad or
+    autograd's .grad; two backward passes accumulate."""
+    hidden, weight, target = make_head(9, 3, 24, 300, dtype=torch.float32, seed=5)
+    grad_output = torch.randn(9, 3, generator=torch.Generator().manual_seed(6))
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = vocab_parallel_logprobs(h_ref @ w_ref.t(), target)
+    expected.backward(grad_output)
+
+    h, w = hidden.clone().requires_grad_(), torch.nn.Parameter(weight.clone())
+    main_grad = simulate_ddp(w) if ddp else None
+    for step in range(2):
+        logprobs = fused_vocab_parallel_logprobs(h, w, target, chunk_size=chunk_size)
+        logprobs.backward(grad_output)
+        assert (logprobs - expected).abs().max().item() < 1e-5
+        grad_weight = main_grad if ddp else w.grad
+        assert rel_err(h.grad, (step + 1) * h_ref.grad) < 1e-5
+        assert rel_err(grad_weight, (step + 1) * w_ref.grad) < 1e-5
+        if ddp:
+            assert w.grad is None and not w.grad_added_to_main_grad
+
+
+def test_fused_tied_weight_main_grad_gets_both_uses():
+    """Tied embeddings on one stage: the same parameter is also used by the input embedding (through
+    autograd). Its main_grad must hold the embedding's gradient (added by DDP's hook) plus the head's
+    (added by the op)."""
+    vocab, hidden_size, seq, batch = 120, 16, 7, 2
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(vocab, hidden_size, generator=gen) * 0.3
+    tokens = torch.randint(0, vocab, (seq, batch), generator=gen)
+    target = torch.randint(0, vocab, (seq, batch), generator=gen)
+    mix = torch.randn(hidden_size, hidden_size, generator=gen) / hidden_size**0.5
+
+    def head_input(w):
+        return torch.tanh(torch.nn.functional.embedding(tokens, w) @ mix)
+
+    w_ref = weight.clone().requires_grad_()
+    vocab_parallel_logprobs(head_input(w_ref) @ w_ref.t(), target).sum().backward()
+
+    w = torch.nn.Parameter(weight.clone())
+    main_grad = simulate_ddp(w)
+    fused_vocab_parallel_logprobs(head_input(w), w, target, chunk_size=3).sum().backward()
+    assert w.grad is None
+    assert rel_err(main_grad, w_ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32-main-grad", "bf16-main-grad"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_fused_bf16_weight_main_grad(grad_dtype, chunk_size):
+    """bf16 weights: the weight gradient reaches main_grad rounded once to bf16 per element (like the
+    unfused head's bf16 gradient that DDP adds), and agrees with the unfused head to bf16 precision."""
+    hidden, weight, target = make_head(6, 2, 32, 150, dtype=torch.bfloat16, seed=3)
+    grad_output = torch.randn(6, 2, generator=torch.Generator().manual_seed(4))
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = vocab_parallel_logprobs(h_ref @ w_ref.t(), target)
+    expected.backward(grad_output)
+
+    h, w = hidden.clone().requires_grad_(), torch.nn.Parameter(weight.clone())
+    main_grad = simulate_ddp(w, grad_dtype)
+    logprobs = fused_vocab_parallel_logprobs(h, w, target, chunk_size=chunk_size)
+    logprobs.backward(grad_output)
+    assert w.grad is None and main_grad.dtype == grad_dtype and h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=2e-2)
+    torch.testing.assert_close(h.grad.float(), h_ref.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(main_grad.float(), w_ref.grad.float(), rtol=2e-2, atol=2e-2)
+    # Against float64 on the same bf16 inputs: within the rounding of the bf16 logits (a few 1e-3).
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    torch.log_softmax(h64 @ w64.t(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1).backward(grad_output.double())
+    assert rel_err(main_grad, w64.grad) < 2e-2 and rel_err(h.grad, h64.grad) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ddp", [False, True], ids=["plain-param", "main_grad"])
+def test_fused_backward_allocates_no_per_chunk_weight_gradients(ddp, dtype):
+    """Backward allocates nothing the size of the weight gradient with main_grad, and exactly one such
+    buffer (the returned gradient) without; no tensor of the full logits size either way."""
+    tokens, vocab, hidden_size, chunk = 64, 1024, 16, 4
+    hidden, weight, target = make_head(tokens, 1, hidden_size, vocab, dtype=dtype)
+    h, w = hidden.clone().requires_grad_(), torch.nn.Parameter(weight.clone())
+    existing = {w.untyped_storage().data_ptr()}  # views of the weight and of main_grad are no allocation
+    if ddp:
+        existing.add(simulate_ddp(w).untyped_storage().data_ptr())
+    out = fused_vocab_parallel_logprobs(h, w, target, chunk_size=chunk)
+    weight_bytes = vocab * hidden_size * dtype.itemsize
+    # Anything at least half a weight gradient (the per-tile buffers are 4 x 1024 elements).
+    with LargeAllocations(weight_bytes // 2) as recorder:
+        out.sum().backward()
+    big = {(nbytes, ptr) for _, nbytes, ptr in recorder.large if ptr not in existing}
+    if ddp:
+        assert big == set(), recorder.large
+    else:
+        assert big == {(weight_bytes, w.grad.untyped_storage().data_ptr())}, recorder.large
+    assert all(nbytes < tokens * vocab * 4 for _, nbytes, _ in recorder.large)
+
+
+def test_fused_weight_main_grad_guards():
+    hidden, weight, target = make_head(4, 2, 8, 40, dtype=torch.float32)
+    w = torch.nn.Parameter(weight.clone())
+    w.main_grad = torch.zeros(40, 9)
+    with pytest.raises(ValueError, match="main_grad"):
+        fused_vocab_parallel_logprobs(hidden, w, target).sum().backward()
+    w = torch.nn.Parameter(weight.clone())
+    w.main_grad = torch.zeros_like(w)
+    w.__fsdp_param__ = True
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        fused_vocab_parallel_logprobs(hidden, w, target).sum().backward()
