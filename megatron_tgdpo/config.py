@@ -120,7 +120,11 @@ class TrainConfig:
         "help": "where W&B keeps its local files (a wandb/ folder is made inside); default: --log-dir, else --save, "
                 "else the current directory"})
     verbose: bool = field(default=False, metadata={"help": "show library warnings (also MEGATRON_TGDPO_VERBOSE=1)"})
-    logits_chunk_size: Optional[int] = field(default=4096, metadata={"help": "tokens per log-prob chunk"})
+    fused_logprobs: bool = field(default=True, metadata={
+        "help": "compute the LM head inside the log-prob op, chunk by chunk, so the last stage never holds "
+                "[tokens, vocab/TP] logits (--no-fused-logprobs: megatron's output layer, then the plain op)"})
+    logits_chunk_size: Optional[int] = field(default=None, metadata={
+        "help": "tokens per log-prob chunk; default: chunks whose fp32 work buffer is 128 MiB"})
 
     # ------------------------------------------------------------------------------------------
     def weight_clamp(self) -> Optional[tuple[Optional[float], Optional[float]]]:
