@@ -246,11 +246,11 @@ class PackedPreferenceCollator:
 
     def padding_batch(self) -> Batch:
         """A micro-batch of padding only (no sequence, nothing to learn): fills an interleaved pipeline
-        schedule that needs a multiple of the pipeline size micro-batches. Needs ``fixed_length``."""
-        if self.fixed_length is None:
-            raise ValueError("a padding micro-batch needs fixed_length")
-        bounds = np.array([0, self.fixed_length], dtype=np.int64)
-        tensors = self._fill([], [], bounds, self.fixed_length)
+        schedule that needs a multiple of the pipeline size micro-batches. ``fixed_length`` tokens, or
+        the smallest row this collator makes."""
+        length = self.fixed_length if self.fixed_length is not None else self.multiple
+        bounds = np.array([0, length], dtype=np.int64)
+        tensors = self._fill([], [], bounds, length)
         tensors["cu_seqlens"] = torch.from_numpy(bounds.astype(np.int32))
         tensors["sample_idx"] = torch.zeros(0, dtype=torch.long)
         return Batch.from_packed(tensors, num_pairs=0, num_sequences=0)

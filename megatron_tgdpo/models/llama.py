@@ -110,8 +110,12 @@ def check_layout(arch: LlamaArch, layout: ParallelLayout) -> None:
         raise ValueError("invalid parallel layout:\n  " + "\n  ".join(problems))
 
 
-def transformer_config(arch: LlamaArch, layout: ParallelLayout, precision: Precision = Precision()):
-    """A megatron-core ``TransformerConfig`` for ``arch`` under ``layout``."""
+def transformer_config(arch: LlamaArch, layout: ParallelLayout, precision: Precision = Precision(), *,
+                       variable_seq_lengths: bool = False):
+    """A megatron-core ``TransformerConfig`` for ``arch`` under ``layout``.
+
+    ``variable_seq_lengths``: pipeline stages exchange each micro-batch's shape before its activations
+    (packed rows of different lengths with PP; a few bytes per send)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_layout(arch, layout)
@@ -154,6 +158,10 @@ def transformer_config(arch: LlamaArch, layout: ParallelLayout, precision: Preci
         # Losses return (numerator, count): exact global means for any number of pairs or tokens per
         # micro-batch (runtime/schedule.py, docs/loss.md).
         calculate_per_token_loss=True,
+        variable_seq_lengths=variable_seq_lengths,
+        # megatron-core validates the MoE dispatcher even for dense models; only alltoall allows
+        # variable sequence lengths (no expert exists here, so nothing is dispatched).
+        **({"moe_token_dispatcher_type": "alltoall"} if variable_seq_lengths else {}),
         use_cpu_initialization=not on_gpu,
         **compat.cpu_config_overrides(),
         **fp8,

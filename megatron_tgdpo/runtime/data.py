@@ -3,7 +3,10 @@
 Unpacked (``--no-pack-sequences``): ``global batch / (micro-batch x DP)`` micro-batches of rows, padded to
 the longest row (to ``--seq-length`` with pipeline parallelism). Packed (``--pack-sequences``): this rank's
 ``global batch / DP`` pairs, in the shuffled stream order, packed first-fit-decreasing into rows of up to
-``2 x micro-batch x seq-length`` tokens (``data/packing.py``); the number of micro-batches varies.
+``2 x micro-batch x seq-length`` tokens (``data/packing.py``); the number of micro-batches varies, and
+so does each row's length (what it holds, rounded up; with pipeline parallelism the stages exchange the
+shape of every micro-batch: megatron-core's ``variable_seq_lengths``; with virtual stages every row is
+``2 x micro-batch x seq-length`` long, see ``setup.variable_row_lengths``).
 Both are deterministic from ``--seed`` and the consumed-samples count, so resume is exact."""
 from __future__ import annotations
 
@@ -64,9 +67,11 @@ class BatchSource:
             self.capacity = capacity_for(micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length)
             # Rows: a multiple of --pad-to-multiple-of and 2*CP; with SP each CP slice splits over TP too.
             multiple = math.lcm(cfg.pad_to_multiple_of, 2 * cp, tp * cp if cfg.sequence_parallel else 1)
+            from megatron_tgdpo.runtime.setup import variable_row_lengths
+
+            fixed = None if variable_row_lengths(cfg) or cfg.pipeline_model_parallel_size == 1 else self.capacity
             self.packer = PackedPreferenceCollator(
-                pad_id=pad_id, context_parallel_size=cp, pad_to_multiple_of=multiple,
-                fixed_length=self.capacity if cfg.pipeline_model_parallel_size > 1 else None,
+                pad_id=pad_id, context_parallel_size=cp, pad_to_multiple_of=multiple, fixed_length=fixed,
                 sides=("chosen",) if sequences else PAIR_SIDES)
             vpp = cfg.virtual_pipeline_model_parallel_size
             # The interleaved schedule wants whole groups of PP micro-batches: pad with empty ones.

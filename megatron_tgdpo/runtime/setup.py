@@ -146,9 +146,19 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def variable_row_lengths(cfg: TrainConfig) -> bool:
+    """Packed rows have the length of what they hold; pipeline stages then exchange every micro-batch's
+    shape (megatron-core's ``variable_seq_lengths``). Not with virtual stages: the interleaved
+    schedule's shape exchange deadlocked on gloo's unbatched p2p here, so those rows keep one fixed
+    length (``2 x micro-batch x seq-length``)."""
+    return cfg.pack_sequences and cfg.virtual_pipeline_model_parallel_size is None
+
+
 def build_chunks(arch: llama.LlamaArch, cfg: TrainConfig) -> list:
     precision = llama.Precision(bf16=cfg.bf16, fp8_format=cfg.fp8_format)
-    return llama.build_model(arch, llama.transformer_config(arch, layout_of(cfg), precision))
+    variable = variable_row_lengths(cfg) and cfg.pipeline_model_parallel_size > 1
+    return llama.build_model(arch, llama.transformer_config(arch, layout_of(cfg), precision,
+                                                            variable_seq_lengths=variable))
 
 
 def build_frozen(arch: llama.LlamaArch, cfg: TrainConfig, source: ModelSource) -> list:
