@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from megatron_tgdpo.runtime.console import quiet_library_warnings
+
+    quiet_library_warnings()
     from megatron_tgdpo import convert
 
     def progress(message: str) -> None:

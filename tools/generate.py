@@ -260,6 +260,9 @@ def run(plan: Plan) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_tgdpo.runtime.console import quiet_library_warnings
+
+    quiet_library_warnings()
     launch = distributed.read_launch_env()
     try:
         plan = prepare(args, world_size=launch.world_size)

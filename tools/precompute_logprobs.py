@@ -247,6 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tgdpo.logprob_cache import LogprobCacheError
 
     tool_args, cfg = parse(argv)
+    from megatron_tgdpo.runtime.console import quiet_library_warnings
+
+    quiet_library_warnings(verbose=cfg.verbose)
     distributed.init_process_group(distributed.read_launch_env())
     code = 1
     try:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
 from megatron_tgdpo.convert.errors import ConversionError
+from megatron_tgdpo.manifest import publish_directory
 
 # What a Hugging Face model directory carries besides weights and config.json.
 TOKENIZER_PATTERNS = (
@@ -61,6 +61,5 @@ def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)  # --overwrite: the old output goes only once the new one is complete
-    os.replace(tmp, out)
+    # --overwrite: the old output goes only once the new one is complete
+    publish_directory(tmp, out, overwrite=True)
