@@ -161,7 +161,9 @@ def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[P
     if (root / TRACKER).is_file():
         text = (root / TRACKER).read_bytes().decode("utf-8", "replace").strip()
         tracked = int(text) if text.isdigit() else None
-    for iteration, path in reversed(iteration_dirs(root)):
+    found = iteration_dirs(root)
+    first = found[0][0] if found else 0
+    for iteration, path in reversed(found):
         reason = problem(path, verify=verify)
         if reason is None:
             if tracked is not None and iteration != tracked and _world()[0] == 0:
@@ -169,7 +171,8 @@ def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[P
                             root / TRACKER, tracked, path.name)
             return path
         if _world()[0] == 0:
-            log.warning("skipping %s: %s; falling back to an older one", path, reason)
+            log.warning("skipping %s: %s; %s", path, reason,
+                        "trying the next older one" if iteration > first else "no older checkpoint")
     return None
 
 
@@ -348,6 +351,19 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a decision only rank 0 can take, such as the space check)."""
+    if _world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _describe_in_parallel(directory: Path) -> dict:
     rank, world = _world()
     names = sorted(f.name for f in directory.iterdir() if f.is_file())
@@ -384,22 +400,20 @@ def save_checkpoint(
     # Per-rank state (RNG) is kept per rank: a resumed run at the same layout continues bit-exactly.
     sharded["rng_state"] = _per_rank_object("rng_state", rng_state())
     need = _all_reduce_sum(float(_bytes_to_write(sharded)))
+    short = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         free = _free_bytes(root)
         if need * 1.05 > free:
-            short = CheckpointError(f"not enough space to save {final}: it needs about {need / 2**30:.2f} GiB, "
-                                    f"the file system has {free / 2**30:.2f} GiB free; free space or point --save "
-                                    "elsewhere (the previous checkpoint is kept)")
+            short = (f"not enough space to save {final}: it needs about {_size(need)}, the file system has "
+                     f"{_size(free)} free; free space or point --save elsewhere (the previous checkpoint is kept)")
         else:
-            short = None
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-    else:
-        short = None
-    if _all_reduce_max(1.0 if short else 0.0):
-        raise short or CheckpointError(f"not enough space to save {final} (see rank 0)")
+    short = _from_rank0(short)  # every rank raises the same message
+    if short:
+        raise CheckpointError(short)
 
     try:
         dist_checkpointing.save(sharded, str(tmp))
@@ -437,16 +451,34 @@ def _write_tracker(root: Path, iteration: int) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(part, root / TRACKER)
+    # Temporary trackers of jobs killed while writing theirs (this job holds the --save lock: no other
+    # writer is at work).
+    for stale in root.glob(f"{TRACKER}.*.part"):
+        stale.unlink(missing_ok=True)
+
+
+_DELETING = ".deleting"
 
 
 def _prune(root: Path, keep_last: int, *, newest: int) -> None:
     """Keep the ``keep_last`` newest intact checkpoints up to ``newest`` (the one just written).
 
     Checkpoints after ``newest`` (left by a run whose later saves could not be read) and damaged ones
-    are never touched: nothing is deleted because something else could not be read."""
+    are never touched: nothing is deleted because something else could not be read. A checkpoint is
+    renamed to ``iter_*.deleting`` before it is removed, so a job killed while deleting leaves no
+    half-deleted ``iter_*`` (which would then count as damaged and never be pruned); the next prune
+    finishes the removal."""
+    for leftover in root.glob(f"iter_*{_DELETING}"):
+        shutil.rmtree(leftover, ignore_errors=True)
     done = [path for it, path in iteration_dirs(root) if it <= newest and _cheap_problem(path) is None]
     for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        trash = old.with_name(old.name + _DELETING)
+        try:
+            os.replace(old, trash)
+        except OSError as exc:  # pruning must never fail the save that was just published
+            log.warning("could not remove the old checkpoint %s (%s); it stays", old, exc)
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -294,28 +294,73 @@ def load_optimizer_state(optimizer, state: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 _WRITER_MANAGER = None  # kept alive for the life of the process
+_FORK_PARENT: int | None = None  # set just before each fork of this process (see _forked_children_die_with_us)
+
+
+def _note_fork_parent() -> None:
+    import os
+    import threading
+
+    global _FORK_PARENT
+    # Only forks from the main thread: the kernel's parent-death signal follows the forking *thread*.
+    _FORK_PARENT = os.getpid() if threading.current_thread() is threading.main_thread() else None
+
+
+def _die_with_fork_parent() -> None:
+    if _FORK_PARENT is not None:
+        set_parent_death_signal(expected_parent=_FORK_PARENT)
+
+
+def _forked_children_die_with_us() -> None:
+    """Every process this worker forks from now on gets SIGKILL when the worker dies.
+
+    megatron-core's torch_dist writer forks one process per file it writes. A worker killed during a
+    save (its launcher SIGKILLed: the worker gets its parent-death signal) left those children
+    blocked for ever on a lock the worker held, and with them the spawn resource tracker, which waits
+    for every holder of its pipe to exit."""
+    import os
+
+    try:
+        _prctl()  # resolved here, in the parent
+    except (OSError, AttributeError):
+        return  # not Linux: no parent-death signal to set
+    os.register_at_fork(before=_note_fork_parent, after_in_child=_die_with_fork_parent)
 
 
 def _shield_helper_process() -> None:
     """Runs inside the helper: ignore the job-wide stop signals (the worker decides when to stop) and
     die with the worker (a parent-death signal), so it neither breaks a preemption save nor lingers."""
+    import multiprocessing
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    set_parent_death_signal()
+    # spawn records the worker's pid: a worker that died while this helper was starting is noticed too
+    worker = multiprocessing.parent_process()
+    set_parent_death_signal(expected_parent=worker.pid if worker is not None else None)
 
 
-def set_parent_death_signal() -> None:
-    """Linux: SIGKILL this process when its parent (the launcher) dies. A no-op elsewhere."""
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    """libc's prctl, looked up once: a forked child calls it without loading anything (no dlopen after a
+    fork of a multi-threaded process)."""
     import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def set_parent_death_signal(*, expected_parent: int | None = None) -> None:
+    """Linux: SIGKILL this process when its parent (the launcher) dies. A no-op elsewhere.
+
+    The kernel only signals a death that happens after this call; a parent that is already gone is
+    detected by comparing the current parent with ``expected_parent`` (default: the parent seen just
+    before the call), and then this process kills itself."""
     import os
     import signal
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getppid()
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        parent = os.getppid() if expected_parent is None else expected_parent
+        _prctl()(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
             os.kill(os.getpid(), signal.SIGKILL)
     except (OSError, AttributeError):
@@ -330,7 +375,8 @@ def start_checkpoint_writer_helper() -> bool:
     ``_results_queue``. It sits in the worker's process group, so SIGTERM/SIGUSR1 sent to the job's
     processes (what SLURM and torchrun do) killed it and the preemption save then failed with
     BrokenPipeError. We create that queue ourselves, from a Manager whose process ignores those signals
-    and dies with the worker. Returns False (nothing changed) if the global is not where we expect."""
+    and dies with the worker; the writer processes the worker forks die with it too. Returns False
+    (nothing changed) if the global is not where we expect."""
     global _WRITER_MANAGER
     if _WRITER_MANAGER is not None:
         return True
@@ -349,6 +395,7 @@ def start_checkpoint_writer_helper() -> bool:
     manager.start(initializer=_shield_helper_process)
     filesystem_async._results_queue = manager.Queue()
     _WRITER_MANAGER = manager
+    _forked_children_die_with_us()
     return True
 
 

@@ -46,8 +46,11 @@ def _say(text: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from megatron_tgdpo import compat
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 
+    if distributed.read_launch_env().launcher != "single":
+        compat.set_parent_death_signal()  # before the slow imports: a launcher killed now leaves no worker
     try:
         cfg = parse_args(argv)
     except ConfigError as exc:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_tgdpo import checkpointing, compat
 from megatron_tgdpo.config import ConfigError, TrainConfig
+from megatron_tgdpo.convert.origin import run_origin
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, peak_tflops
@@ -110,22 +111,28 @@ def _summary_line(m: dict) -> str:
 def run(cfg: TrainConfig, algorithm_cls: type[Algorithm]) -> int:
     """Train ``cfg`` with ``algorithm_cls`` on every rank; returns the exit code."""
     rank0 = dist.get_rank() == 0
-    arch, arch_name = setup.declared_architecture(cfg)
-    setup.check_config(cfg, arch, name=arch_name)  # before touching data or building anything
-    lock = _claim_save_dir(cfg)
+    # From here a stop signal only sets a flag (acted on at the first step boundary): a job preempted
+    # while it loads still saves, exits 75 and is requeued.
+    stop = StopRequest(cfg.exit_duration_in_mins)
+    lock = None
     try:
-        return _train(cfg, algorithm_cls, rank0=rank0)
+        arch, arch_name = setup.declared_architecture(cfg)
+        setup.check_config(cfg, arch, name=arch_name)  # before touching data or building anything
+        lock = _claim_save_dir(cfg)
+        return _train(cfg, algorithm_cls, rank0=rank0, stop=stop)
     finally:
+        stop.restore()
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool) -> int:
+def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, stop: StopRequest) -> int:
     from megatron.core import parallel_state as ps
 
     from megatron_tgdpo.data import PreferenceDataset
 
     data = setup.resolve_data(cfg)
+    origin = run_origin(load=cfg.load, ref_load=cfg.ref_load, tokenizer=data.tokenizer)  # for megatron-to-hf
     arch, arch_name = setup.resolve_architecture(cfg, tokenizer_vocab=data.vocab_size)
     setup.init_parallel(cfg)
     setup.seed_everything(cfg.seed)
@@ -134,7 +141,7 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool) -> 
     iters = total_iterations(cfg, len(PreferenceDataset(data.train_prefix)))
     algorithm = algorithm_cls(RunContext(cfg=cfg, arch=arch, arch_name=arch_name, data=data, train_iters=iters))
     algorithm.build()
-    logger = MetricsLogger(log_dir=cfg.log_dir, enabled=rank0, total_iters=iters, tensorboard=cfg.tensorboard)
+    logger = MetricsLogger.for_run(cfg, enabled=rank0, total_iters=iters)
     start_iteration, consumed, meta = _resume(cfg, algorithm, logger)
     dp = ps.get_data_parallel_world_size()
     span = f"iterations {start_iteration + 1}..{iters}" if start_iteration < iters else \
@@ -159,7 +166,7 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool) -> 
 
     def save(iteration: int) -> None:
         state = {"consumed_samples": consumed, "config": cfg.to_dict(), "arch": dataclasses.asdict(arch),
-                 "model_name": arch_name}
+                 "model_name": arch_name, **origin}
         path = checkpointing.save_checkpoint(cfg.save, iteration=iteration, parts=algorithm.parts(), state=state,
                                              keep_last=cfg.keep_last)
         logger.info(f"saved {path}")
@@ -172,7 +179,6 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool) -> 
     flops = FlopModel(arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
                       arch.num_query_groups, arch.vocab_size)
     peak = peak_tflops()
-    stop = StopRequest(cfg.exit_duration_in_mins)
     iteration, last_saved, nonfinite = start_iteration, start_iteration, 0
     try:
         while iteration < iters:
@@ -213,13 +219,15 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool) -> 
                 if mid:
                     logger.info(f"held-out at iteration {iteration}: " + _summary_line(mid))
             reason = stop.should_stop()
-            if cfg.save and ((cfg.save_interval and iteration % cfg.save_interval == 0) or reason):
+            # No checkpoint while steps are being skipped: the newest one stays from before the streak.
+            if cfg.save and nonfinite == 0 and ((cfg.save_interval and iteration % cfg.save_interval == 0) or reason):
                 if iteration != last_saved:
                     save(iteration)
                     last_saved = iteration
             if reason:
                 if cfg.save and rank0:
-                    save_dir.write_requeue_marker(cfg.save, iteration=iteration, reason=reason)
+                    save_dir.write_requeue_marker(cfg.save, iteration=last_saved, reason=reason)
+                dist.barrier()  # the marker is on disk before any rank exits (srun may then kill the rest)
                 logger.info(f"stopping after iteration {iteration} ({reason}); exit code {EXIT_REQUEUE} = requeue"
                             + ("" if cfg.save else " (no --save: nothing was saved)"))
                 return EXIT_REQUEUE
@@ -234,5 +242,4 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool) -> 
                     json.dump(summary, fh, indent=2)
         return 0
     finally:
-        stop.restore()
         logger.close()

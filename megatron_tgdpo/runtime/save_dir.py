@@ -7,10 +7,12 @@
   is refused with the holder's host, PID and job id. The kernel releases the lock when its holder dies,
   so a stale lock from a dead job is taken over without any clean-up. POSIX locks (``lockf``) work on
   NFS; on a file system without locking the lock is reported as unsupported and not enforced.
-* ``<save>/REQUEUE`` — written when the job stops on a signal or time budget after saving (exit code 75
-  on every worker). Launchers that report their own exit code (torchrun exits 1 when a worker exits
-  75) hide the 75; the sbatch examples requeue when this file exists. Removed when a run starts and
-  when it completes.
+* ``<save>/REQUEUE`` — written by rank 0 when the job stops on a signal or time budget after saving
+  (exit code 75 on every worker; every rank waits for the marker before it exits). Launchers that
+  report their own exit code (torchrun exits 1 when a worker exits 75; ``srun --kill-on-bad-exit`` may
+  report another task's) hide the 75; the sbatch examples requeue when this file exists. It names the
+  iteration of the newest checkpoint and the reason. Removed when a run starts, so a run that finishes,
+  fails or is killed leaves none.
 """
 from __future__ import annotations
 
@@ -102,9 +104,10 @@ class SaveLock:
 
 
 def write_requeue_marker(root: str | os.PathLike, *, iteration: int, reason: str) -> Path:
+    """``<root>/REQUEUE``: resume from ``iteration`` (the newest checkpoint); written atomically."""
     path = Path(root) / REQUEUE_MARKER
     write_json_atomic(path, {"iteration": iteration, "reason": reason, "host": socket.gethostname(),
-                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "exit_code": 75})
+                             "job": _job_id(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "exit_code": 75})
     return path
 
 

@@ -5,11 +5,18 @@ preemption to every task; torchrun forwards SIGTERM to its workers; a signal sen
 group reaches its helper processes too. So:
 
 * the handler only sets a flag; the ranks agree on it at the next step boundary (one all-reduce),
-  save, and exit with :data:`EXIT_REQUEUE` (75, EX_TEMPFAIL);
+  save, and exit with :data:`EXIT_REQUEUE` (75, EX_TEMPFAIL). The handler is installed when the run
+  starts (``runtime.loop.run``, before data, models and checkpoints are loaded), so a job preempted
+  while it loads still saves and requeues;
+* once the ranks have agreed to stop, the stop signals stay ignored until the process has exited:
+  launchers signal the job again while it exits (torchrun SIGTERMs the remaining workers as soon as
+  one has exited 75; SLURM sends SIGTERM after its ``--signal`` warning), and a worker killed on its
+  way out reports -15, not 75;
 * the checkpoint writer's helper process ignores these signals and dies with its worker
   (``compat.start_checkpoint_writer_helper``), so the save it is needed for can complete;
-* workers die with their launcher (``compat.set_parent_death_signal``): a SIGKILLed torchrun leaves
-  no worker writing checkpoints behind.
+* workers die with their launcher (``compat.set_parent_death_signal``), and the processes a worker
+  forks (megatron-core's file writers) die with the worker: a SIGKILLed torchrun leaves no process
+  writing checkpoints behind.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ class StopRequest:
     def __init__(self, exit_after_minutes: Optional[float]):
         self.flag = False
         self.reason = ""
+        self.stopping = False  # the ranks agreed to stop: the process is on its way out
         self.deadline = time.monotonic() + exit_after_minutes * 60 if exit_after_minutes else None
         self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
 
@@ -40,8 +48,11 @@ class StopRequest:
         self.reason = self.reason or signal.Signals(signum).name
 
     def restore(self) -> None:
+        """The previous handlers back; after an agreed stop, SIG_IGN instead (see the module docstring).
+        SIG_IGN rather than our handler: Python resets its own handlers to the default late in
+        interpreter shutdown, an ignored signal stays ignored."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.stopping else handler)
 
     def should_stop(self) -> Optional[str]:
         """Collective: the reason if any rank was asked to stop (or ran out of time), else None."""
@@ -51,4 +62,7 @@ class StopRequest:
         t = torch.tensor([1.0 if local else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return (self.reason or "a signal on another rank") if t.item() > 0 else None
+        if t.item() == 0:
+            return None
+        self.stopping = True
+        return self.reason or "a signal on another rank"
