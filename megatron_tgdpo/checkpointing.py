@@ -241,8 +241,14 @@ def _sharded_state(parts: dict[str, CheckpointPart], *, is_loading: bool, optimi
         models = _model_state(name, part.chunks)
         sharded.update(models)
         if optimizer and part.optimizer is not None:
-            sharded[f"{dict_prefix}optimizer"] = compat.optimizer_sharded_state_dict(
-                part.optimizer, models, is_loading=is_loading)
+            state = compat.optimizer_sharded_state_dict(part.optimizer, models, is_loading=is_loading)
+            if name != POLICY:
+                # The distributed optimizer names its objects "optimizer.distributed.dp_group_idx_*"
+                # whatever the model: a second part's would collide with the policy's.
+                from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+                add_prefix_for_sharding(state, f"{name}.")
+            sharded[f"{dict_prefix}optimizer"] = state
         if part.scheduler is not None:
             sharded[f"{dict_prefix}opt_param_scheduler"] = part.scheduler.state_dict()
     return sharded

@@ -18,6 +18,7 @@ from megatron_tgdpo.losses.preference import (
     tgdpo_token_weights,
 )
 from megatron_tgdpo.losses.sft import sft_loss_sums
+from megatron_tgdpo.losses.ppo import gae, masked_whiten, policy_loss_sums, token_rewards, value_loss_sums  # noqa: F401
 
 __all__ = [
     "DEFAULT_ALPHA",

@@ -1,0 +1,192 @@
+"""PPO's own flags (the training flags — layout, optimiser, ``--ref-load``, ``--save`` … — are
+:class:`~megatron_tgdpo.config.TrainConfig`'s), their validation, and what they mean for the run's sizes.
+
+Sizes: an iteration takes ``--global-batch-size`` prompts (G, all data-parallel ranks together) and
+samples ``--samples-per-prompt`` responses (k) to each: a rollout of G*k sequences. It then runs
+``--ppo-epochs`` passes over the rollout, each cut into ``--ppo-mini-batches`` mini-batches, and every
+mini-batch is one optimizer step of the actor and one of the critic; ``--micro-batch-size`` is in
+sequences (rows). So a data-parallel rank holds G/DP*k sequences, a mini-batch G/DP*k/M of them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_tgdpo.config import TrainConfig
+
+__all__ = ["REWARDS", "PPOConfig", "build_parser", "problems"]
+
+REWARDS = ("dense-dpo", "sparse", "dense-dpo+sparse")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    # --- prompts ------------------------------------------------------------------------------
+    prompts: str = field(default="", metadata={"help": "training prompt JSONL ({\"id\", \"prompt\", ...}; a task "
+                                                         "file from `python -m megatron_tgdpo.tasks make-prompts`)"})
+    eval_prompts: Optional[str] = field(default=None, metadata={
+        "help": "held-out prompt JSONL: greedy responses scored by the verifier at --eval-interval (and before and "
+                "after training); --eval-iters x --global-batch-size prompts at most"})
+    # --- reward -------------------------------------------------------------------------------
+    reward: str = field(default="dense-dpo+sparse", metadata={"help": " | ".join(REWARDS)})
+    reward_model_load: Optional[str] = field(default=None, metadata={
+        "help": "the DPO-trained model whose implicit token reward --beta*(log pi_dpo - log pi_ref) is the dense "
+                "reward (needed by dense-dpo)"})
+    dense_reward_scale: float = field(default=1.0, metadata={"help": "multiplies the dense reward"})
+    sparse_reward_scale: float = field(default=1.0, metadata={"help": "multiplies the sequence score"})
+    sparse_reward_command: Optional[str] = field(default=None, metadata={
+        "help": "score responses with this shell command instead of the prompt records' task verifier: it reads one "
+                "JSON object per response on stdin ({\"id\", \"prompt\", \"response\", and the prompt record's other "
+                "fields}) and writes one score per line (a number, or {\"score\": x}) on stdout"})
+    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty kl_coef*(log pi - log pi_ref)"})
+    # --- advantages and losses ----------------------------------------------------------------
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages over the whole rollout"})
+    clip_range: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
+    value_clip_range: Optional[float] = field(default=0.2, metadata={
+        "help": "value clip around the rollout's values (0: no clipping)"})
+    # --- schedule -----------------------------------------------------------------------------
+    samples_per_prompt: int = 4
+    ppo_epochs: int = 2
+    ppo_mini_batches: int = 2
+    # --- sampling -----------------------------------------------------------------------------
+    max_new_tokens: int = 16
+    temperature: float = field(default=1.0, metadata={
+        "help": "rollout temperature; PPO's ratios use the policy at temperature 1, so keep 1 to stay on-policy"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation forward"})
+    # --- critic -------------------------------------------------------------------------------
+    critic_load: Optional[str] = field(default=None, metadata={
+        "help": "critic backbone (any --ref-load kind, or a PPO checkpoint: then its critic, value head included); "
+                "default: --ref-load"})
+    critic_lr: Optional[float] = field(default=None, metadata={"help": "critic learning rate; default: --lr"})
+    value_head_init_std: float = field(default=0.0, metadata={"help": "0: a zero value head; else seeded normal"})
+
+    @property
+    def dense(self) -> bool:
+        return self.reward in ("dense-dpo", "dense-dpo+sparse")
+
+    @property
+    def sparse(self) -> bool:
+        return self.reward in ("sparse", "dense-dpo+sparse")
+
+    @property
+    def value_clip(self) -> Optional[float]:
+        return self.value_clip_range if self.value_clip_range else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_tgdpo.config import _field_type, _parse_bool
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_tgdpo.ppo",
+        description="PPO with dense DPO token rewards (RTO) and/or a sparse sequence score, on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+    )
+    group = parser.add_argument_group("PPO")
+    for f in dataclasses.fields(PPOConfig):
+        typ = _field_type(f)
+        kwargs = dict(dest=f.name, default=f.default, help=f.metadata.get("help", " "))
+        if typ is bool:
+            group.add_argument(_flag(f.name), nargs="?", const=True, type=_parse_bool, **kwargs)
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                               help=argparse.SUPPRESS)
+        else:
+            if f.name == "reward":
+                kwargs["choices"] = REWARDS
+            group.add_argument(_flag(f.name), type=typ, required=f.name == "prompts", **kwargs)
+    return parser
+
+
+def from_namespace(args: argparse.Namespace) -> PPOConfig:
+    return PPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)})
+
+
+#: training flags that mean nothing (or something else) for PPO
+_NOT_FOR_PPO = {
+    "guidance_load": "--guidance-load (TGDPO's guidance model)",
+    "logprob_cache": "--logprob-cache (rollouts are new every iteration; there is nothing to precompute)",
+}
+
+
+def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
+    """Every problem with the PPO flags (and the training flags as PPO reads them), before any compute."""
+    p = []
+    if not ppo.prompts or not os.path.isfile(ppo.prompts):
+        p.append(f"--prompts {ppo.prompts or '(missing)'}: no such file")
+    if ppo.eval_prompts is not None and not os.path.isfile(ppo.eval_prompts):
+        p.append(f"--eval-prompts {ppo.eval_prompts}: no such file")
+    if ppo.dense and ppo.reward_model_load is None:
+        p.append(f"--reward {ppo.reward} needs --reward-model-load (a DPO-trained checkpoint of the same architecture)")
+    if not ppo.dense and ppo.reward_model_load is not None:
+        p.append(f"--reward-model-load does not apply to --reward {ppo.reward}; use dense-dpo or dense-dpo+sparse")
+    for name in ("reward_model_load", "critic_load"):
+        path = getattr(ppo, name)
+        if path is not None and not os.path.exists(path):
+            p.append(f"{_flag(name)} {path}: does not exist")
+    if ppo.sparse_reward_command is not None and not ppo.sparse:
+        p.append(f"--sparse-reward-command does not apply to --reward {ppo.reward}")
+    for name, low in (("samples_per_prompt", 1), ("ppo_epochs", 1), ("ppo_mini_batches", 1), ("max_new_tokens", 1),
+                      ("generation_batch_size", 1)):
+        if getattr(ppo, name) < low:
+            p.append(f"{_flag(name)} must be >= {low}, got {getattr(ppo, name)}")
+    for name in ("kl_coef", "clip_range", "dense_reward_scale", "sparse_reward_scale", "value_head_init_std"):
+        if not getattr(ppo, name) >= 0:
+            p.append(f"{_flag(name)} must be >= 0, got {getattr(ppo, name)}")
+    if not ppo.clip_range > 0:
+        p.append(f"--clip-range must be > 0, got {ppo.clip_range}")
+    if ppo.value_clip_range is not None and not ppo.value_clip_range >= 0:
+        p.append(f"--value-clip-range must be >= 0 (0: no clipping), got {ppo.value_clip_range}")
+    for name in ("gamma", "lam"):
+        if not 0.0 <= getattr(ppo, name) <= 1.0:
+            p.append(f"{_flag(name)} must be in [0, 1], got {getattr(ppo, name)}")
+    if not ppo.temperature > 0:
+        p.append(f"--temperature must be > 0 (PPO samples; greedy rollouts have no exploration), got {ppo.temperature}")
+    if ppo.critic_lr is not None and not ppo.critic_lr > 0:
+        p.append(f"--critic-lr must be > 0, got {ppo.critic_lr}")
+    for name, what in _NOT_FOR_PPO.items():
+        if getattr(cfg, name) is not None:
+            p.append(f"{what} does not apply to PPO")
+    if cfg.pack_sequences:
+        p.append("--pack-sequences does not apply to PPO (rollouts are rows of one prompt and one response)")
+    if cfg.context_parallel_size > 1:
+        p.append(f"--context-parallel-size {cfg.context_parallel_size}: PPO samples its rollouts from the policy it "
+                 "trains, and generation does not support context parallelism (a decode step has one token per "
+                 "row); use --context-parallel-size 1 and spread the ranks over TP/PP/DP")
+    if cfg.micro_batch_size >= 1 and cfg.global_batch_size >= 1 and ppo.samples_per_prompt >= 1 \
+            and ppo.ppo_mini_batches >= 1:
+        rows = cfg.global_batch_size * ppo.samples_per_prompt
+        step = ppo.ppo_mini_batches * cfg.micro_batch_size
+        if rows % step:
+            p.append(f"a rollout of --global-batch-size {cfg.global_batch_size} x --samples-per-prompt "
+                     f"{ppo.samples_per_prompt} = {rows} sequences does not split into --ppo-mini-batches "
+                     f"{ppo.ppo_mini_batches} x --micro-batch-size {cfg.micro_batch_size} (per data-parallel rank)")
+    return p
+
+
+def layout_problems(ppo: PPOConfig, cfg: TrainConfig, *, dp: int) -> list[str]:
+    """Size problems that need the data-parallel size (known once the ranks exist)."""
+    p = []
+    if cfg.global_batch_size % dp:
+        p.append(f"--global-batch-size {cfg.global_batch_size} prompts must be divisible by the data-parallel size {dp}")
+        return p
+    rows = cfg.global_batch_size // dp * ppo.samples_per_prompt
+    if rows % (ppo.ppo_mini_batches * cfg.micro_batch_size):
+        p.append(f"each data-parallel rank holds {rows} rollout sequences, which do not split into --ppo-mini-batches "
+                 f"{ppo.ppo_mini_batches} x --micro-batch-size {cfg.micro_batch_size}")
+    elif cfg.virtual_pipeline_model_parallel_size:
+        micro = rows // (ppo.ppo_mini_batches * cfg.micro_batch_size)
+        if micro % cfg.pipeline_model_parallel_size:
+            p.append(f"with virtual pipeline stages a mini-batch's {micro} micro-batches must be a multiple of "
+                     f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size}")
+    return p
