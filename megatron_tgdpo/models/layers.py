@@ -15,7 +15,9 @@
   - **packed sequences** (``packed_seq_params.qkv_format == "thd"``): megatron then passes
     ``[t, heads, d]`` tensors (batch dimension squeezed) and reshapes our ``[t, heads * d]`` output
     back to ``[t, 1, h]``. The mask is block-diagonal causal over the segments of ``cu_seqlens``: a
-    token sees earlier tokens of its own segment only. Under CP every segment is split into 2*CP
+    token sees earlier tokens of its own segment only. Without CP each segment is attended on its own
+    (segments of one length batched), so a row of short sequences costs the sum of their squares; under
+    CP one masked ``[local, row]`` score matrix is used. Under CP every segment is split into 2*CP
     chunks on its own (:func:`megatron_tgdpo.data.batch.cp_row_positions`), as TE and megatron's thd
     RoPE do. RoPE itself needs nothing here: megatron-core's unfused thd RoPE
     (``rope_utils._apply_rotary_pos_emb_thd``) already restarts positions per segment, CP-aware.
@@ -216,12 +218,49 @@ class ContextParallelAttention(MegatronModule):
         where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
                      cp_size=cp_size, device=query.device)
         layout = _sequence_layout(**where) if bounds is None else _packed_layout(bounds=bounds, **where)
+        if bounds is not None and cp_size == 1:
+            # Packed, no CP split: attend per segment (sum of n_i^2 scores, not row^2), see blocks().
+            return self._attend_blocks(query, key, value, self.blocks(bounds)).squeeze(1)
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
             key = _GatherSeqOverCP.apply(key, group)
             value = _GatherSeqOverCP.apply(value, group)
         out = self._attend(query, key, value, self.allowed(layout))  # [sq, b, heads * d]
         return out.squeeze(1) if bounds is not None else out
+
+    def blocks(self, bounds: list[int]) -> list[tuple[int, int]]:
+        """``[start, end)`` of each causal block of a packed row at CP=1: its segments, which tile the row.
+        The same semantics as :meth:`allowed` (causal within a segment) without the ``[row, row]`` mask:
+        a row of many short sequences costs the sum of their squares, and segments of one length are
+        batched into one call. (A method so that a test can merge blocks and show its checks catch it.)"""
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _attend_blocks(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Causal attention within each block of a ``[t, 1, heads, d]`` row; blocks of equal length
+        share one ``scaled_dot_product_attention`` call. Returns ``[t, 1, heads * d]``."""
+        rep = self.heads // self.groups
+        by_length: dict[int, list[int]] = {}
+        for start, end in blocks:
+            by_length.setdefault(end - start, []).append(start)
+        order, pieces = [], []
+        for length, starts in by_length.items():
+            index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(query.device)
+            n = len(starts)
+            # [n * L, 1, h, d] -> [n, h, L, d]
+            q = query[index, 0].view(n, length, self.heads, self.head_dim).transpose(1, 2)
+            k = key[index, 0].view(n, length, self.groups, self.head_dim).transpose(1, 2).repeat_interleave(rep, 1)
+            v = value[index, 0].view(n, length, self.groups, self.head_dim).transpose(1, 2).repeat_interleave(rep, 1)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
+            )
+            pieces.append(out.transpose(1, 2).reshape(n * length, self.heads * self.head_dim))
+            order.append(index)
+        order_t = torch.cat(order)
+        inverse = torch.empty_like(order_t)
+        inverse[order_t] = torch.arange(order_t.numel(), device=order_t.device)
+        return torch.cat(pieces)[inverse].unsqueeze(1)
 
     def _attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor

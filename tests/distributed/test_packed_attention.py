@@ -241,8 +241,11 @@ def test_packed_pipeline_matches_each_sequence_alone(reference, vpp):
 class _LeakyAttention(ContextParallelAttention):
     """Test-only: plain causal over the whole row, as if the segments were ignored."""
 
-    def allowed(self, layout):
+    def allowed(self, layout):  # the masked path (CP > 1)
         return layout.q_pos[:, None] >= layout.k_pos[None, :]
+
+    def blocks(self, bounds):  # the per-segment path (CP = 1): one block over the whole row
+        return [(0, bounds[-1])]
 
 
 def _boundary_rank(leaky: bool):
