@@ -1,59 +1,40 @@
-"""The built-in default run: DPO, then TGDPO guided by that DPO model, on the built-in data.
+"""``python -m megatron_tgdpo.demo``: the TGDPO method end to end in about two minutes on two CPU cores.
 
-``python -m megatron_tgdpo.demo`` launches two 2-rank ``torchrun`` jobs of ``megatron_tgdpo.train``
-(gloo on CPU, NCCL on GPU) with the tiny preset and prints a before/after summary of held-out reward
-accuracy and margin for both. Everything lands under ``--workdir`` (default ``runs/demo``).
+    python -m megatron_tgdpo.demo            # SFT -> on-policy pairs -> DPO -> TGDPO -> held-out scores
+    python -m megatron_tgdpo.demo --full     # the full comparison (= python -m megatron_tgdpo.replicate)
+
+A short run of the replication pipeline (``megatron_tgdpo.pipeline``, preset ``demo``) with the tiny
+model on digit sorting (``sort: 7 2 9 4 =`` -> `` 2 4 7 9``): SFT on prompts and their answers, 30% of
+them with one digit wrong (an imperfect teacher); the SFT model samples 8 answers per preference prompt;
+the task's verifier scores them; best vs worst form the pairs; DPO trains from the SFT model and TGDPO,
+guided by that DPO model, trains from the SFT model again; all three answer the same held-out prompts
+greedily, and the table gives each one's mean verifier score, exact-match rate and win rate against
+DPO. Everything lands under ``--workdir`` (default ``runs/demo``); a rerun reuses every finished stage.
+One seed at this size is an illustration, not a measurement: docs/results.md has the multi-seed
+comparison (``--full``).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import time
-from pathlib import Path
+from typing import Optional, Sequence
 
-from megatron_tgdpo.testing import free_port
+from megatron_tgdpo.replicate import build_parser, run
 
-COMMON = [
-    "--model", "tiny", "--micro-batch-size", "4", "--global-batch-size", "16", "--seq-length", "64",
-    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-fraction", "0.05", "--beta", "0.1",
-    "--eval-iters", "16", "--log-interval", "20", "--seed", "1234",
-]
+__all__ = ["main"]
 
 
-def launch(args: list[str], *, nproc: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "megatron_tgdpo.train", *args]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"training exited with code {result.returncode}; see the output above")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--train-iters", type=int, default=200)
-    parser.add_argument("--nproc", type=int, default=2, help="ranks per job (data-parallel)")
-    opts = parser.parse_args()
-    work = Path(opts.workdir)
-    start = time.monotonic()
-    common = COMMON + ["--train-iters", str(opts.train_iters), "--data-cache-dir", str(work / "data")]
-    launch(common + ["--loss-type", "dpo", "--save", str(work / "dpo"), "--log-dir", str(work / "dpo-log")],
-           nproc=opts.nproc)
-    launch(common + ["--loss-type", "tgdpo", "--alpha", "0.5", "--guidance-load", str(work / "dpo"),
-                     "--save", str(work / "tgdpo"), "--log-dir", str(work / "tgdpo-log")], nproc=opts.nproc)
-    print(f"\n=== summary: held-out reward accuracy / margin ({time.monotonic() - start:.0f} s) ===")
-    print("(before training the policy equals the reference, so every pair ties and counts as not preferred)")
-    for name in ("dpo", "tgdpo"):
-        s = json.loads((work / f"{name}-log" / "summary.json").read_text())
-        b, a = s["before"], s["after"]
-        print(f"{name:>6}: accuracy {b['rewards/accuracy']:.3f} -> {a['rewards/accuracy']:.3f} | "
-              f"margin {b['rewards/margin']:+.4f} -> {a['rewards/margin']:+.4f}  ({s['iterations']} iterations)")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser(prog="python -m megatron_tgdpo.demo", doc=__doc__, default_workdir="runs/demo",
+                          default_preset="demo")
+    parser.add_argument("--full", action="store_true",
+                        help="run the full replication instead (--preset full, --workdir runs/replicate)")
+    args = parser.parse_args(argv)
+    if args.full:
+        args.preset = "full"
+        if args.workdir == "runs/demo":
+            args.workdir = "runs/replicate"
+    return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,11 @@
 
     python tools/prepare_data.py --input data/train.jsonl --output-prefix data/prepared/train \
         --tokenizer /path/to/tokenizer_dir --chat-template auto --max-seq-length 4096 --workers 8
+    python tools/prepare_data.py --format sft --input sft.jsonl --output-prefix data/prepared/sft ...
+
+``--format sft`` takes SFT records ({"prompt", "response"} or {"messages": [...]} ending with an
+assistant turn) into the same layout (the response as "chosen", "rejected" empty, manifest kind "sft"):
+`--loss-type sft` trains on it, the preference losses refuse it.
 
 Input forms, tokenizers, templates, truncation policy and the output format: docs/data.md.
 No record stops the run, however malformed (lone surrogates, NUL, deep nesting, a tokenizer or chat
@@ -24,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", required=True, metavar="JSONL", help="one or more JSONL files, in order")
     io.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
+    io.add_argument("--format", choices=("preference", "sft"), default="preference",
+                    help="preference: {prompt, chosen, rejected} pairs (default); sft: {prompt, response} or "
+                         "{messages} ending with an assistant turn")
     tok = parser.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", required=True, help="sentencepiece .model, tokenizer.json, or a directory with one")
     tok.add_argument(
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         on_bad_record=args.on_bad_record,
         max_errors_shown=args.max_errors_shown,
         workers=args.workers,
+        kind=args.format,
     )
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_tgdpo.data.records import PreferenceRecord
+from megatron_tgdpo.data.records import PreferenceRecord, SFTRecord
 from megatron_tgdpo.data.templates import TemplateRenderError, describe_exception
 from megatron_tgdpo.data.tokenizer import Tokenizer
 
-__all__ = ["EncodedPair", "RenderedPair", "TokenizeError", "encode_record", "render_record"]
+__all__ = ["EncodedPair", "RenderedPair", "TokenizeError", "encode_record", "encode_sft_record", "render_record"]
 
 
 class TokenizeError(Exception):
@@ -46,7 +46,7 @@ class RenderedPair:
 class EncodedPair:
     prompt: list[int]
     chosen: list[int]  # response only, ending with the template's end-of-response token
-    rejected: list[int]
+    rejected: list[int]  # empty for an SFT record (one response per prompt)
 
 
 def _rendered(render: Callable[[], str]) -> str:
@@ -96,3 +96,14 @@ def encode_record(record: PreferenceRecord, tokenizer: Tokenizer) -> EncodedPair
         rejected=_response_ids(rendered.rejected, tokenizer, field="rejected"),
     )
 
+
+
+def encode_sft_record(record: SFTRecord, tokenizer: Tokenizer) -> EncodedPair:
+    """Ids of one SFT record in the prepared layout: the response as ``chosen``, ``rejected`` empty.
+    Exactly the ids a preference record with this prompt and ``chosen`` gets. Raises as :func:`encode_record`."""
+    template = tokenizer.chat_template
+    prompt = _ids(_rendered(lambda: template.render_prompt(record.prompt)), tokenizer, field="prompt")
+    if template.prepend_bos and tokenizer.add_bos:
+        prompt.insert(0, tokenizer.bos_id)  # type: ignore[arg-type]  # add_bos implies bos_id is set
+    response = _rendered(lambda: template.render_response(record.prompt, record.response))
+    return EncodedPair(prompt=prompt, chosen=_response_ids(response, tokenizer, field="response"), rejected=[])

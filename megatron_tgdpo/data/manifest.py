@@ -6,6 +6,13 @@ A data set at ``PREFIX`` is three files:
   (prompt, chosen response, rejected response) and one document per pair;
 * ``PREFIX.manifest.json``: what was prepared from what, and how. It is published last, so its
   presence means the ``.bin``/``.idx`` next to it are complete; their sizes and sha256 are in it.
+
+``kind`` says what the set holds: ``"preference"`` pairs, or ``"sft"`` examples (one response per
+prompt, stored as the chosen response with an empty rejected one). Preference sets are written as
+format version 1 (``kind`` is optional there and means preference), SFT sets as version 2, so a reader
+that predates kinds refuses an SFT set instead of training a preference loss on empty responses.
+:func:`kind_problem` is the check a trainer runs: SFT trains on either kind (on the chosen responses of
+pairs), the preference losses only on pairs.
 """
 from __future__ import annotations
 
@@ -22,16 +29,21 @@ __all__ = [
     "SEQUENCES_PER_PAIR",
     "bin_path",
     "check_data_files",
+    "dataset_kind",
+    "format_version_for",
     "idx_path",
+    "kind_problem",
     "manifest_path",
     "read_manifest",
     "sha256_file",
 ]
 
 FORMAT_NAME = "megatron_tgdpo.preference_pairs"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-SEQUENCES_PER_PAIR = 3  # prompt, chosen response, rejected response
+FORMAT_VERSION = 1  # of a preference set; an SFT set is version SFT_FORMAT_VERSION (see format_version_for)
+SFT_FORMAT_VERSION = 2  # 2: "kind" is recorded (required); version-1 readers refuse such sets
+SUPPORTED_VERSIONS = (1, 2)
+SEQUENCES_PER_PAIR = 3  # prompt, chosen response, rejected response (empty in an SFT set)
+KINDS = ("preference", "sft")  # = records.RECORD_KINDS
 
 
 def bin_path(prefix: str | Path) -> Path:
@@ -82,7 +94,33 @@ def read_manifest(prefix: str | Path) -> dict[str, Any]:
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Prepare the data again with this version of "
             "tools/prepare_data.py, or use the version of megatron_tgdpo that wrote it"
         )
+    kind = manifest.get("kind", "preference" if version == 1 else None)
+    if kind not in KINDS:
+        raise DataFormatError(f"{path}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}; prepare "
+                              "the data again")
     return manifest
+
+
+def format_version_for(kind: str) -> int:
+    """The format version a set of ``kind`` is written as: the oldest that readers interpret correctly."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return SFT_FORMAT_VERSION if kind == "sft" else FORMAT_VERSION
+
+
+def dataset_kind(manifest: dict[str, Any]) -> str:
+    """``"preference"`` or ``"sft"`` (a manifest read by :func:`read_manifest`; version 1 without a kind: preference)."""
+    return manifest.get("kind", "preference")
+
+
+def kind_problem(manifest: dict[str, Any], *, loss_type: str, prefix: str | Path, flag: str = "--data-path") -> str | None:
+    """Why ``--loss-type loss_type`` cannot train on this set, or ``None`` when it can. SFT trains on any
+    set (the chosen responses of pairs); the preference losses need pairs."""
+    if loss_type == "sft" or dataset_kind(manifest) == "preference":
+        return None
+    return (f"{flag} {prefix}: an SFT data set (one response per prompt, kind \"sft\" in "
+            f"{manifest_path(prefix).name}); --loss-type {loss_type} needs preference pairs (chosen and rejected). "
+            "Train it with --loss-type sft, or prepare pairs: tools/prepare_data.py without --format sft")
 
 
 def check_data_files(prefix: str | Path, manifest: dict[str, Any], *, verify_sha256: bool = False) -> None:

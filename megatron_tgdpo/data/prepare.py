@@ -1,4 +1,8 @@
-"""Prepare JSONL preference data into megatron-core indexed files plus a manifest.
+"""Prepare JSONL preference (or SFT) data into megatron-core indexed files plus a manifest.
+
+``kind="sft"`` prepares SFT records (:func:`~.records.parse_sft_record`) into the same layout: each
+response stored as the chosen response, the rejected one empty, the manifest's ``kind`` ``"sft"``; the
+length policy is the pair policy applied to the one response.
 
 Flow: load the tokenizer (fails fast on a bad tokenizer/template) -> hash the inputs -> stream the
 input lines in chunks through workers (:mod:`.chunks`), in input order -> write kept pairs into a
@@ -19,20 +23,22 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from megatron_tgdpo.data.chunks import Chunk, ChunkResult, init_worker, process_chunk, use_tokenizer
+from megatron_tgdpo.data.encode import TokenizeError, encode_sft_record
 from megatron_tgdpo.data.errors import BadRecordsError
 from megatron_tgdpo.data.manifest import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     SEQUENCES_PER_PAIR,
     bin_path,
+    format_version_for,
     idx_path,
     manifest_path,
     sha256_file,
 )
 from megatron_tgdpo.data.publish import StagedOutput
-from megatron_tgdpo.data.records import Problem
+from megatron_tgdpo.data.records import RECORD_KINDS, Problem, parse_sft_record
+from megatron_tgdpo.data.templates import TemplateRenderError
 from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_content_hash
-from megatron_tgdpo.data.truncation import LengthPolicy
+from megatron_tgdpo.data.truncation import LengthOutcome, LengthPolicy, apply_length_policy
 
 __all__ = ["PrepareConfig", "prepare_preference_data"]
 
@@ -53,6 +59,7 @@ class PrepareConfig:
     max_errors_shown: int = 20
     workers: int = 1
     chunk_lines: int = 2000  # lines per task sent to a worker
+    kind: Literal["preference", "sft"] = "preference"  # what the records are (and the manifest's "kind")
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest as "extra"
 
     def length_policy(self) -> LengthPolicy:
@@ -78,11 +85,79 @@ def _chunks(paths: Iterable[str], *, chunk_lines: int) -> Iterator[Chunk]:
                 yield Chunk(input_index, source, first, lines)
 
 
+# ---- SFT records: the same chunk protocol as chunks.process_chunk, one response per record ----------
+
+_SFT_STATE: dict[str, Any] = {}
+
+
+def _init_sft_worker(tokenizer_path: str, chat_template: str | None, policy: LengthPolicy) -> None:
+    _SFT_STATE["tokenizer"] = load_tokenizer(tokenizer_path, chat_template=chat_template)
+    _SFT_STATE["policy"] = policy
+
+
+def sft_length_policy(prompt: list[int], response: list[int], *, policy: LengthPolicy,
+                      bos_id: int | None) -> LengthOutcome:
+    """The pair length policy applied to one response (as a pair whose two sides are that response), so
+    an SFT example is cut exactly as the chosen side of a pair would be. ``rejected`` is empty."""
+    out = apply_length_policy(prompt, response, response, policy=policy, bos_id=bos_id)
+    if out.dropped == "identical_after_truncation":  # both sides are the response by construction: kept
+        return LengthOutcome(out.prompt, out.chosen, [], prompt_truncated=len(out.prompt) < len(prompt),
+                             responses_truncated=1)
+    return LengthOutcome(out.prompt, out.chosen, [], dropped=out.dropped, prompt_truncated=out.prompt_truncated,
+                         responses_truncated=min(out.responses_truncated, 1))
+
+
+def process_sft_chunk(chunk: Chunk) -> ChunkResult:
+    tokenizer: Tokenizer = _SFT_STATE["tokenizer"]
+    policy: LengthPolicy = _SFT_STATE["policy"]
+    flat: list[int] = []
+    lengths: list[tuple[int, int, int]] = []
+    problems: list[Problem] = []
+    counts: Counter = Counter()
+    for offset, raw in enumerate(chunk.lines):
+        line = chunk.first_line + offset
+        record = parse_sft_record(raw, source=chunk.source, line=line)
+        if record is None:
+            counts["blank_lines"] += 1
+            continue
+        if isinstance(record, Problem):
+            problems.append(record)
+            continue
+        try:
+            encoded = encode_sft_record(record, tokenizer)
+        except (TemplateRenderError, TokenizeError) as exc:
+            problems.append(Problem(chunk.source, line, exc.field, exc.reason, exc.code))
+            continue
+        counts["valid_records"] += 1
+        out = sft_length_policy(encoded.prompt, encoded.chosen, policy=policy, bos_id=tokenizer.bos_id)
+        if out.dropped:
+            counts[f"dropped_{out.dropped}"] += 1
+            continue
+        counts["prompt_truncated"] += out.prompt_truncated
+        counts["responses_truncated"] += out.responses_truncated
+        flat += out.prompt
+        flat += out.chosen
+        lengths.append((len(out.prompt), len(out.chosen), 0))
+    return ChunkResult(
+        input_index=chunk.input_index,
+        num_lines=len(chunk.lines),
+        tokens=np.array(flat, dtype=np.int32),
+        lengths=np.array(lengths, dtype=np.int64).reshape(-1, 3),
+        problems=problems,
+        counts=counts,
+    )
+
+
 def _ordered_results(config: PrepareConfig, policy: LengthPolicy, tokenizer: Tokenizer) -> Iterator[ChunkResult]:
     tasks = _chunks(config.inputs, chunk_lines=config.chunk_lines)
+    sft = config.kind == "sft"
+    process, init = (process_sft_chunk, _init_sft_worker) if sft else (process_chunk, init_worker)
     if config.workers <= 1:
-        use_tokenizer(tokenizer, policy)
-        yield from map(process_chunk, tasks)
+        if sft:
+            _SFT_STATE.update(tokenizer=tokenizer, policy=policy)
+        else:
+            use_tokenizer(tokenizer, policy)
+        yield from map(process, tasks)
         return
     # forkserver, not fork: the caller may be a training process with threads (torch, gloo, CUDA), and
     # forking those is unsafe. Workers import only the light modules of this package (no torch, no
@@ -90,10 +165,10 @@ def _ordered_results(config: PrepareConfig, policy: LengthPolicy, tokenizer: Tok
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     context = mp.get_context(method)
     window = 2 * config.workers  # bounded read-ahead: memory stays flat however large the input
-    with context.Pool(config.workers, init_worker, (config.tokenizer, config.chat_template, policy)) as pool:
+    with context.Pool(config.workers, init, (config.tokenizer, config.chat_template, policy)) as pool:
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.apply_async(process_chunk, (task,)))
+            pending.append(pool.apply_async(process, (task,)))
             if len(pending) >= window:
                 yield pending.popleft().get()
         while pending:
@@ -132,6 +207,8 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
     if config.on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {config.on_bad_record!r}")
+    if config.kind not in RECORD_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(RECORD_KINDS)}, got {config.kind!r}")
     policy = config.length_policy()
     tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
     tokenizer_sha256 = tokenizer_content_hash(tokenizer.path)
@@ -177,7 +254,7 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
             raise BadRecordsError(problems, max_shown=config.max_errors_shown)
         if num_pairs == 0:
             raise ValueError(
-                f"no pairs left to write ({len(problems)} bad records, "
+                f"no {'examples' if config.kind == 'sft' else 'pairs'} left to write ({len(problems)} bad records, "
                 f"{sum(v for k, v in counts.items() if k.startswith('dropped_'))} dropped by the length policy)"
             )
         for index, entry in enumerate(inputs):
@@ -202,7 +279,7 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
         out.publish()
     elapsed = time.perf_counter() - started
     say(
-        f"wrote {num_pairs} pairs to {config.output_prefix}.{{bin,idx,manifest.json}} in {elapsed:.1f}s; "
+        f"wrote {num_pairs} {'SFT examples' if config.kind == 'sft' else 'pairs'} to {config.output_prefix}.{{bin,idx,manifest.json}} in {elapsed:.1f}s; "
         f"bad records skipped: {len(problems)}; dropped (length policy): "
         f"{sum(v for k, v in counts.items() if k.startswith('dropped_'))}; prompts truncated: "
         f"{counts['prompt_truncated']}; responses truncated: {counts['responses_truncated']}"
@@ -232,14 +309,16 @@ def _manifest(
 ) -> dict[str, Any]:
     by_reason = Counter(p.code for p in problems)
     dropped = {k.removeprefix("dropped_"): v for k, v in sorted(counts.items()) if k.startswith("dropped_")}
+    sft = config.kind == "sft"
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(config.kind),
+        "kind": config.kind,
         "created_by": f"megatron_tgdpo {_package_version()}",
         "layout": {
             "sequences_per_pair": SEQUENCES_PER_PAIR,
-            "sequences": ["prompt", "chosen_response", "rejected_response"],
-            "documents": "one per pair",
+            "sequences": ["prompt", "response", "empty"] if sft else ["prompt", "chosen_response", "rejected_response"],
+            "documents": "one per example" if sft else "one per pair",
             "dtype": dtype_name,
         },
         "num_pairs": num_pairs,

@@ -9,6 +9,14 @@ Accepted forms (one JSON object per line; other top-level keys are ignored):
 * ``{"chosen": [conversation], "rejected": [conversation]}``: the prompt is the longest common
   message prefix, the responses are what follows it (assistant messages only).
 
+SFT records (``tools/prepare_data.py --format sft``; :func:`parse_sft_record`) are one response per
+prompt, in TRL's two SFT forms:
+
+* ``{"prompt": str | [messages], "response": str | [messages]}`` (``"completion"`` is accepted for
+  ``"response"``, TRL's name);
+* ``{"messages": [conversation]}`` ending with an assistant turn: the response is the final run of
+  assistant messages, the prompt everything before it (earlier assistant turns are context, not trained).
+
 A string prompt becomes one user message, a string response one assistant message, so everything
 downstream sees messages only. Validation stops at the first problem of a record and reports it as
 ``file:line: field: reason``: one precise line per bad record is more useful than a cascade.
@@ -41,10 +49,16 @@ __all__ = [
     "Message",
     "PreferenceRecord",
     "Problem",
+    "RECORD_KINDS",
+    "SFTRecord",
     "parse_prompt",
     "parse_record",
+    "parse_sft_record",
     "printable",
 ]
+
+# What a prepared data set holds (its manifest's "kind"): pairs, or one response per prompt.
+RECORD_KINDS = ("preference", "sft")
 
 ROLES = ("system", "user", "assistant")
 
@@ -77,6 +91,7 @@ PROBLEM_CODES: dict[str, str] = {
     "template_error": "the chat template failed to render the record",
     "template_mismatch": "the rendered prompt is not a prefix of the rendered conversation",
     "tokenizer_error": "the tokenizer raised an error on the rendered text of the record",
+    "wrong_format": "the record is of the other format (preference pair vs SFT response): check --format",
 }
 
 # Characters that would make a report line unreadable or unwritable (newlines split it, surrogates
@@ -104,6 +119,14 @@ class PreferenceRecord:
     prompt: tuple[Message, ...]
     chosen: tuple[Message, ...]
     rejected: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SFTRecord:
+    """One validated SFT example: a prompt and the response to train on, as messages."""
+
+    prompt: tuple[Message, ...]
+    response: tuple[Message, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,23 +361,37 @@ def _shared_prefix(obj: dict) -> PreferenceRecord:
     return PreferenceRecord(prompt, chosen[n:], rejected[n:])
 
 
+_SFT_KEYS = frozenset(("response", "completion", "messages"))
+
+
+def _object(raw: bytes | str, *, line: int) -> dict | None:
+    """The JSON object of one line (``None`` for a blank line); InvalidField when it is not one."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidField("<record>", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8") from None
+    else:
+        text = raw
+    if line == 1:
+        text = text.removeprefix("\ufeff")
+    if not text.strip():
+        return None
+    obj = _load_json(text)
+    if not isinstance(obj, dict):
+        raise InvalidField("<record>", f"expected a JSON object, got {_json_type(obj)}", "not_an_object")
+    return obj
+
+
 def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecord | Problem | None:
     """Parse one JSONL line. Returns the record, the first :class:`Problem` found, or ``None`` for a blank line."""
     try:
-        if isinstance(raw, bytes):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidField("<record>", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8") from None
-        else:
-            text = raw
-        if line == 1:
-            text = text.removeprefix("\ufeff")
-        if not text.strip():
+        obj = _object(raw, line=line)
+        if obj is None:
             return None
-        obj = _load_json(text)
-        if not isinstance(obj, dict):
-            raise InvalidField("<record>", f"expected a JSON object, got {_json_type(obj)}", "not_an_object")
+        if "chosen" not in obj and "rejected" not in obj and _SFT_KEYS & obj.keys():
+            raise InvalidField("chosen", "missing", "wrong_format",
+                               "this is an SFT record (one response per prompt); prepare it with --format sft")
         for key in ("chosen", "rejected"):
             if key not in obj:
                 raise InvalidField(key, "missing", "missing_field", 'every record needs "chosen" and "rejected"')
@@ -362,5 +399,72 @@ def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecor
         if record.chosen == record.rejected:
             raise InvalidField("rejected", "same as chosen", "identical_responses", "a preference pair needs two different responses")
         return record
+    except InvalidField as bad:
+        return Problem(source, line, bad.field, bad.reason, bad.code, bad.hint)
+
+
+def _sft_from_messages(value: Any) -> SFTRecord:
+    if not isinstance(value, list):
+        raise InvalidField("messages", f"expected a list of messages, got {_json_type(value)}", "wrong_type")
+    messages = _messages("messages", value)
+    last = len(messages) - 1
+    if messages[last].role != "assistant":
+        raise InvalidField(f"messages[{last}].role",
+                           f"the conversation must end with an assistant message (the response), got "
+                           f"{messages[last].role!r}", "response_last_role")
+    start = last
+    while start > 0 and messages[start - 1].role == "assistant":
+        start -= 1
+    if start == 0:
+        raise InvalidField("messages", "no prompt: the conversation has only assistant messages", "empty_prompt",
+                           "an SFT conversation needs a user message before the response")
+    prompt = messages[:start]
+    if prompt[-1].role != "user":
+        raise InvalidField(f"messages[{start - 1}].role",
+                           f"the message before the response must be a user message, got {prompt[-1].role!r}",
+                           "prompt_last_role")
+    if not any(m.content.strip() for m in prompt):
+        raise InvalidField("messages", "empty prompt (every message before the response is blank)", "empty_prompt")
+    response = messages[start:]
+    _check_response("messages", response, offset=start)
+    return SFTRecord(prompt, response)
+
+
+def _sft_with_prompt(obj: dict) -> SFTRecord:
+    keys = [key for key in ("response", "completion") if key in obj]
+    if len(keys) == 2:
+        raise InvalidField("response", 'both "response" and "completion" given', "wrong_format",
+                           "they name the same thing; keep one")
+    if not keys:
+        raise InvalidField("response", "missing", "missing_field",
+                           'an SFT record is {"prompt", "response"} or {"messages": [...]}')
+    prompt = parse_prompt(obj["prompt"])
+    field = keys[0]
+    response = _response_messages(field, obj[field])
+    _check_response(field, response, offset=0)
+    return SFTRecord(prompt, response)
+
+
+def parse_sft_record(raw: bytes | str, *, source: str, line: int) -> SFTRecord | Problem | None:
+    """Parse one JSONL line of SFT data (forms in the module docstring). Returns the record, the first
+    :class:`Problem` found, or ``None`` for a blank line. A preference pair is refused (``wrong_format``),
+    not silently trained on its chosen side: prepare pairs as pairs, SFT trains on their chosen responses."""
+    try:
+        obj = _object(raw, line=line)
+        if obj is None:
+            return None
+        if "chosen" in obj or "rejected" in obj:
+            raise InvalidField("chosen" if "chosen" in obj else "rejected", "not an SFT field", "wrong_format",
+                               "this is a preference record; prepare it without --format sft (SFT can train on "
+                               "the chosen responses of a prepared preference set)")
+        if "messages" in obj:
+            if "prompt" in obj or "response" in obj or "completion" in obj:
+                raise InvalidField("messages", '"messages" together with "prompt"/"response"', "wrong_format",
+                                   'give either {"messages": [...]} or {"prompt", "response"}')
+            return _sft_from_messages(obj["messages"])
+        if "prompt" not in obj:
+            raise InvalidField("prompt", "missing", "missing_field",
+                               'an SFT record is {"prompt", "response"} or {"messages": [...]}')
+        return _sft_with_prompt(obj)
     except InvalidField as bad:
         return Problem(source, line, bad.field, bad.reason, bad.code, bad.hint)

@@ -64,9 +64,17 @@ def resolve_data(cfg: TrainConfig) -> DataSpec:
         from megatron_tgdpo.data.tokenizer import resolve_dataset_tokenizer
 
         train, evaluation = cfg.data_path, cfg.eval_data_path
+        from megatron_tgdpo.data.manifest import kind_problem, read_manifest
+
         try:
             tok_path = resolve_dataset_tokenizer(PreferenceDataset(train).manifest, override=cfg.tokenizer,
                                                  manifest_path=manifest_path(train))
+            # A preference loss on an SFT set would train on empty rejected responses: refuse before compute.
+            for flag, prefix in (("--data-path", train), ("--eval-data-path", evaluation)):
+                problem = prefix and kind_problem(read_manifest(prefix), loss_type=cfg.loss_type, prefix=prefix,
+                                                  flag=flag)
+                if problem:
+                    raise ConfigError(problem)
         except (TokenizerError, DataFormatError) as exc:
             raise ConfigError(str(exc)) from None
     tokenizer = load_tokenizer(tok_path)

@@ -1,0 +1,125 @@
+"""What one replication run does: sizes, hyper-parameters, seeds, and the presets that name them.
+
+Every field of :class:`PipelineConfig` that changes an output is part of the fingerprint of the stages
+that produce it (``stages.py``), so changing a setting reruns exactly the stages it affects, and a
+rerun with the same settings skips everything already done.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["METHODS", "PRESETS", "PipelineConfig", "TrainSettings", "preset"]
+
+#: The models a run compares, in table order. "tgdpo" stands for one run per alpha.
+METHODS = ("sft", "dpo", "tgdpo", "simpo", "ipo")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One training stage's schedule (the model, data and sequence length are the run's)."""
+
+    iters: int
+    lr: float
+    min_lr: float
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    warmup_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # ---- task and prompts (shared by all seeds: the seeds vary training and sampling, not the data) ----
+    task: str = "addition"
+    task_params: dict[str, Any] = field(default_factory=lambda: {"num_digits": 2})
+    sft_prompts: int = 2000  # prompts whose ideal answers (optionally noised) are the SFT data
+    pref_prompts: int = 2000  # prompts the SFT model samples k responses for (on-policy pairs)
+    heldout_prompts: int = 500  # evaluation prompts, disjoint from both (hash split, tasks/prompts.py)
+    data_seed: int = 1
+    sft_noise: float = 0.3  # fraction of SFT answers with one digit replaced (an imperfect teacher)
+    # ---- models ------------------------------------------------------------------------------------
+    model: str = "tiny"
+    seq_length: int = 32
+    pad_to_multiple_of: int = 16  # rows are padded to a multiple of this (8 saves ~15% on 13-21 token sort rows)
+    # --pack-sequences for every training job. Off in "full": docs/results.md was measured with padded
+    # rows (packing computes the same loss; a rerun packed differs in rounding only).
+    pack_sequences: bool = False
+    sft: TrainSettings = TrainSettings(iters=3000, lr=3e-3, min_lr=3e-4)
+    preference: TrainSettings = TrainSettings(iters=112, lr=1e-4, min_lr=1e-5)  # DPO, TGDPO, SimPO, IPO alike
+    beta: float = 0.5  # DPO's beta, TGDPO's (loss and guidance reward r = beta * log(pi_guide / pi_ref))
+    alpha: float = 0.5  # TGDPO's alpha in the main table (the paper's default)
+    alphas: tuple[float, ...] = ()  # extra TGDPO runs for the alpha-sensitivity table
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 0.5
+    ipo_beta: float = 0.5
+    methods: tuple[str, ...] = METHODS
+    # ---- sampling ----------------------------------------------------------------------------------
+    num_samples: int = 8  # k responses per preference prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    eval_samples: int = 8  # sampled evaluation at `temperature`, besides greedy (0: greedy only)
+    curve_every: int = 0  # >0: checkpoint DPO/TGDPO every N iterations and score each (first seed only)
+    # ---- execution ---------------------------------------------------------------------------------
+    seeds: tuple[int, ...] = (1,)
+    nproc: int = 1  # ranks per training job (data parallel, gloo on CPU)
+    threads: int = 1  # torch threads per process (OMP_NUM_THREADS; divided among ranks): 1 is fastest for the
+    # tiny model, and far faster than 2 when the cores are shared (spinning OpenMP threads wait on busy cores)
+
+    def tgdpo_alphas(self) -> tuple[float, ...]:
+        """Every alpha a TGDPO model is trained with: the main one first, then the sensitivity sweep."""
+        return tuple(dict.fromkeys((self.alpha, *self.alphas)))
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("sft_prompts", "pref_prompts", "heldout_prompts", "num_samples", "max_new_tokens", "nproc",
+                     "threads", "pad_to_multiple_of"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_samples < 2:
+            out.append("num_samples must be >= 2: a pair needs a best and a worst sample")
+        if not 0.0 <= self.sft_noise <= 1.0:
+            out.append(f"sft_noise must be in [0, 1], got {self.sft_noise}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            out.append(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if "tgdpo" in self.methods and "dpo" not in self.methods:
+            out.append("tgdpo needs dpo: the DPO model is its guidance model")
+        if "sft" not in self.methods:
+            out.append("sft is always needed: it is the reference and the starting point of every other model")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            out.append(f"seeds must be distinct and at least one, got {self.seeds}")
+        for name, settings in (("sft", self.sft), ("preference", self.preference)):
+            if settings.global_batch_size % (settings.micro_batch_size * self.nproc):
+                out.append(f"{name}: global batch {settings.global_batch_size} is not divisible by micro batch "
+                           f"{settings.micro_batch_size} x {self.nproc} ranks")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _small(**overrides: Any) -> PipelineConfig:
+    return dataclasses.replace(PipelineConfig(), **overrides)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The replication (python -m megatron_tgdpo.replicate): about 8 CPU-minutes a seed (docs/results.md).
+    "full": {},
+    # The README's demo: SFT -> pairs -> DPO -> TGDPO -> held-out scores in about 100 CPU-seconds. Sorting
+    # (the built-in data's task) rather than addition: a tiny model learns it in 300 steps, addition in 3000.
+    "demo": dict(task="sort", task_params={}, sft_prompts=1000, pref_prompts=400, heldout_prompts=200,
+                 sft=TrainSettings(300, 3e-3, 3e-4, global_batch_size=128, micro_batch_size=128),
+                 preference=TrainSettings(30, 1e-4, 1e-5), methods=("sft", "dpo", "tgdpo"), eval_samples=0,
+                 pad_to_multiple_of=8, pack_sequences=True),
+    # The test suite's smoke run: every stage and every table row, in well under a minute of compute.
+    "smoke": dict(sft_prompts=48, pref_prompts=32, heldout_prompts=16, sft=TrainSettings(4, 3e-3, 3e-4, 16, 16),
+                  preference=TrainSettings(2, 1e-4, 1e-5, 16, 16), num_samples=4, max_new_tokens=4,
+                  eval_samples=2),
+}
+
+
+def preset(name: str, **overrides: Any) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return _small(**{**PRESETS[name], **overrides})

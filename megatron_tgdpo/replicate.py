@@ -1,0 +1,140 @@
+"""``python -m megatron_tgdpo.replicate``: the TGDPO pipeline end to end, on a verifiable task, on CPU.
+
+    python -m megatron_tgdpo.replicate                        # one seed, about 15 CPU-minutes
+    python -m megatron_tgdpo.replicate --seeds 3 --alphas 0.5,1,2 --curves 14 --figures docs/img
+
+Make prompts (SFT / preference / held-out, disjoint) -> SFT on prompt + ideal answer -> sample k responses
+per preference prompt from the SFT model -> score them with the task's verifier -> best vs worst pairs ->
+DPO from the SFT model (also the guidance model) -> TGDPO from the SFT model guided by the DPO model ->
+SimPO, IPO from the SFT model -> every model scored on the same held-out prompts (greedy and k samples):
+mean score, exact match, win rate against DPO. One table at the end; with several seeds each cell is the
+mean ± standard deviation over seeds. Everything lands under --workdir; a rerun skips every stage whose
+output is complete and whose settings are unchanged, so an interrupted run resumes where it stopped.
+Results and the exact commands behind docs/results.md: see that file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_tgdpo.pipeline.config import METHODS, PRESETS, preset
+
+__all__ = ["build_parser", "main"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str = __doc__,
+                 default_workdir: str = "runs/replicate", default_preset: str = "full") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=default_workdir, help=f"where everything goes (default {default_workdir})")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
+                        help=f"sizes (default {default_preset}); the flags below override single settings")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, metavar="N", help="run seeds 1..N (default 1)")
+    seeds.add_argument("--seed-list", type=_ints, metavar="S1,S2", help="run exactly these seeds")
+    parser.add_argument("--alpha", type=float, help="TGDPO alpha of the main table (default 0.5, the paper's)")
+    parser.add_argument("--alphas", type=_floats, metavar="A1,A2", help="also train TGDPO at these alphas and print "
+                        "the alpha-sensitivity table (e.g. 0.5,1,2)")
+    parser.add_argument("--methods", type=lambda t: tuple(t.split(",")), metavar="M1,M2",
+                        help=f"models to train and compare (default all: {','.join(METHODS)})")
+    parser.add_argument("--curves", type=int, metavar="N", help="first seed: checkpoint DPO and TGDPO every N "
+                        "iterations and score each on the held-out prompts (held-out score curves)")
+    parser.add_argument("--figures", type=Path, metavar="DIR", help="also write the curves PNG there (needs --curves)")
+    parser.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=None,
+                        help="pack several examples into each row in every training job (default: the preset's; "
+                        "demo on, full off)")
+    parser.add_argument("--nproc", type=int, help="ranks per training job (default 1: fastest for the tiny model)")
+    sizes = parser.add_argument_group("task and sizes (defaults from --preset)")
+    sizes.add_argument("--task", choices=("addition", "sort", "reverse"))
+    sizes.add_argument("--sft-prompts", type=int)
+    sizes.add_argument("--pref-prompts", type=int)
+    sizes.add_argument("--heldout-prompts", type=int)
+    sizes.add_argument("--sft-noise", type=float, help="fraction of SFT answers with one digit wrong (default 0)")
+    sizes.add_argument("--sft-iters", type=int)
+    sizes.add_argument("--pref-iters", type=int, help="iterations of every preference model")
+    sizes.add_argument("--pref-lr", type=float, help="learning rate of every preference model")
+    sizes.add_argument("--beta", type=float, help="DPO / TGDPO beta (also scales the guidance reward)")
+    sizes.add_argument("--num-samples", type=int, help="k responses sampled per preference prompt")
+    sizes.add_argument("--eval-samples", type=int, help="sampled evaluation: k per held-out prompt (0: greedy only)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    cfg = preset(args.preset)
+    overrides = {}
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(1, args.seeds + 1))
+    elif args.seed_list is not None:
+        overrides["seeds"] = args.seed_list
+    simple = {"pack_sequences": "pack_sequences", "alpha": "alpha", "alphas": "alphas", "methods": "methods",
+              "curves": "curve_every", "nproc": "nproc",
+              "task": "task", "sft_prompts": "sft_prompts", "pref_prompts": "pref_prompts",
+              "heldout_prompts": "heldout_prompts", "sft_noise": "sft_noise", "beta": "beta",
+              "num_samples": "num_samples", "eval_samples": "eval_samples"}
+    for flag, name in simple.items():
+        if getattr(args, flag, None) is not None:
+            overrides[name] = getattr(args, flag)
+    if getattr(args, "task", None) is not None and args.task != cfg.task:
+        overrides["task_params"] = {}  # the task's own defaults
+    if getattr(args, "sft_iters", None) is not None:
+        overrides["sft"] = dataclasses.replace(cfg.sft, iters=args.sft_iters)
+    pref = {}
+    if getattr(args, "pref_iters", None) is not None:
+        pref["iters"] = args.pref_iters
+    if getattr(args, "pref_lr", None) is not None:
+        pref.update(lr=args.pref_lr, min_lr=args.pref_lr / 10)
+    if pref:
+        overrides["preference"] = dataclasses.replace(cfg.preference, **pref)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def run(args: argparse.Namespace, *, out=print) -> int:
+    from megatron_tgdpo.pipeline import PipelineError, run_replication
+
+    cfg = config_from_args(args)
+    problems = cfg.problems()
+    if args.figures is not None and not cfg.curve_every:
+        problems.append("--figures needs --curves N")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        report, summary = run_replication(cfg, args.workdir, log=lambda m: out(m, flush=True), figures=args.figures)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    timings = summary["timings"]
+    ran = sum(t["seconds"] for t in timings.values() if not t["skipped"])
+    cpu = sum(t.get("cpu_seconds", 0.0) for t in timings.values() if not t["skipped"])
+    total = sum(t["seconds"] for t in timings.values())
+    out(f"\nstages: {len(timings)} ({sum(t['skipped'] for t in timings.values())} skipped: done earlier); this "
+        f"invocation {time.monotonic() - started:.0f}s wall, stages run now {ran:.0f}s wall / {cpu:.0f} CPU-s; "
+        f"all stages {total:.0f}s wall when run; details in {Path(args.workdir) / 'results.json'}\n")
+    out(report, flush=True)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
