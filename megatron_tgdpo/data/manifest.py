@@ -16,7 +16,6 @@ pairs), the preference losses only on pairs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -58,12 +57,11 @@ def manifest_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.manifest.json")
 
 
-def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file (the shared :func:`megatron_tgdpo.manifest.file_checksum`)."""
+    from megatron_tgdpo.manifest import file_checksum
+
+    return file_checksum(path, algorithm="sha256")
 
 
 def read_manifest(prefix: str | Path) -> dict[str, Any]:
@@ -124,17 +122,24 @@ def kind_problem(manifest: dict[str, Any], *, loss_type: str, prefix: str | Path
 
 
 def check_data_files(prefix: str | Path, manifest: dict[str, Any], *, verify_sha256: bool = False) -> None:
-    """The .bin/.idx exist and match the sizes (and, if asked, the sha256) recorded in the manifest."""
+    """The .bin/.idx exist and match the sizes (and, if asked, the sha256) recorded in the manifest
+    (the project's one integrity check, :func:`megatron_tgdpo.manifest.verify_files`)."""
+    from megatron_tgdpo.manifest import verify_files
+
     files = manifest.get("files", {})
-    for kind, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
-        expected = files.get(kind, {})
-        if not path.is_file():
-            raise DataFormatError(f"{path}: missing, though {manifest_path(prefix).name} lists it; prepare the data again")
-        size = path.stat().st_size
-        if size != expected.get("bytes"):
-            raise DataFormatError(
-                f"{path}: {size} bytes, but the manifest says {expected.get('bytes')}: the file was changed or "
-                "replaced after preparation; prepare the data again"
-            )
-        if verify_sha256 and sha256_file(path) != expected.get("sha256"):
-            raise DataFormatError(f"{path}: sha256 differs from the manifest: the file is corrupt; prepare the data again")
+    listed = {path.name: files.get(kind) for kind, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix)))}
+    problem = verify_files(Path(prefix).parent, listed, checksums=verify_sha256)
+    if problem is None:
+        return
+    path = Path(prefix).parent / problem.name
+    name = manifest_path(prefix).name
+    if problem.kind == "size":
+        detail = (f"{problem.found} bytes, but the manifest says {problem.expected}: the file was changed or "
+                  "replaced after preparation")
+    elif problem.kind == "checksum":
+        detail = "sha256 differs from the manifest: the file is corrupt"
+    elif problem.kind == "missing":
+        detail = f"missing, though {name} lists it"
+    else:
+        detail = f"its entry in {name} is malformed"
+    raise DataFormatError(f"{path}: {detail}; prepare the data again")
