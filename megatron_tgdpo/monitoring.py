@@ -17,7 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,23 @@ class FlopModel:
         """Policy forward+backward (3x forward) plus forward-only reference/guidance models."""
         per_token = self.forward_flops_per_token(seq_length)
         return tokens * per_token * (3 + frozen_models)
+
+
+def attention_span(batches: Sequence[Any]) -> float:
+    """The token-weighted mean number of positions a token's attention spans over ``data.batch.Batch``
+    objects, for :class:`FlopModel`: a padded row's width, or the length of the packed segment the token
+    sits in (a packed row attends per sequence, so counting the whole row would credit it with scores
+    nobody computes)."""
+    spans = positions = 0
+    for batch in batches:
+        if batch.packed:
+            bounds = batch.segment_bounds()
+            spans += sum((end - start) ** 2 for start, end in zip(bounds[:-1], bounds[1:]))
+            positions += bounds[-1]
+        else:
+            spans += batch.num_tokens * batch.shape[1]
+            positions += batch.num_tokens
+    return spans / positions if positions else 0.0
 
 
 @dataclass(frozen=True)

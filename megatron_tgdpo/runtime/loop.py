@@ -21,7 +21,7 @@ from megatron_tgdpo.config import ConfigError, TrainConfig
 from megatron_tgdpo.convert.origin import run_origin
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.models.sources import ModelSource
-from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, peak_tflops
+from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, attention_span, peak_tflops
 from megatron_tgdpo.runtime import save_dir, setup
 from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext
 from megatron_tgdpo.runtime.signals import EXIT_REQUEUE, StopRequest
@@ -195,7 +195,7 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, sto
                 # This rank's micro-batches x DP: computed positions (padding included) and real tokens.
                 tokens = sum(b.num_tokens for b in batches) * dp
                 real = sum(b.real_tokens for b in batches) * dp
-                step_flops = flops.step_flops(tokens=tokens, seq_length=batches[0].shape[1],
+                step_flops = flops.step_flops(tokens=tokens, seq_length=attention_span(batches),
                                               frozen_models=algorithm.passes_per_token - 3.0)
                 metrics.update(lr=lr, grad_norm=result.grad_norm, tokens_per_s=tokens / elapsed,
                                real_tokens_per_s=real / elapsed, pairs_per_s=cfg.global_batch_size / elapsed,

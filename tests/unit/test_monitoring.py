@@ -107,3 +107,21 @@ def test_wandb_mode_follows_the_environment_and_the_key(tmp_path, monkeypatch):
     assert wandb_mode()[0] is None
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == (None, "WANDB_MODE=disabled")
+
+
+def test_attention_span_counts_each_packed_sequence_not_the_row():
+    """The FLOP model's attention span: a padded row's width; in a packed row, each token's own segment
+    (the local and TE thd paths attend per segment), i.e. sum(n_i^2) / sum(n_i)."""
+    import torch
+
+    from megatron_tgdpo.data.batch import Batch
+    from megatron_tgdpo.monitoring import attention_span
+
+    padded = Batch.from_rows({"input_ids": torch.zeros(4, 32, dtype=torch.long)}, num_pairs=2)
+    assert attention_span([padded]) == 32
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    packed = Batch.from_packed({"input_ids": ids, "cu_seqlens": torch.tensor([0, 4, 10, 16]),
+                                "sequence_ids": torch.zeros_like(ids)}, num_pairs=1, num_sequences=3)
+    assert attention_span([packed]) == (4 * 4 + 6 * 6 + 6 * 6) / 16
+    # Mixed: weighted by positions.
+    assert attention_span([padded, packed]) == (128 * 32 + 88) / (128 + 16)
