@@ -1,5 +1,9 @@
 """The per-chunk work of preparation: parse, validate, render, tokenize, apply the length policy.
 
+One protocol for both kinds of records: preference pairs (prompt, chosen, rejected) and SFT examples
+(prompt, response: stored as the chosen side, the rejected side empty, cut as the chosen side of a
+pair would be, :func:`sft_length_policy`).
+
 Runs in worker processes (or in-process with one worker), so it imports neither torch nor
 megatron-core: a worker starts in milliseconds. Results come back in input order, which keeps the
 output independent of the number of workers.
@@ -11,13 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_tgdpo.data.encode import TokenizeError, encode_record
-from megatron_tgdpo.data.records import Problem, parse_record
+from megatron_tgdpo.data.encode import TokenizeError, encode_record, encode_sft_record
+from megatron_tgdpo.data.records import Problem, parse_record, parse_sft_record
 from megatron_tgdpo.data.templates import TemplateRenderError
 from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_tgdpo.data.truncation import LengthPolicy, apply_length_policy
+from megatron_tgdpo.data.truncation import LengthOutcome, LengthPolicy, apply_length_policy
 
-__all__ = ["Chunk", "ChunkResult", "init_worker", "process_chunk"]
+__all__ = ["Chunk", "ChunkResult", "init_worker", "process_chunk", "sft_length_policy", "use_tokenizer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,30 +42,57 @@ class ChunkResult:
     counts: Counter = field(default_factory=Counter)
 
 
+def sft_length_policy(prompt: list[int], response: list[int], *, policy: LengthPolicy,
+                      bos_id: int | None) -> LengthOutcome:
+    """The pair length policy applied to one response (as a pair whose two sides are that response), so
+    an SFT example is cut exactly as the chosen side of a pair would be. ``rejected`` is empty."""
+    out = apply_length_policy(prompt, response, response, policy=policy, bos_id=bos_id)
+    if out.dropped == "identical_after_truncation":  # both sides are the response by construction: kept
+        return LengthOutcome(out.prompt, out.chosen, [], prompt_truncated=len(out.prompt) < len(prompt),
+                             responses_truncated=1)
+    return LengthOutcome(out.prompt, out.chosen, [], dropped=out.dropped, prompt_truncated=out.prompt_truncated,
+                         responses_truncated=min(out.responses_truncated, 1))
+
+
+def _fit_pair(encoded, policy: LengthPolicy, bos_id: int | None) -> LengthOutcome:
+    return apply_length_policy(encoded.prompt, encoded.chosen, encoded.rejected, policy=policy, bos_id=bos_id)
+
+
+def _fit_sft(encoded, policy: LengthPolicy, bos_id: int | None) -> LengthOutcome:
+    return sft_length_policy(encoded.prompt, encoded.chosen, policy=policy, bos_id=bos_id)
+
+
+# kind -> (parse a line, encode a record, apply the length policy)
+_KINDS = {
+    "preference": (parse_record, encode_record, _fit_pair),
+    "sft": (parse_sft_record, encode_sft_record, _fit_sft),
+}
 _STATE: dict[str, object] = {}
 
 
-def init_worker(tokenizer_path: str, chat_template: str | None, policy: LengthPolicy) -> None:
-    _STATE["tokenizer"] = load_tokenizer(tokenizer_path, chat_template=chat_template)
-    _STATE["policy"] = policy
+def init_worker(tokenizer_path: str, chat_template: str | None, policy: LengthPolicy,
+                kind: str = "preference") -> None:
+    use_tokenizer(load_tokenizer(tokenizer_path, chat_template=chat_template), policy, kind=kind)
 
 
-def use_tokenizer(tokenizer: Tokenizer, policy: LengthPolicy) -> None:
+def use_tokenizer(tokenizer: Tokenizer, policy: LengthPolicy, *, kind: str = "preference") -> None:
     """In-process preparation: reuse an already-loaded tokenizer."""
-    _STATE["tokenizer"] = tokenizer
-    _STATE["policy"] = policy
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    _STATE.update(tokenizer=tokenizer, policy=policy, kind=kind)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
     tokenizer: Tokenizer = _STATE["tokenizer"]  # type: ignore[assignment]
     policy: LengthPolicy = _STATE["policy"]  # type: ignore[assignment]
+    parse, encode, fit = _KINDS[_STATE["kind"]]  # type: ignore[index]
     flat: list[int] = []
     lengths: list[tuple[int, int, int]] = []
     problems: list[Problem] = []
     counts: Counter = Counter()
     for offset, raw in enumerate(chunk.lines):
         line = chunk.first_line + offset
-        record = parse_record(raw, source=chunk.source, line=line)
+        record = parse(raw, source=chunk.source, line=line)
         if record is None:
             counts["blank_lines"] += 1
             continue
@@ -69,14 +100,12 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             problems.append(record)
             continue
         try:
-            encoded = encode_record(record, tokenizer)
+            encoded = encode(record, tokenizer)
         except (TemplateRenderError, TokenizeError) as exc:
             problems.append(Problem(chunk.source, line, exc.field, exc.reason, exc.code))
             continue
         counts["valid_records"] += 1
-        out = apply_length_policy(
-            encoded.prompt, encoded.chosen, encoded.rejected, policy=policy, bos_id=tokenizer.bos_id
-        )
+        out = fit(encoded, policy, tokenizer.bos_id)
         if out.dropped:
             counts[f"dropped_{out.dropped}"] += 1
             continue

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from megatron_tgdpo.data.chunks import Chunk, ChunkResult, init_worker, process_chunk, use_tokenizer
-from megatron_tgdpo.data.encode import TokenizeError, encode_sft_record
+from megatron_tgdpo.data.chunks import sft_length_policy  # noqa: F401 - re-exported (part of this module's API)
 from megatron_tgdpo.data.errors import BadRecordsError
 from megatron_tgdpo.data.manifest import (
     FORMAT_NAME,
@@ -35,10 +35,9 @@ from megatron_tgdpo.data.manifest import (
     sha256_file,
 )
 from megatron_tgdpo.data.publish import StagedOutput
-from megatron_tgdpo.data.records import RECORD_KINDS, Problem, parse_sft_record
-from megatron_tgdpo.data.templates import TemplateRenderError
+from megatron_tgdpo.data.records import RECORD_KINDS, Problem
 from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_content_hash
-from megatron_tgdpo.data.truncation import LengthOutcome, LengthPolicy, apply_length_policy
+from megatron_tgdpo.data.truncation import LengthPolicy
 
 __all__ = ["PrepareConfig", "prepare_preference_data"]
 
@@ -85,79 +84,11 @@ def _chunks(paths: Iterable[str], *, chunk_lines: int) -> Iterator[Chunk]:
                 yield Chunk(input_index, source, first, lines)
 
 
-# ---- SFT records: the same chunk protocol as chunks.process_chunk, one response per record ----------
-
-_SFT_STATE: dict[str, Any] = {}
-
-
-def _init_sft_worker(tokenizer_path: str, chat_template: str | None, policy: LengthPolicy) -> None:
-    _SFT_STATE["tokenizer"] = load_tokenizer(tokenizer_path, chat_template=chat_template)
-    _SFT_STATE["policy"] = policy
-
-
-def sft_length_policy(prompt: list[int], response: list[int], *, policy: LengthPolicy,
-                      bos_id: int | None) -> LengthOutcome:
-    """The pair length policy applied to one response (as a pair whose two sides are that response), so
-    an SFT example is cut exactly as the chosen side of a pair would be. ``rejected`` is empty."""
-    out = apply_length_policy(prompt, response, response, policy=policy, bos_id=bos_id)
-    if out.dropped == "identical_after_truncation":  # both sides are the response by construction: kept
-        return LengthOutcome(out.prompt, out.chosen, [], prompt_truncated=len(out.prompt) < len(prompt),
-                             responses_truncated=1)
-    return LengthOutcome(out.prompt, out.chosen, [], dropped=out.dropped, prompt_truncated=out.prompt_truncated,
-                         responses_truncated=min(out.responses_truncated, 1))
-
-
-def process_sft_chunk(chunk: Chunk) -> ChunkResult:
-    tokenizer: Tokenizer = _SFT_STATE["tokenizer"]
-    policy: LengthPolicy = _SFT_STATE["policy"]
-    flat: list[int] = []
-    lengths: list[tuple[int, int, int]] = []
-    problems: list[Problem] = []
-    counts: Counter = Counter()
-    for offset, raw in enumerate(chunk.lines):
-        line = chunk.first_line + offset
-        record = parse_sft_record(raw, source=chunk.source, line=line)
-        if record is None:
-            counts["blank_lines"] += 1
-            continue
-        if isinstance(record, Problem):
-            problems.append(record)
-            continue
-        try:
-            encoded = encode_sft_record(record, tokenizer)
-        except (TemplateRenderError, TokenizeError) as exc:
-            problems.append(Problem(chunk.source, line, exc.field, exc.reason, exc.code))
-            continue
-        counts["valid_records"] += 1
-        out = sft_length_policy(encoded.prompt, encoded.chosen, policy=policy, bos_id=tokenizer.bos_id)
-        if out.dropped:
-            counts[f"dropped_{out.dropped}"] += 1
-            continue
-        counts["prompt_truncated"] += out.prompt_truncated
-        counts["responses_truncated"] += out.responses_truncated
-        flat += out.prompt
-        flat += out.chosen
-        lengths.append((len(out.prompt), len(out.chosen), 0))
-    return ChunkResult(
-        input_index=chunk.input_index,
-        num_lines=len(chunk.lines),
-        tokens=np.array(flat, dtype=np.int32),
-        lengths=np.array(lengths, dtype=np.int64).reshape(-1, 3),
-        problems=problems,
-        counts=counts,
-    )
-
-
 def _ordered_results(config: PrepareConfig, policy: LengthPolicy, tokenizer: Tokenizer) -> Iterator[ChunkResult]:
     tasks = _chunks(config.inputs, chunk_lines=config.chunk_lines)
-    sft = config.kind == "sft"
-    process, init = (process_sft_chunk, _init_sft_worker) if sft else (process_chunk, init_worker)
     if config.workers <= 1:
-        if sft:
-            _SFT_STATE.update(tokenizer=tokenizer, policy=policy)
-        else:
-            use_tokenizer(tokenizer, policy)
-        yield from map(process, tasks)
+        use_tokenizer(tokenizer, policy, kind=config.kind)
+        yield from map(process_chunk, tasks)
         return
     # forkserver, not fork: the caller may be a training process with threads (torch, gloo, CUDA), and
     # forking those is unsafe. Workers import only the light modules of this package (no torch, no
@@ -165,10 +96,10 @@ def _ordered_results(config: PrepareConfig, policy: LengthPolicy, tokenizer: Tok
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     context = mp.get_context(method)
     window = 2 * config.workers  # bounded read-ahead: memory stays flat however large the input
-    with context.Pool(config.workers, init, (config.tokenizer, config.chat_template, policy)) as pool:
+    with context.Pool(config.workers, init_worker, (config.tokenizer, config.chat_template, policy, config.kind)) as pool:
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.apply_async(process, (task,)))
+            pending.append(pool.apply_async(process_chunk, (task,)))
             if len(pending) >= window:
                 yield pending.popleft().get()
         while pending:
