@@ -71,7 +71,7 @@ def attention_span(batches: Sequence[Any]) -> float:
     nobody computes)."""
     spans = positions = 0
     for batch in batches:
-        if batch.packed:
+        if getattr(batch, "packed", False):  # other batch types (PPO's prompts) are rows
             bounds = batch.segment_bounds()
             spans += sum((end - start) ** 2 for start, end in zip(bounds[:-1], bounds[1:]))
             positions += bounds[-1]

@@ -23,9 +23,7 @@ import math
 import sys
 from typing import Optional, Sequence
 
-import torch.distributed as dist
 
-from megatron_tgdpo import distributed
 from megatron_tgdpo.algorithms.ppo import config as ppo_config
 from megatron_tgdpo.algorithms.ppo.config import PPOConfig
 from megatron_tgdpo.config import ConfigError, TrainConfig, parse_tool_args
@@ -77,38 +75,14 @@ def run(ppo: PPOConfig, cfg: TrainConfig) -> int:
     return loop.run(cfg, ppo_algorithm(ppo))
 
 
-def _say(text: str) -> None:
-    if distributed.launch_rank() == 0:
-        print(text, file=sys.stderr, flush=True)
+def _scorer_errors() -> tuple[type[BaseException], ...]:
+    from megatron_tgdpo.algorithms.ppo.rewards import ScorerError
+
+    return (ScorerError,)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_tgdpo.runtime.console import quiet_library_warnings
+    from megatron_tgdpo.runtime.entry import launch
 
-    try:
-        ppo, cfg = parse(argv)
-    except ConfigError as exc:
-        _say(str(exc))
-        return 2
-    quiet_library_warnings(verbose=cfg.verbose)
-    distributed.init_process_group(distributed.read_launch_env())
-    code = 1
-    try:
-        code = run(ppo, cfg)
-    except ConfigError as exc:
-        if dist.get_rank() == 0:
-            print(str(exc), file=sys.stderr, flush=True)
-        code = 2
-    except Exception as exc:  # noqa: BLE001 - one line per rank with the cause; the traceback with --verbose
-        from megatron_tgdpo.algorithms.ppo.rewards import ScorerError
-        from megatron_tgdpo.checkpointing import CheckpointError
-        from megatron_tgdpo.runtime.loop import NonFiniteError
-
-        if isinstance(exc, (NonFiniteError, CheckpointError, ScorerError)) and not cfg.verbose:
-            if dist.get_rank() == 0:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-        else:
-            raise
-    finally:
-        distributed.destroy()
-    return code
+    return launch(lambda: parse(argv), lambda parsed: run(*parsed), verbose=lambda parsed: parsed[1].verbose,
+                  expected=_scorer_errors)

@@ -31,9 +31,12 @@ from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.data.packing import packed_seq_params_for
 from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, output_logprobs
 
-__all__ = ["LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_logps"]
+__all__ = ["Head", "LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_logps"]
 
 LossFn = Callable[[int, Batch, torch.Tensor], tuple[torch.Tensor, Any, Any]]
+#: What the last stage computes from the model's output before the loss: ``(model, batch, output)`` ->
+#: the tensor the :data:`LossFn` gets (default: the token log-probs; the PPO critic: its values).
+Head = Callable[[torch.nn.Module, Batch, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -76,17 +79,25 @@ def run_schedule(
     *,
     forward_only: bool,
     logprobs: LogprobSettings = LogprobSettings(),
+    head: Head | None = None,
 ) -> list[Any]:
     """Run every micro-batch through megatron-core's schedule (1F1B, interleaved with virtual stages);
     returns the ``report`` of each micro-batch on the last pipeline stage (an empty list elsewhere).
+
+    ``head`` replaces the token log-probs (``logprobs`` then does not apply): the loss function gets
+    what it returns, under the same ``(numerator, count, report)`` contract.
 
     ``microbatches`` hold full sequences (all of one shape when pipeline-parallel); each rank takes its
     context-parallel slice here, so ``loss_fn`` sees this rank's tokens."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cp_rank, cp_size, _ = context_parallel()
-    for chunk in chunks:  # cheap and idempotent: generation may have switched the head back meanwhile
-        (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
+    if head is None:
+        for chunk in chunks:  # cheap and idempotent: generation may have switched the head back meanwhile
+            (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
+
+        def head(model: torch.nn.Module, batch: Batch, output: torch.Tensor) -> torch.Tensor:
+            return output_logprobs(model, output, batch["labels"], chunk_size=logprobs.chunk_size)
 
     def forward_step(data_iterator, model):
         index = next(data_iterator)
@@ -97,9 +108,8 @@ def run_schedule(
             kwargs["packed_seq_params"] = packed
         output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
 
-        def loss_func(logits: torch.Tensor):
-            logps = output_logprobs(model, logits, batch["labels"], chunk_size=logprobs.chunk_size)
-            loss, count, report = loss_fn(index, batch, logps)
+        def loss_func(last_stage_output: torch.Tensor):
+            loss, count, report = loss_fn(index, batch, head(model, batch, last_stage_output))
             return loss, torch.as_tensor(count, dtype=torch.int, device=loss.device), report
 
         return output, loss_func

@@ -6,8 +6,8 @@ model source (torch_dist, converted, Hugging Face, seeded), loaded *before* the 
 PPO checkpoint, whose ``critic`` part (value head included) is loaded *after*. It is trained with its
 own megatron optimizer and LR scheduler (``--critic-lr``), and checkpointed as the part ``critic``.
 
-:func:`run_value_schedule` is ``runtime.schedule.run_schedule`` with the value head in place of the
-vocab-parallel log-prob op: the loss function gets ``(index, batch, values)`` with ``values`` fp32
+:func:`run_value_schedule` is ``runtime.schedule.run_schedule`` with the value head as its ``head``
+in place of the vocab-parallel log-prob op: the loss function gets ``(index, batch, values)`` with ``values`` fp32
 ``[R, S_local]`` and returns ``(numerator, count, report)`` under the same per-count contract.
 """
 from __future__ import annotations
@@ -20,12 +20,11 @@ import torch
 from megatron_tgdpo.checkpointing import CheckpointPart
 from megatron_tgdpo.config import TrainConfig
 from megatron_tgdpo.data.batch import Batch
-from megatron_tgdpo.data.packing import packed_seq_params_for
 from megatron_tgdpo.models.llama import LlamaArch
 from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.models.value_head import attach_value_head, value_output
 from megatron_tgdpo.runtime import setup
-from megatron_tgdpo.runtime.schedule import LossFn, context_parallel
+from megatron_tgdpo.runtime.schedule import LossFn, run_schedule
 
 __all__ = ["CRITIC", "build_critic", "run_value_schedule", "score_values"]
 
@@ -65,34 +64,8 @@ def run_value_schedule(chunks: list[torch.nn.Module], microbatches: list[Batch],
                        forward_only: bool) -> list[Any]:
     """Every micro-batch through megatron-core's schedule with the value head at the last stage; returns
     each micro-batch's ``report`` on the last pipeline stage (an empty list elsewhere)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    cp_rank, cp_size, _ = context_parallel()
-
-    def forward_step(data_iterator, model):
-        index = next(data_iterator)
-        batch = microbatches[index].for_context_parallel(cp_rank=cp_rank, cp_size=cp_size)
-        kwargs = {}
-        packed = packed_seq_params_for(batch)
-        if packed is not None:
-            kwargs["packed_seq_params"] = packed
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
-
-        def loss_func(hidden: torch.Tensor):
-            loss, count, report = loss_fn(index, batch, value_output(model, hidden))
-            return loss, torch.as_tensor(count, dtype=torch.int, device=loss.device), report
-
-        return output, loss_func
-
-    n = len(microbatches)
-    iterators = [iter(range(n)) for _ in chunks] if len(chunks) > 1 else iter(range(n))
-    rows, seq = microbatches[0].shape
-    with torch.no_grad() if forward_only else torch.enable_grad():
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=n,
-            seq_length=seq, micro_batch_size=rows, forward_only=forward_only,
-        )
-    return list(reports or [])
+    return run_schedule(chunks, microbatches, loss_fn, forward_only=forward_only,
+                        head=lambda model, batch, hidden: value_output(model, hidden))
 
 
 def score_values(chunks: list[torch.nn.Module], microbatches: list[Batch]) -> list[torch.Tensor]:
