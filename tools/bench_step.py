@@ -318,7 +318,7 @@ def write_prepared_pairs(prefix: str | Path, items: Sequence[tuple[np.ndarray, n
         finally:
             builder.data_file.close()
         builder.finalize(str(idx_path(out.stage_prefix)))
-        manifest = prepare._manifest(
+        manifest = prepare.build_manifest(
             config=config, policy=config.length_policy(), tokenizer=tok,
             tokenizer_sha256=tokenizer_content_hash(tok.path), inputs=[], problems=[],
             counts=Counter(valid_records=len(items)), num_pairs=len(items), token_totals=lengths.sum(axis=0),

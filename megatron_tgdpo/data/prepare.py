@@ -39,7 +39,7 @@ from megatron_tgdpo.data.records import RECORD_KINDS, Problem
 from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_content_hash
 from megatron_tgdpo.data.truncation import LengthPolicy
 
-__all__ = ["PrepareConfig", "prepare_preference_data"]
+__all__ = ["PrepareConfig", "build_manifest", "prepare_preference_data"]
 
 OnBadRecord = Literal["error", "skip"]
 
@@ -191,7 +191,7 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
         for index, entry in enumerate(inputs):
             entry["lines"] = lines_per_input[index]
             entry["pairs"] = pairs_per_input[index]
-        manifest = _manifest(
+        manifest = build_manifest(
             config=config,
             policy=policy,
             tokenizer=tokenizer,
@@ -222,7 +222,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _manifest(
+def build_manifest(
     *,
     config: PrepareConfig,
     policy: LengthPolicy,
@@ -238,6 +238,8 @@ def _manifest(
     dtype_name: str,
     stage_prefix: Path,
 ) -> dict[str, Any]:
+    """The manifest of a prepared set (what ``PREFIX.manifest.json`` holds), from the preparation's counts.
+    Public so that a tool writing a set by other means (``tools/bench_step.py``) writes the same manifest."""
     by_reason = Counter(p.code for p in problems)
     dropped = {k.removeprefix("dropped_"): v for k, v in sorted(counts.items()) if k.startswith("dropped_")}
     sft = config.kind == "sft"
