@@ -41,7 +41,7 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_tgdpo.models.state_dict import unwrap
+from megatron_tgdpo.models.state_dict import gpt_model
 from megatron_tgdpo.ops import chunk_tokens, fused_vocab_parallel_logprobs, vocab_parallel_logprobs
 
 __all__ = [
@@ -64,13 +64,6 @@ def _hidden_passthrough(self, input_: torch.Tensor, weight: Optional[torch.Tenso
         raise RuntimeError("the fused LM head returns hidden states, not logits: call disable_fused_head(model) "
                            "before inference or generation")
     return input_, None
-
-
-def _gpt_model(model: torch.nn.Module) -> torch.nn.Module:
-    gpt = unwrap(model)
-    if not hasattr(gpt, "decoder") or not hasattr(gpt, "post_process"):
-        raise TypeError(f"expected a megatron-core GPTModel (possibly DDP-wrapped), got {type(gpt).__name__}")
-    return gpt
 
 
 def _check_wrappers(model: torch.nn.Module) -> None:
@@ -104,7 +97,7 @@ def _check_config(config) -> None:
 
 def is_fused_head_enabled(model: torch.nn.Module) -> bool:
     """Whether this model chunk's output layer returns hidden states (False on stages without one)."""
-    layer = getattr(_gpt_model(model), "output_layer", None)
+    layer = getattr(gpt_model(model), "output_layer", None)
     forward = None if layer is None else layer.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _hidden_passthrough
 
@@ -114,7 +107,7 @@ def enable_fused_head(model: torch.nn.Module) -> torch.nn.Module:
 
     Parameters, names, state dicts and checkpoints are unchanged. A no-op on a chunk without an output
     layer (not the last pipeline stage) and when already enabled. Call with or without the DDP wrapper."""
-    gpt = _gpt_model(model)
+    gpt = gpt_model(model)
     _check_wrappers(model)
     if not gpt.post_process or is_fused_head_enabled(gpt):
         return model
@@ -128,7 +121,7 @@ def enable_fused_head(model: torch.nn.Module) -> torch.nn.Module:
 
 def disable_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`enable_fused_head`: the model returns logits again. Returns ``model``."""
-    gpt = _gpt_model(model)
+    gpt = gpt_model(model)
     if is_fused_head_enabled(gpt):
         del gpt.output_layer.forward
     return model
@@ -138,7 +131,7 @@ def output_weight(model: torch.nn.Module) -> torch.nn.Parameter:
     """The ``[V/tp, H]`` weight the LM head of this (last-stage) chunk multiplies by: ``output_layer.weight``,
     or with tied embeddings what ``GPTModel`` passes to its output layer (the embedding weight when this
     stage also embeds, else megatron's last-stage copy of it)."""
-    gpt = _gpt_model(model)
+    gpt = gpt_model(model)
     if not gpt.post_process:
         raise ValueError("this model chunk has no LM head (not the last pipeline stage)")
     if gpt.share_embeddings_and_output_weights:
@@ -168,7 +161,7 @@ def fused_logprobs(
         chunk_size: as for :func:`megatron_tgdpo.ops.fused_vocab_parallel_logprobs` (``"auto"``: sized by
             :data:`megatron_tgdpo.ops.DEFAULT_CHUNK_BYTES`).
     """
-    gpt = _gpt_model(model)
+    gpt = gpt_model(model)
     if not is_fused_head_enabled(gpt):
         raise ValueError("fused_logprobs needs a model with enable_fused_head applied (its output are logits)")
     _check_wrappers(model)

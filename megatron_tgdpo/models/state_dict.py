@@ -55,6 +55,14 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def gpt_model(model: torch.nn.Module) -> torch.nn.Module:
+    """:func:`unwrap`, and a clear error when what is inside is not a megatron-core ``GPTModel``."""
+    gpt = unwrap(model)
+    if not hasattr(gpt, "decoder") or not hasattr(gpt, "post_process"):
+        raise TypeError(f"expected a megatron-core GPTModel (possibly DDP-wrapped), got {type(gpt).__name__}")
+    return gpt
+
+
 def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor]) -> None:
     """Copy the matching shards of a full state dict into this rank's model chunks."""
     from megatron.core import parallel_state as ps

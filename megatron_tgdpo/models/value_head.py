@@ -33,22 +33,15 @@ from __future__ import annotations
 import torch
 
 from megatron_tgdpo.models.fused_head import enable_fused_head
-from megatron_tgdpo.models.state_dict import unwrap
+from megatron_tgdpo.models.state_dict import gpt_model, unwrap
 
 __all__ = ["VALUE_HEAD", "attach_value_head", "has_value_head", "value_output"]
 
 VALUE_HEAD = "value_head"
 
 
-def _gpt(model: torch.nn.Module) -> torch.nn.Module:
-    gpt = unwrap(model)
-    if not hasattr(gpt, "decoder") or not hasattr(gpt, "post_process"):
-        raise TypeError(f"expected a megatron-core GPTModel (possibly DDP-wrapped), got {type(gpt).__name__}")
-    return gpt
-
-
 def has_value_head(model: torch.nn.Module) -> bool:
-    return isinstance(getattr(_gpt(model), VALUE_HEAD, None), torch.nn.Linear)
+    return isinstance(getattr(gpt_model(model), VALUE_HEAD, None), torch.nn.Linear)
 
 
 def attach_value_head(model: torch.nn.Module, *, init_std: float = 0.0, seed: int = 0) -> torch.nn.Module:
@@ -58,7 +51,7 @@ def attach_value_head(model: torch.nn.Module, *, init_std: float = 0.0, seed: in
     is DDP-wrapped (DDP would not know the new parameters)."""
     if unwrap(model) is not model:
         raise ValueError("attach the value head before wrapping the chunk in DDP (the optimizer must see it)")
-    gpt = _gpt(model)
+    gpt = gpt_model(model)
     if not gpt.post_process:
         return model
     if has_value_head(gpt):
@@ -88,7 +81,7 @@ def attach_value_head(model: torch.nn.Module, *, init_std: float = 0.0, seed: in
 def value_output(model: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
     """fp32 ``[b, s]`` values from what the critic's last stage returned (``[b, s, H]``, or with
     sequence parallelism this TP rank's ``[b, s/tp, H]``); see the module docstring for the gradients."""
-    gpt = _gpt(model)
+    gpt = gpt_model(model)
     if not has_value_head(gpt):
         raise ValueError("value_output needs a chunk with attach_value_head applied (the last pipeline stage)")
     head = getattr(gpt, VALUE_HEAD)

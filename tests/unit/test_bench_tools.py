@@ -31,6 +31,11 @@ def _tool(name: str):
 def test_gpu_plan_covers_the_issue_and_fits_the_budget(monkeypatch, tmp_path):
     gc = _tool("gpu_check")
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    # The wheelhouse is carried to the GPU machine, not committed: a checkout holding one, as there.
+    root = tmp_path / "checkout"
+    (root / ".whl").mkdir(parents=True)
+    (root / ".whl" / "megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    monkeypatch.setattr(gc, "ROOT", root)
     args = gc.parse_args([])
     assert args.out == str(tmp_path / "out") and args.budget_s == gc.GPU_BUDGET_S == 480
     assert not args.work_dir.startswith(args.out)  # the 1B guidance checkpoint must not come back from $OUT
