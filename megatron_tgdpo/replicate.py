@@ -60,6 +60,7 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     parser.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=None,
                         help="pack several examples into each row in every training job (default: the preset's; "
                         "demo on, full off)")
+    parser.add_argument("--verbose", action="store_true", help="show library warnings (also MEGATRON_TGDPO_VERBOSE=1)")
     parser.add_argument("--nproc", type=int, help="ranks per training job (default 1: fastest for the tiny model)")
     sizes = parser.add_argument_group("task and sizes (defaults from --preset)")
     sizes.add_argument("--task", choices=("addition", "sort", "reverse"))
@@ -107,7 +108,10 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace, *, out=print) -> int:
     from megatron_tgdpo.pipeline import PipelineError, run_replication
+    from megatron_tgdpo.runtime.console import quiet_library_warnings
 
+    # Data preparation and checkpoint checks import megatron-core here too: the console shows the run only.
+    quiet_library_warnings(verbose=args.verbose)
     cfg = config_from_args(args)
     problems = cfg.problems()
     if args.figures is not None and not cfg.curve_every:

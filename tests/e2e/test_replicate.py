@@ -13,7 +13,8 @@ ROWS = ("SFT", "DPO", "TGDPO (alpha 0.5)", "SimPO", "IPO")
 
 
 def _replicate(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # The user's environment: no PYTHONWARNINGS, so a library warning would reach the console.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
     return subprocess.run([sys.executable, "-m", "megatron_tgdpo.replicate", "--preset", "smoke", "--workdir",
                            str(workdir), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
@@ -35,6 +36,7 @@ def test_smoke_run_prints_every_row_then_resumes(tmp_path):
     assert set(results["per_seed"]["1"]) == {"sft", "dpo", "tgdpo-a0.5", "simpo", "ipo"}
     assert results["pairs"]["1"]["pairs"] >= 1
     assert "[run ] seed1.tgdpo-a0.5" in first.stdout and "[skip]" not in first.stdout
+    assert "Warning" not in first.stdout + first.stderr, (first.stdout + first.stderr)[:3000]
 
     again = _replicate(tmp_path / "work")
     assert again.returncode == 0, again.stderr[-3000:]
