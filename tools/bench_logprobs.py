@@ -57,6 +57,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_tgdpo.runtime.console import quiet_library_warnings  # noqa: E402
+
+quiet_library_warnings()  # before megatron-core's import-time notices (MEGATRON_TGDPO_VERBOSE=1 shows them)
+
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (imported before forking ranks)
 
 from megatron_tgdpo import distributed  # noqa: E402
@@ -66,7 +70,7 @@ from megatron_tgdpo.ops import (  # noqa: E402
     fused_vocab_parallel_logprobs,
     vocab_parallel_logprobs,
 )
-from megatron_tgdpo.ops.logprobs import _vocab_block  # noqa: E402  (only to print the backward block)
+from megatron_tgdpo.ops.fused_logprobs import _vocab_block  # noqa: E402  (only to print the backward block)
 
 MIB = 2**20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

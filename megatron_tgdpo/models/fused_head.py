@@ -31,7 +31,7 @@ has an output layer; elsewhere everything here is a no-op or refuses to run.
 **Weight gradients.** The output weight is ``output_layer.weight``, or with tied embeddings the
 embedding weight on a stage that has both, and on the last stage at PP>1 megatron's copy of it (whose
 ``main_grad`` ``finalize_model_grads`` all-reduces with the first stage's). Under megatron DDP the fused
-op adds its gradient to ``main_grad`` directly (see ``megatron_tgdpo.ops.logprobs._ddp_main_grad``); that
+op adds its gradient to ``main_grad`` directly (see ``megatron_tgdpo.ops.fused_logprobs._ddp_main_grad``); that
 relies on ``overlap_grad_reduce=False``, which is checked here for DDP-wrapped models.
 """
 from __future__ import annotations
