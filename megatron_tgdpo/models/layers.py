@@ -244,6 +244,10 @@ class ContextParallelAttention(MegatronModule):
         by_length: dict[int, list[int]] = {}
         for start, end in blocks:
             by_length.setdefault(end - start, []).append(start)
+        if 2 * len(by_length) > len(blocks):
+            # Mostly distinct lengths: nothing to batch, so slice (views, no gather or permutation).
+            return torch.cat([self._attend_causal(query[start:end], key[start:end], value[start:end])
+                              for start, end in blocks])
         order, pieces = [], []
         for length, starts in by_length.items():
             index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(query.device)
@@ -261,6 +265,17 @@ class ContextParallelAttention(MegatronModule):
         inverse = torch.empty_like(order_t)
         inverse[order_t] = torch.arange(order_t.numel(), device=order_t.device)
         return torch.cat(pieces)[inverse].unsqueeze(1)
+
+    def _attend_causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Plain causal attention over ``[s, b, heads|groups, d]`` (one segment); ``[s, b, heads * d]``."""
+        rep = self.heads // self.groups
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
+        v = value.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
+        )
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.heads * self.head_dim)
 
     def _attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor

@@ -385,3 +385,43 @@ def test_attention_thd_shapes_and_kv_cache_decoding():
         torch.testing.assert_close(out, full[sk - sq :], atol=1e-6, rtol=0, msg=f"{sq} new queries")
     assert packed.shape == (sk, full.shape[-1])
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-segment path (CP = 1) equals the block-diagonal masked path, both of its branches
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks_vs_mask_rank():
+    from megatron_tgdpo.models.layers import _packed_layout
+
+    cfg = llama.transformer_config(ARCH, llama.ParallelLayout())
+    attention = ContextParallelAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self")
+    g = torch.Generator().manual_seed(0)
+    worst = {}
+    # equal lengths (one batched group) / all distinct (sliced) / mixed groups (batched, then permuted back)
+    for name, bounds in (("equal", [0, 8, 16, 24, 32, 40]), ("distinct", [0, 5, 12, 20, 33, 40]),
+                         ("mixed", [0, 8, 16, 24, 29, 34, 40])):
+        t = bounds[-1]
+        shapes = [(t, 1, attention.heads, attention.head_dim)] + 2 * [(t, 1, attention.groups, attention.head_dim)]
+        inputs = [torch.randn(*shape, generator=g) for shape in shapes]
+        weight = torch.randn(t, 1, attention.heads * attention.head_dim, generator=g)
+        outputs, grads = [], []
+        for fast in (True, False):
+            q, k, v = (x.clone().requires_grad_() for x in inputs)
+            if fast:
+                out = attention._attend_blocks(q, k, v, attention.blocks(bounds))
+            else:
+                layout = _packed_layout(sq=t, sk=t, bounds=bounds, cp_rank=0, cp_size=1, device=q.device)
+                out = attention._attend(q, k, v, attention.allowed(layout))
+            (out * weight).sum().backward()
+            outputs.append(out.detach())
+            grads.append([x.grad for x in (q, k, v)])
+        worst[name] = max([float((outputs[0] - outputs[1]).abs().max())]
+                          + [float((a - b).abs().max()) for a, b in zip(*grads)])
+    return worst
+
+
+def test_per_segment_attention_equals_the_masked_square():
+    (worst,) = run_on_ranks(1, _blocks_vs_mask_rank)
+    assert all(value < 1e-5 for value in worst.values()), worst
