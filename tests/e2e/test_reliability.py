@@ -589,15 +589,15 @@ def _train_expecting_checkpoint_error(argv: list[str], patch: Callable[[], None]
 
 
 def _free_space_gone_after_first_save() -> None:
-    from megatron_tgdpo import checkpointing
+    from megatron_tgdpo.checkpointing import saving
 
-    real, calls = checkpointing._free_bytes, [0]
+    real, calls = saving._free_bytes, [0]
 
     def free_bytes(path):
         calls[0] += 1
         return real(path) if calls[0] == 1 else 1000  # the second save finds 1000 bytes free
 
-    checkpointing._free_bytes = free_bytes
+    saving._free_bytes = free_bytes
 
 
 def test_save_is_refused_before_writing_when_space_is_short(work):
@@ -613,7 +613,7 @@ def _writer_fails_with_enospc() -> None:
     """The real writer runs, then the disk 'fills': one file cut short and ENOSPC raised."""
     from megatron.core import dist_checkpointing
 
-    from megatron_tgdpo import checkpointing
+    from megatron_tgdpo.checkpointing import saving
 
     real_save = dist_checkpointing.save
 
@@ -625,7 +625,7 @@ def _writer_fails_with_enospc() -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(victim))
 
     dist_checkpointing.save = save
-    checkpointing._free_bytes = lambda path: 10 * 2**20  # what is left once the write failed
+    saving._free_bytes = lambda path: 10 * 2**20  # what is left once the write failed
 
 
 def test_a_failing_write_reports_no_space_and_leaves_no_partial_directory(work):
