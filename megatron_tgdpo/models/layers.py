@@ -215,12 +215,15 @@ class ContextParallelAttention(MegatronModule):
         if bounds is not None:  # thd: give the tensors back their batch dimension of one
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp_size = parallel_state.get_context_parallel_world_size()
+        if bounds is not None and cp_size == 1:
+            if query.shape[0] != bounds[-1] or key.shape[0] != bounds[-1]:
+                raise ValueError(f"packed row of {bounds[-1]} tokens (cu_seqlens) does not match {query.shape[0]} "
+                                 f"queries / {key.shape[0]} keys")
+            # Packed, no CP split: attend per segment (sum of n_i^2 scores, not row^2), see blocks().
+            return self._attend_blocks(query, key, value, self.blocks(bounds)).squeeze(1)
         where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
                      cp_size=cp_size, device=query.device)
         layout = _sequence_layout(**where) if bounds is None else _packed_layout(bounds=bounds, **where)
-        if bounds is not None and cp_size == 1:
-            # Packed, no CP split: attend per segment (sum of n_i^2 scores, not row^2), see blocks().
-            return self._attend_blocks(query, key, value, self.blocks(bounds)).squeeze(1)
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
             key = _GatherSeqOverCP.apply(key, group)
@@ -239,54 +242,42 @@ class ContextParallelAttention(MegatronModule):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: list[tuple[int, int]]
     ) -> torch.Tensor:
         """Causal attention within each block of a ``[t, 1, heads, d]`` row; blocks of equal length
-        share one ``scaled_dot_product_attention`` call. Returns ``[t, 1, heads * d]``."""
-        rep = self.heads // self.groups
+        share one attention call (as a batch). Returns ``[t, 1, heads * d]``."""
         by_length: dict[int, list[int]] = {}
         for start, end in blocks:
             by_length.setdefault(end - start, []).append(start)
         if 2 * len(by_length) > len(blocks):
             # Mostly distinct lengths: nothing to batch, so slice (views, no gather or permutation).
-            return torch.cat([self._attend_causal(query[start:end], key[start:end], value[start:end])
-                              for start, end in blocks])
+            return torch.cat([self._attend(query[start:end], key[start:end], value[start:end]) for start, end in blocks])
         order, pieces = [], []
         for length, starts in by_length.items():
             index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(query.device)
             n = len(starts)
-            # [n * L, 1, h, d] -> [n, h, L, d]
-            q = query[index, 0].view(n, length, self.heads, self.head_dim).transpose(1, 2)
-            k = key[index, 0].view(n, length, self.groups, self.head_dim).transpose(1, 2).repeat_interleave(rep, 1)
-            v = value[index, 0].view(n, length, self.groups, self.head_dim).transpose(1, 2).repeat_interleave(rep, 1)
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
-            )
-            pieces.append(out.transpose(1, 2).reshape(n * length, self.heads * self.head_dim))
+
+            def as_batch(x: torch.Tensor) -> torch.Tensor:  # [n * L, 1, h, d] -> [L, n, h, d]: n rows of L
+                return x[index, 0].view(n, length, *x.shape[2:]).transpose(0, 1)
+
+            out = self._attend(as_batch(query), as_batch(key), as_batch(value))  # [L, n, heads * d]
+            pieces.append(out.transpose(0, 1).reshape(n * length, -1))
             order.append(index)
         order_t = torch.cat(order)
         inverse = torch.empty_like(order_t)
         inverse[order_t] = torch.arange(order_t.numel(), device=order_t.device)
         return torch.cat(pieces)[inverse].unsqueeze(1)
 
-    def _attend_causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Plain causal attention over ``[s, b, heads|groups, d]`` (one segment); ``[s, b, heads * d]``."""
-        rep = self.heads // self.groups
-        q = query.permute(1, 2, 0, 3)
-        k = key.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
-        v = value.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
-        )
-        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.heads * self.head_dim)
-
     def _attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        """``[s, b, heads|groups, d]`` -> ``[sq, b, heads * d]``: attention under ``mask`` (True = may
+        attend), or plain causal without one."""
         rep = self.heads // self.groups
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
         v = value.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale,
         )
         # [b, h, sq, d] -> [sq, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.heads * self.head_dim)
