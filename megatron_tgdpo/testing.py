@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["RankFailure", "free_port", "run_on_ranks"]
+__all__ = ["RankFailure", "free_port", "run_on_ranks", "simulate_ddp"]
 
 
 class RankFailure(AssertionError):
@@ -179,3 +179,23 @@ def _run_on_ranks(
         report = "\n".join(f"----- rank {r} -----\n{tb}" for r, tb in sorted(errors.items()))
         raise RankFailure(f"{len(errors)} of {world_size} ranks failed:\n{report}")
     return results
+
+
+def simulate_ddp(param: Any, grad_dtype: Any = None) -> Any:
+    """What megatron-core DDP does to a parameter, without DDP: a ``main_grad`` buffer (fp32 unless
+    ``grad_dtype``), ``grad_added_to_main_grad``, and a post-hook on its AccumulateGrad node that adds
+    ``param.grad`` to ``main_grad`` and clears it. Returns ``main_grad`` (tests of the fused head)."""
+    import torch
+
+    param.main_grad = torch.zeros(param.shape, dtype=grad_dtype or torch.float32)
+    param.grad_added_to_main_grad = False
+    accumulate = param.expand_as(param).grad_fn.next_functions[0][0]
+
+    def hook(*_: Any) -> None:
+        if param.grad is not None and not param.grad_added_to_main_grad:
+            param.main_grad.add_(param.grad.data)
+        param.grad = None
+
+    accumulate.register_hook(hook)
+    param._test_grad_acc = accumulate  # megatron keeps the node alive the same way (DDP.grad_accs)
+    return param.main_grad

@@ -18,7 +18,7 @@ import torch.distributed as dist
 # costs seconds); run_on_ranks preloads them too.
 from megatron.core import parallel_state, tensor_parallel
 from megatron_tgdpo.ops import fused_vocab_parallel_logprobs, vocab_parallel_logprobs
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import run_on_ranks, simulate_ddp
 
 FWD_TOL = 2e-5
 GRAD_TOL_FP32 = 2e-6
@@ -256,23 +256,6 @@ def test_fused_tp2_matches_single_device(sequence_parallel, dtype):
 # --------------------------------------------------------------------------------------------
 
 
-def _simulate_ddp(param, grad_dtype=torch.float32):
-    """megatron-core DDP's per-parameter state: main_grad, and a post-hook on the AccumulateGrad node
-    that moves param.grad into main_grad (see tests/unit/test_logprobs.py)."""
-    param.main_grad = torch.zeros(param.shape, dtype=grad_dtype)
-    param.grad_added_to_main_grad = False
-    accumulate = param.expand_as(param).grad_fn.next_functions[0][0]
-
-    def hook(*_):
-        if param.grad is not None and not param.grad_added_to_main_grad:
-            param.main_grad.add_(param.grad.data)
-        param.grad = None
-
-    accumulate.register_hook(hook)
-    param._test_grad_acc = accumulate
-    return param.main_grad
-
-
 def _rel(actual, expected) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
@@ -301,7 +284,7 @@ def _fused_vs_unfused_on_rank(cases):
 
         tokens = slice(rank * seq // size, (rank + 1) * seq // size) if sequence_parallel else slice(None)
         h, w = hidden[tokens].clone().requires_grad_(), torch.nn.Parameter(weight.clone())
-        main_grad = _simulate_ddp(w) if ddp else None
+        main_grad = simulate_ddp(w) if ddp else None
         logprobs = fused_vocab_parallel_logprobs(
             h, w, target, sequence_parallel=sequence_parallel, chunk_size=chunk_size
         )

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_tgdpo.ops import fused_vocab_parallel_logprobs, vocab_parallel_logprobs
 from megatron_tgdpo.ops.logprobs import resolve_tp_group
+from megatron_tgdpo.testing import simulate_ddp
 
 FWD_TOL = 2e-5
 GRAD_TOL_FP32 = 2e-6
@@ -211,6 +212,15 @@ def make_head(seq: int, batch: int, hidden_size: int, vocab: int, *, dtype: torc
     return hidden.to(dtype), weight.to(dtype), target
 
 
+def plain_head(hidden, weight, target, grad_output):
+    """The unfused reference: logits ``hidden @ weight.T``, then the plain op, backward done; returns the
+    leaf copies (their ``.grad`` set) and the log-probs."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = vocab_parallel_logprobs(h @ w.t(), target)
+    expected.backward(grad_output)
+    return h, w, expected
+
+
 def run_fused(hidden, weight, target, grad_output, **kwargs):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logprobs = fused_vocab_parallel_logprobs(h, w, target, **kwargs)
@@ -241,9 +251,7 @@ def test_fused_matches_unfused_head(dtype, chunk_size):
     grad_output = torch.randn(6, 2, generator=torch.Generator().manual_seed(4))
     logprobs, grad_hidden, grad_weight = run_fused(hidden, weight, target, grad_output, chunk_size=chunk_size)
 
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    expected = vocab_parallel_logprobs(h @ w.t(), target)
-    expected.backward(grad_output)
+    h, w, expected = plain_head(hidden, weight, target, grad_output)
     assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(logprobs, expected, rtol=0, atol=2e-6)
@@ -334,23 +342,6 @@ def test_fused_chunk_size_auto_and_bad_string():
         fused_vocab_parallel_logprobs(hidden, weight, target, chunk_size="big")
 
 
-def simulate_ddp(param: torch.nn.Parameter, grad_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """What megatron-core DDP does to a parameter: a ``main_grad`` buffer, ``grad_added_to_main_grad``,
-    and a post-hook on its AccumulateGrad node that adds ``param.grad`` to ``main_grad`` and clears it."""
-    param.main_grad = torch.zeros(param.shape, dtype=grad_dtype)
-    param.grad_added_to_main_grad = False
-    accumulate = param.expand_as(param).grad_fn.next_functions[0][0]
-
-    def hook(*_):
-        if param.grad is not None and not param.grad_added_to_main_grad:
-            param.main_grad.add_(param.grad.data)
-        param.grad = None
-
-    accumulate.register_hook(hook)
-    param._test_grad_acc = accumulate  # megatron keeps the node alive the same way (DDP.grad_accs)
-    return param.main_grad
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
@@ -362,9 +353,7 @@ def test_fused_fp32_matches_plain_head_with_and_without_main_grad(ddp, chunk_siz
     autograd's .grad; two backward passes accumulate."""
     hidden, weight, target = make_head(9, 3, 24, 300, dtype=torch.float32, seed=5)
     grad_output = torch.randn(9, 3, generator=torch.Generator().manual_seed(6))
-    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    expected = vocab_parallel_logprobs(h_ref @ w_ref.t(), target)
-    expected.backward(grad_output)
+    h_ref, w_ref, expected = plain_head(hidden, weight, target, grad_output)
 
     h, w = hidden.clone().requires_grad_(), torch.nn.Parameter(weight.clone())
     main_grad = simulate_ddp(w) if ddp else None
@@ -410,9 +399,7 @@ def test_fused_bf16_weight_main_grad(grad_dtype, chunk_size):
     unfused head's bf16 gradient that DDP adds), and agrees with the unfused head to bf16 precision."""
     hidden, weight, target = make_head(6, 2, 32, 150, dtype=torch.bfloat16, seed=3)
     grad_output = torch.randn(6, 2, generator=torch.Generator().manual_seed(4))
-    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    expected = vocab_parallel_logprobs(h_ref @ w_ref.t(), target)
-    expected.backward(grad_output)
+    h_ref, w_ref, expected = plain_head(hidden, weight, target, grad_output)
 
     h, w = hidden.clone().requires_grad_(), torch.nn.Parameter(weight.clone())
     main_grad = simulate_ddp(w, grad_dtype)
