@@ -22,9 +22,10 @@ import signal
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["RankFailure", "free_port", "run_on_ranks", "simulate_ddp"]
+__all__ = ["TIMING_METRICS", "RankFailure", "TrainingJob", "free_port", "run_on_ranks", "simulate_ddp"]
 
 
 class RankFailure(AssertionError):
@@ -199,3 +200,117 @@ def simulate_ddp(param: Any, grad_dtype: Any = None) -> Any:
     accumulate.register_hook(hook)
     param._test_grad_acc = accumulate  # megatron keeps the node alive the same way (DDP.grad_accs)
     return param.main_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Training jobs launched the way a cluster launches them (the reliability tests, tools/soak_preemption.py)
+# ----------------------------------------------------------------------------------------------
+
+#: metrics.jsonl keys that measure the machine, not the training: left out of bit-for-bit comparisons.
+TIMING_METRICS = frozenset({"tokens_per_s", "real_tokens_per_s", "pairs_per_s", "tflops", "step_time_s", "mfu"})
+_JOB_ENV = "MEGATRON_TGDPO_TEST_JOB"
+
+
+def _job_token(proc: Any) -> Optional[str]:
+    import psutil
+
+    try:
+        return proc.environ().get(_JOB_ENV)
+    except psutil.Error:
+        return None
+
+
+def _alive(proc: Any) -> bool:
+    """Running and not a zombie (a zombie has exited; only its exit status is left to collect)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class TrainingJob:
+    """``python -m megatron_tgdpo.train FLAGS`` under ``torchrun --nproc-per-node NPROC`` (``nproc`` 0: one
+    plain process), in a session of its own, output to ``out``. Every process of the job inherits a
+    token in its environment, which finds them all, orphans included (a reused pid does not carry it)."""
+
+    def __init__(self, flags: Sequence[Any], *, out: Path, nproc: int, cwd: Path, env: Optional[dict] = None):
+        import subprocess
+        import sys
+
+        self.nproc, self.out_path = nproc, Path(out)
+        launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                     f"--master-port={free_port()}"] if nproc > 0 else [sys.executable])
+        self.token = f"{os.getpid()}-{self.out_path.name}-{time.time_ns()}"
+        environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}),
+                       **{_JOB_ENV: self.token})
+        with open(self.out_path, "w") as handle:
+            self.proc = subprocess.Popen([*launcher, "-m", "megatron_tgdpo.train", *map(str, flags)], cwd=cwd,
+                                         env=environ, stdout=handle, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def workers(self) -> list:
+        """The trainer processes (``psutil.Process``): the launcher's children, or the launcher itself."""
+        import psutil
+
+        try:
+            launcher = psutil.Process(self.proc.pid)
+            if self.nproc == 0:
+                return [launcher]
+            return [p for p in launcher.children() if "megatron_tgdpo.train" in " ".join(p.cmdline())]
+        except psutil.NoSuchProcess:
+            return []
+
+    def processes(self) -> list:
+        """Every live process of the job: the launcher's descendants and every process carrying its token."""
+        import contextlib
+
+        import psutil
+
+        found: dict = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            launcher = psutil.Process(self.proc.pid)
+            found[launcher.pid] = launcher
+            found.update((p.pid, p) for p in launcher.children(recursive=True))
+        for p in psutil.process_iter():
+            if p.pid not in found and _job_token(p) == self.token:
+                found[p.pid] = p
+        return [p for p in found.values() if _alive(p)]
+
+    def signal_worker_groups(self, sig: signal.Signals, *, missing_ok: bool = False) -> list[int]:
+        """``sig`` to the process group of every worker (as SLURM does to every task): the workers and the
+        helpers they started. Returns the worker pids signalled; ``missing_ok``: a worker that has just
+        exited is skipped instead of raising."""
+        pids = []
+        for worker in self.workers():
+            try:
+                os.killpg(worker.pid, sig)
+            except ProcessLookupError:
+                if not missing_ok:
+                    raise
+                continue
+            pids.append(worker.pid)
+        return pids
+
+    def kill_all(self) -> None:
+        """SIGKILL to every process of the job at once (what a scheduler's hard kill does)."""
+        import contextlib
+
+        import psutil
+
+        for p in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+    def survivors(self, within: float = 10.0) -> list[str]:
+        """The job's processes still alive ``within`` seconds from now (found by their token: orphans
+        too), as ``"pid command"`` lines; empty when everything exited in time."""
+        deadline = time.monotonic() + within
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in self.processes()]

@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,11 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout this file is in, installed or not
+
+from megatron_tgdpo.testing import TIMING_METRICS, TrainingJob  # noqa: E402
+
 EXIT_REQUEUE = 75
-TIMING = {"tokens_per_s", "real_tokens_per_s", "pairs_per_s", "tflops", "step_time_s", "mfu"}
 KILL_MOMENTS = ("saving", "training", "launch")  # assigned in turn, so each gets a third of the kills
 
 
@@ -55,95 +56,22 @@ KILL_MOMENTS = ("saving", "training", "launch")  # assigned in turn, so each get
 # ----------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-JOB_ENV = "MEGATRON_TGDPO_SOAK_JOB"
-
-
-def _token(proc: psutil.Process) -> Optional[str]:
-    try:
-        return proc.environ().get(JOB_ENV)
-    except psutil.Error:
-        return None
-
-
-class Job:
-    """A torchrun launch in its own session (torchrun gives each worker a session of its own). Every
-    process of the job inherits a token in its environment, which finds them all, orphans included."""
+class Job(TrainingJob):
+    """A torchrun launch of the trainer (``testing.TrainingJob``: its own session, every process found by
+    an inherited token, orphans included)."""
 
     def __init__(self, flags: list[str], out: Path, nproc: int):
-        self.nproc = nproc
-        self.out = out
-        self.token = f"{os.getpid()}-{out.name}-{time.time_ns()}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **{JOB_ENV: self.token})
-        with open(out, "w") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                 f"--master-port={free_port()}", "-m", "megatron_tgdpo.train", *flags],
-                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(flags, out=out, nproc=nproc, cwd=ROOT)
         self.started = time.monotonic()
-
-    def workers(self) -> list[psutil.Process]:
-        try:
-            return [p for p in psutil.Process(self.proc.pid).children()
-                    if "megatron_tgdpo.train" in " ".join(p.cmdline())]
-        except psutil.NoSuchProcess:
-            return []
-
-    def processes(self) -> list[psutil.Process]:
-        """Every live process of the job: the launcher's descendants and every process with its token."""
-        found: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.NoSuchProcess):
-            launcher = psutil.Process(self.proc.pid)
-            found[launcher.pid] = launcher
-            found.update((p.pid, p) for p in launcher.children(recursive=True))
-        for p in psutil.process_iter():
-            if p.pid not in found and _token(p) == self.token:
-                found[p.pid] = p
-        return [p for p in found.values() if _alive(p)]
 
     def running(self) -> bool:
         return self.proc.poll() is None
-
-    def kill_everything(self) -> None:
-        """SIGKILL to every process of the job at once (what a scheduler's hard kill does)."""
-        for p in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.send_signal(signal.SIGKILL)
-
-    def signal_worker_groups(self, sig: signal.Signals) -> int:
-        workers = self.workers()
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(w.pid, sig)
-        return len(workers)
 
     def wait(self, timeout: float) -> Optional[int]:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-
-    def survivors(self, within: float = 10.0) -> list[str]:
-        """Processes of the job still alive ``within`` seconds from now."""
-        deadline = time.monotonic() + within
-        while (left := self.processes()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in left if _alive(p)]
-
-    def output(self) -> str:
-        return self.out.read_text(errors="replace")
 
 
 def worker_exit_codes(output: str) -> dict[int, int]:
@@ -157,7 +85,7 @@ def read_metrics(log_dir: Path) -> dict[int, dict]:
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return {r["iteration"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+    return {r["iteration"]: {k: v for k, v in r.items() if k not in TIMING_METRICS} for r in rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +133,7 @@ class Soak:
             if not job.running():
                 return False
             time.sleep(poll)
-        raise RuntimeError(f"attempt timed out after {timeout:.0f} s; see {job.out}")
+        raise RuntimeError(f"attempt timed out after {timeout:.0f} s; see {job.out_path}")
 
     def _tmp_dirs(self) -> set[tuple[str, int]]:
         """(name, inode) of every ``iter_*.tmp``: a save re-creates a stale one of the same name."""
@@ -245,9 +173,9 @@ class Soak:
                 attempt.fired = self._wait_for_progress(job, log_dir, start)
                 if attempt.fired:
                     time.sleep(self.rng.uniform(0.0, 2.0))
-                    attempt.fired = job.signal_worker_groups(signal.SIGTERM) == self.args.nproc
+                    attempt.fired = len(job.signal_worker_groups(signal.SIGTERM, missing_ok=True)) == self.args.nproc
                 attempt.exit_code = job.wait(1200)
-                attempt.worker_codes = worker_exit_codes(job.output())
+                attempt.worker_codes = worker_exit_codes(job.output)
                 marker = self.save / "REQUEUE"
                 attempt.marker = json.loads(marker.read_text()) if marker.is_file() else None
             else:
@@ -267,11 +195,11 @@ class Soak:
                         attempt.note = f"during write {which}: {sorted(n for n, _ in self._tmp_dirs())}"
                 if attempt.fired:
                     attempt.fired = job.running()
-                job.kill_everything()
+                job.kill_all()
                 attempt.exit_code = job.wait(60)
             attempt.survivors = job.survivors()
         finally:
-            job.kill_everything()
+            job.kill_all()
             job.wait(30)
         attempt.logged = read_metrics(log_dir)
         attempt.newest = self.newest_name()
@@ -301,9 +229,9 @@ class Soak:
         log_dir = self.work / "reference"
         job = Job(self.flags(log_dir), self.work / "reference.out", self.args.nproc)
         code = job.wait(3600)
-        job.kill_everything()
+        job.kill_all()
         if code != 0:
-            raise SystemExit(f"the reference run failed ({code}); see {job.out}")
+            raise SystemExit(f"the reference run failed ({code}); see {job.out_path}")
         return read_metrics(log_dir)
 
     def run(self) -> int:

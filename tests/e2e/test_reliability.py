@@ -35,16 +35,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import psutil
 import pytest
 import torch
 
-from megatron_tgdpo.testing import free_port, run_on_ranks
+from megatron_tgdpo.testing import TIMING_METRICS, TrainingJob, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 ITERS = 14  # the chain's runs; stops land around iteration 3-8
@@ -55,8 +53,6 @@ START_TIMEOUT = 240.0  # seconds to the first logged step (start-up is ~10 s on 
 BASE = ["--model", "tiny", "--loss-type", "dpo", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--seq-length", "64", "--lr", "3e-3", "--lr-decay-style", "inverse-square-root", "--seed", "11",
         "--eval-iters", "0", "--no-tensorboard"]
-# Metrics that measure the machine, not the training: left out of bit-for-bit comparisons.
-TIMING = {"tokens_per_s", "real_tokens_per_s", "pairs_per_s", "tflops", "step_time_s", "mfu"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,71 +60,19 @@ TIMING = {"tokens_per_s", "real_tokens_per_s", "pairs_per_s", "tflops", "step_ti
 # ----------------------------------------------------------------------------------------------
 
 
-JOB_ENV = "MEGATRON_TGDPO_TEST_JOB"
-
-
-def _token(proc: psutil.Process) -> Optional[str]:
-    try:
-        return proc.environ().get(JOB_ENV)
-    except psutil.Error:
-        return None
-
-
-def _alive(proc: psutil.Process) -> bool:
-    """Running and not a zombie (a zombie has exited; only its exit status is left to collect)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-class Job:
-    """One launch of the trainer in its own session, with its output in ``<work>/<name>.out``."""
+class Job(TrainingJob):
+    """One launch of the trainer (``testing.TrainingJob``), its output in ``<work>/<name>.out``, killed
+    at the end of the module whatever happens."""
 
     def __init__(self, work: Path, name: str, flags: list[str], *, nproc: int = 2, env: Optional[dict] = None):
-        self.name, self.nproc = name, nproc
-        self.out_path = work / f"{name}.out"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                     f"--master-port={free_port()}"] if nproc > 0 else [sys.executable])
-        self.token = f"{os.getpid()}-{name}-{time.time_ns()}"  # inherited by every process of the job
-        environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}), **{JOB_ENV: self.token})
-        with open(self.out_path, "w") as out:
-            self.proc = subprocess.Popen([*launcher, "-m", "megatron_tgdpo.train", *map(str, flags)], cwd=ROOT,
-                                         env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.name = name
+        super().__init__(flags, out=work / f"{name}.out", nproc=nproc, cwd=ROOT, env=env)
         self.returncode: Optional[int] = None
         _LIVE.append(self)
 
     # ---- looking -------------------------------------------------------------------------------
-    @property
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
     def tail(self, chars: int = 4000) -> str:
         return f"--- {self.name} output (last {chars} chars) ---\n{self.output[-chars:]}"
-
-    def workers(self) -> list[psutil.Process]:
-        """The trainer processes: the launcher's children (torchrun), or the launcher itself."""
-        try:
-            launcher = psutil.Process(self.proc.pid)
-            if self.nproc == 0:
-                return [launcher]
-            return [p for p in launcher.children() if "megatron_tgdpo.train" in " ".join(p.cmdline())]
-        except psutil.NoSuchProcess:
-            return []
-
-    def processes(self) -> list[psutil.Process]:
-        """Every live process of the job: the launcher's descendants and every process carrying its token
-        (orphans included; a pid reused by someone else's process does not carry it)."""
-        found: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.NoSuchProcess):
-            launcher = psutil.Process(self.proc.pid)
-            found[launcher.pid] = launcher
-            for p in launcher.children(recursive=True):
-                found[p.pid] = p
-        for p in psutil.process_iter():
-            if p.pid not in found and _token(p) == self.token:
-                found[p.pid] = p
-        return [p for p in found.values() if _alive(p)]
 
     def _check_running(self) -> None:
         if self.proc.poll() is not None:
@@ -151,13 +95,10 @@ class Job:
 
     # ---- acting --------------------------------------------------------------------------------
     def signal_worker_groups(self, sig: signal.Signals) -> list[int]:
-        """``sig`` to the process group of every worker (as SLURM does to every task): the workers and the
-        helpers they started. Returns the worker pids."""
+        """``sig`` to every worker's process group; every worker must be there to receive it."""
         workers = self.workers()
         assert len(workers) == max(self.nproc, 1), f"{self.name}: workers {workers}"
-        for worker in workers:
-            os.killpg(worker.pid, sig)
-        return [w.pid for w in workers]
+        return super().signal_worker_groups(sig)
 
     def wait(self, timeout: float = START_TIMEOUT) -> int:
         try:
@@ -169,9 +110,7 @@ class Job:
 
     def kill(self) -> None:
         """SIGKILL every process of the job; collect the launcher."""
-        for p in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        self.kill_all()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
 
@@ -208,7 +147,7 @@ def _last_iteration(log_dir: Path) -> int:
 
 
 def _training_values(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIMING}
+    return {k: v for k, v in row.items() if k not in TIMING_METRICS}
 
 
 def _worker_exit_codes(output: str) -> dict[int, int]:
@@ -272,10 +211,7 @@ def reference(work: Path) -> dict:
     os.kill(job.proc.pid, signal.SIGKILL)
     during = [d.name for d in _writes_in_progress(save)]
     job.proc.wait(10)
-    deadline = time.monotonic() + 10.0
-    while job.processes() and time.monotonic() < deadline:  # found by their token: orphans too
-        time.sleep(0.1)
-    survivors = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in job.processes()]
+    survivors = job.survivors(within=10.0)
     trained = _last_iteration(work / "reference")
     # The chain below starts from an empty save directory (it would resume the killed job's checkpoints).
     for leftover in save.glob("iter_*"):
