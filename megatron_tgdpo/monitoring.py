@@ -81,6 +81,52 @@ def attention_span(batches: Sequence[Any]) -> float:
     return spans / positions if positions else 0.0
 
 
+# ---- process memory on CPU (the benchmarks' peak-memory probes; Linux, glibc) --------------------------
+
+
+def process_status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mmap_large_blocks(threshold: int = 2**20) -> bool:
+    """Make glibc serve every block >= ``threshold`` by mmap and unmap it on free, so the resident set
+    follows live tensors rather than the allocator's history (glibc otherwise raises its mmap threshold
+    dynamically up to 32 MiB and keeps freed blocks below it in the heap). Call before forking ranks."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def release_free_heap() -> None:
+    """Collect garbage and give freed heap back to the OS, so a baseline RSS is live memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class WandbSettings:
     """What ``wandb.init`` gets (see the module docstring)."""

@@ -44,8 +44,6 @@ thread samples the resident set every 0.5 ms instead (can miss short peaks; the 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import sys
 import threading
@@ -64,6 +62,12 @@ quiet_library_warnings()  # before megatron-core's import-time notices (MEGATRON
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (imported before forking ranks)
 
 from megatron_tgdpo import distributed  # noqa: E402
+from megatron_tgdpo.monitoring import (  # noqa: E402
+    mmap_large_blocks,
+    process_status_bytes,
+    release_free_heap,
+    reset_peak_rss,
+)
 from megatron_tgdpo.ops import (  # noqa: E402
     DEFAULT_CHUNK_BYTES,
     chunk_tokens,
@@ -81,48 +85,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --------------------------------------------------------------------------------------------
 
 
-def _read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def _mmap_large_blocks(threshold: int = MIB) -> bool:
-    """Make glibc serve every block >= ``threshold`` by mmap and unmap it on free.
-
-    By default glibc raises its mmap threshold dynamically up to 32 MiB, after which freed blocks below
-    that size stay in the heap and a later block may or may not reuse them: resident memory would then
-    depend on allocation history rather than on what is live. A fixed threshold also disables the
-    dynamic adjustment. Blocks over 32 MiB (the large logits buffers) are mmapped either way."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-def _release_free_heap() -> None:
-    """Give freed heap back to the OS so the baseline RSS is live memory, not glibc's cache."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Extra memory (bytes) the body needed at its peak, over what was resident/allocated before."""
 
@@ -136,18 +98,18 @@ class PeakMemory:
         if device.type == "cuda":
             return "torch.cuda.max_memory_allocated minus allocated before the call"
         heap = " (glibc mmap threshold fixed at 1 MiB)" if _MMAP_FIXED else ""
-        if _reset_hwm():
+        if reset_peak_rss():
             return f"kernel RSS high-water mark (VmHWM, reset via /proc/self/clear_refs) minus RSS before the call{heap}"
         return f"RSS sampled every 0.5 ms by a thread (psutil) minus RSS before the call; may miss short peaks{heap}"
 
     def __enter__(self) -> "PeakMemory":
-        _release_free_heap()
+        release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-        elif _reset_hwm():
-            self._base = _read_status_kib("VmRSS") * 1024
+        elif reset_peak_rss():
+            self._base = process_status_bytes("VmRSS")
         else:
             import psutil
 
@@ -170,7 +132,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         elif self._sampler is None:
-            peak = _read_status_kib("VmHWM") * 1024
+            peak = process_status_bytes("VmHWM")
         else:
             self._stop.set()
             self._sampler.join()
@@ -307,7 +269,7 @@ def run_benchmark(args: argparse.Namespace) -> list[Result]:
                     diff = (out - reference).abs().max().item()
                     results.append(Result(vocab, dtype_name, path, mode, seconds * 1e3, cpu_seconds * 1e3, peak, diff))
             del logits, target
-            _release_free_heap()
+            release_free_heap()
     return results
 
 
@@ -401,7 +363,7 @@ def run_head_benchmark(args: argparse.Namespace) -> list[HeadResult]:
             for run in range(max(1, args.repeats)):
                 for path in paths:
                     weight.main_grad.zero_()
-                    _release_free_heap()
+                    release_free_heap()
                     _sync(device)
                     with PeakMemory(device) as meter:
                         start, cpu_start = time.perf_counter(), time.process_time()
@@ -426,7 +388,7 @@ def run_head_benchmark(args: argparse.Namespace) -> list[HeadResult]:
                     peaks[path], *(diffs if path == "fused" else ()),
                 ))
             del hidden, weight, target, wgrad_buffer
-            _release_free_heap()
+            release_free_heap()
     return results
 
 
@@ -593,7 +555,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     global _MMAP_FIXED
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        _MMAP_FIXED = _mmap_large_blocks()  # before forking, so ranks inherit it
+        _MMAP_FIXED = mmap_large_blocks()  # before forking, so ranks inherit it
     if args.threads and args.tp == 1:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

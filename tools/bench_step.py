@@ -78,9 +78,7 @@ error, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
-import gc
 import importlib.util
 import json
 import math
@@ -99,6 +97,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from megatron_tgdpo.config import ConfigError, TrainConfig, parse_tool_args  # noqa: E402
+from megatron_tgdpo.monitoring import (  # noqa: E402
+    mmap_large_blocks,
+    process_status_bytes,
+    release_free_heap,
+    reset_peak_rss,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
@@ -392,44 +396,6 @@ def ensure_guidance(cfg: TrainConfig, work: Path, *, tokenizer_vocab: int) -> st
 # --------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def fix_mmap_threshold() -> bool:
-    """glibc: serve blocks >= 1 MiB by mmap and return them on free, so the resident set follows live
-    tensors rather than the allocator's history (as tools/bench_logprobs.py does)."""
-    libc = _libc()
-    return bool(libc and libc.mallopt(-3, MIB))  # M_MMAP_THRESHOLD
-
-
-def _release_heap() -> None:
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 class Meter:
     """CUDA: allocated bytes (torch's allocator). CPU: resident set (VmRSS / VmHWM)."""
 
@@ -439,7 +405,7 @@ class Meter:
         self.start = self.base = 0
         self._sampler: Optional[threading.Thread] = None
         self.method = ("torch.cuda.max_memory_allocated" if self.cuda else
-                       "VmHWM via /proc/self/clear_refs" if _reset_hwm() else "VmRSS sampled every 1 ms")
+                       "VmHWM via /proc/self/clear_refs" if reset_peak_rss() else "VmRSS sampled every 1 ms")
 
     def _now(self) -> int:
         import torch
@@ -447,12 +413,12 @@ class Meter:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated()
-        return _status_kib("VmRSS") * 1024
+        return process_status_bytes("VmRSS")
 
     def begin_variant(self) -> None:
         import torch
 
-        _release_heap()
+        release_free_heap()
         if self.cuda:
             torch.cuda.empty_cache()
         self.start = self._now()
@@ -460,17 +426,17 @@ class Meter:
     def begin_steps(self) -> None:
         import torch
 
-        _release_heap()
+        release_free_heap()
         self.base = self._now()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif not _reset_hwm():
+        elif not reset_peak_rss():
             self._peak = self.base
             self._stop = threading.Event()
 
             def sample() -> None:
                 while not self._stop.is_set():
-                    self._peak = max(self._peak, _status_kib("VmRSS") * 1024)
+                    self._peak = max(self._peak, process_status_bytes("VmRSS"))
                     time.sleep(0.001)
 
             self._sampler = threading.Thread(target=sample, daemon=True)
@@ -483,7 +449,7 @@ class Meter:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         elif self._sampler is None:
-            peak = _status_kib("VmHWM") * 1024
+            peak = process_status_bytes("VmHWM")
         else:
             self._stop.set()
             self._sampler.join()
@@ -607,7 +573,7 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
         "te": compat.te_available(),
     }
     del algorithm, source
-    _release_heap()
+    release_free_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -950,7 +916,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> dict:
     if in_process and args.nproc not in (None, int(os.environ.get("WORLD_SIZE", "1"))):
         raise ConfigError("--nproc applies to CPU runs without a launcher; under torchrun use --nproc-per-node")
     if not torch.cuda.is_available():
-        fix_mmap_threshold()  # before forking: the ranks inherit it
+        mmap_large_blocks()  # before forking: the ranks inherit it
     load_before = os.getloadavg()[0]
     tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1")) if in_process else (args.nproc or tp * pp * cp)
