@@ -39,6 +39,15 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a job's ``MASTER_PORT`` on this machine)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     """torchrun variables win; otherwise SLURM (``srun``); otherwise a single process."""
     env = os.environ if environ is None else environ

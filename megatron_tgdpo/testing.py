@@ -15,27 +15,22 @@ its own process group and the whole group is killed afterwards, so helpers that 
 from __future__ import annotations
 
 import multiprocessing as mp
-from multiprocessing import connection as mp_connection
 import os
 import pickle
 import signal
-import socket
 import time
 import traceback
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+from megatron_tgdpo.distributed import free_port  # noqa: F401 - part of this module's API (tests use it)
 
 __all__ = ["TIMING_METRICS", "RankFailure", "TrainingJob", "free_port", "run_on_ranks", "simulate_ddp"]
 
 
 class RankFailure(AssertionError):
     """One or more ranks failed; the message holds each failing rank's traceback."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 _PRELOADED = False
@@ -47,8 +42,9 @@ def _preload() -> None:
     (megatron-core's import alone takes 4-10 s on 2 cores; paid per rank otherwise)."""
     global _PRELOADED
     if not _PRELOADED:
-        import megatron_tgdpo.train  # noqa: F401 - pulls in megatron-core, models, data, losses, ops
         import megatron.core.dist_checkpointing  # noqa: F401
+
+        import megatron_tgdpo.train  # noqa: F401 - pulls in megatron-core, models, data, losses, ops
 
         _PRELOADED = True
 

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from megatron_tgdpo.distributed import free_port
 from megatron_tgdpo.pipeline.stages import PipelineError
 
 __all__ = ["run_module", "train_jobs"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -35,11 +29,11 @@ def run_module(module: str, args: Sequence[str], *, log: Path, nproc: int = 1, t
     taken by another job on the machine); ``OMP_NUM_THREADS`` splits ``threads`` among the ranks."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "-m", module, *args]
+               f"--master-port={free_port()}", "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", module, *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // nproc)), PYTHONWARNINGS="ignore",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # never inherit a launcher's rank
         env.pop(key, None)
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ from pathlib import Path
 from statistics import fmean, pstdev
 from typing import Optional, Sequence
 
+from megatron_tgdpo.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's
@@ -90,14 +92,6 @@ class StageError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _say(text: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -105,7 +99,7 @@ def _say(text: str) -> None:
 def _run(cmd: Sequence[str], *, log: Path, what: str) -> None:
     """One subprocess, its output to ``log``; raises StageError with the log's tail on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(key, None)  # every job here is one process
     start = time.monotonic()
