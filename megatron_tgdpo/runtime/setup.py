@@ -60,19 +60,20 @@ def resolve_data(cfg: TrainConfig) -> DataSpec:
         train, evaluation, tok_path = info["train_prefix"], info["eval_prefix"], info["tokenizer"]
     else:
         from megatron_tgdpo.data.errors import DataFormatError, TokenizerError
-        from megatron_tgdpo.data.manifest import manifest_path
+        from megatron_tgdpo.data.manifest import kind_problem, manifest_path, read_manifest
         from megatron_tgdpo.data.tokenizer import resolve_dataset_tokenizer
 
         train, evaluation = cfg.data_path, cfg.eval_data_path
-        from megatron_tgdpo.data.manifest import kind_problem, read_manifest
-
         try:
-            tok_path = resolve_dataset_tokenizer(PreferenceDataset(train).manifest, override=cfg.tokenizer,
+            train_manifest = PreferenceDataset(train).manifest  # opened now: a broken set fails before compute
+            tok_path = resolve_dataset_tokenizer(train_manifest, override=cfg.tokenizer,
                                                  manifest_path=manifest_path(train))
             # A preference loss on an SFT set would train on empty rejected responses: refuse before compute.
-            for flag, prefix in (("--data-path", train), ("--eval-data-path", evaluation)):
-                problem = prefix and kind_problem(read_manifest(prefix), loss_type=cfg.loss_type, prefix=prefix,
-                                                  flag=flag)
+            manifests = [("--data-path", train, train_manifest)]
+            if evaluation:
+                manifests.append(("--eval-data-path", evaluation, read_manifest(evaluation)))
+            for flag, prefix, manifest in manifests:
+                problem = kind_problem(manifest, loss_type=cfg.loss_type, prefix=prefix, flag=flag)
                 if problem:
                     raise ConfigError(problem)
         except (TokenizerError, DataFormatError) as exc:
