@@ -13,28 +13,18 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from megatron_tgdpo.algorithms import algorithm_for
 from megatron_tgdpo.config import TrainConfig, parse_args
 from megatron_tgdpo.runtime.signals import EXIT_REQUEUE
 
-__all__ = ["EXIT_REQUEUE", "algorithm_for", "main", "run"]
-
-
-def algorithm_for(cfg: TrainConfig):
-    """The algorithm class that trains ``cfg.loss_type``."""
-    if cfg.loss_type == "sft":
-        from megatron_tgdpo.algorithms.sft import SFTAlgorithm
-
-        return SFTAlgorithm
-    from megatron_tgdpo.algorithms.preference import PreferenceAlgorithm
-
-    return PreferenceAlgorithm
+__all__ = ["EXIT_REQUEUE", "main", "run"]
 
 
 def run(cfg: TrainConfig) -> int:
     """Train on every rank of an initialised process group; returns the exit code."""
     from megatron_tgdpo.runtime import loop
 
-    return loop.run(cfg, algorithm_for(cfg))
+    return loop.run(cfg, algorithm_for(cfg.loss_type))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,1 +1,15 @@
 """Training methods on the shared runtime: preference (DPO, TGDPO, IPO, SimPO), SFT, PPO."""
+from __future__ import annotations
+
+__all__ = ["algorithm_for"]
+
+
+def algorithm_for(loss_type: str) -> type:
+    """The algorithm class that ``megatron_tgdpo.train`` runs for ``--loss-type`` (PPO has its own command)."""
+    if loss_type == "sft":
+        from megatron_tgdpo.algorithms.sft import SFTAlgorithm
+
+        return SFTAlgorithm
+    from megatron_tgdpo.algorithms.preference import PreferenceAlgorithm
+
+    return PreferenceAlgorithm

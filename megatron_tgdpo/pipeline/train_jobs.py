@@ -19,16 +19,6 @@ from typing import Optional, Sequence
 __all__ = ["main"]
 
 
-def _algorithm(cfg):
-    if cfg.loss_type == "sft":
-        from megatron_tgdpo.algorithms.sft import SFTAlgorithm
-
-        return SFTAlgorithm
-    from megatron_tgdpo.algorithms.preference import PreferenceAlgorithm
-
-    return PreferenceAlgorithm
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tgdpo.config import ConfigError, parse_args
 
@@ -46,6 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.distributed as dist
 
     from megatron_tgdpo import distributed
+    from megatron_tgdpo.algorithms import algorithm_for
     from megatron_tgdpo.runtime import loop
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 
@@ -56,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if dist.get_rank() == 0:
                 print(f"=== run {index}/{len(jobs)}: megatron_tgdpo.train {' '.join(flags)}", flush=True)
             try:
-                code = loop.run(cfg, _algorithm(cfg))
+                code = loop.run(cfg, algorithm_for(cfg.loss_type))
             except ConfigError as exc:
                 if dist.get_rank() == 0:
                     print(str(exc), file=sys.stderr, flush=True)
