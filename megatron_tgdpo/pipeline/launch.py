@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from megatron_tgdpo.distributed import free_port
 from megatron_tgdpo.pipeline.stages import PipelineError
 
-__all__ = ["run_module", "train_jobs"]
+__all__ = ["run_logged", "run_module", "train_jobs"]
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -22,28 +23,38 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def run_module(module: str, args: Sequence[str], *, log: Path, nproc: int = 1, threads: int = 1) -> None:
-    """``python -m module args`` (``nproc`` > 1: under ``torch.distributed.run``), output to ``log``.
+# A launcher's rank variables: a child started here is a job of its own (torchrun or one process).
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
 
-    One rank gets a free ``MASTER_PORT`` (its process group is a world of one; the default port could be
-    taken by another job on the machine); ``OMP_NUM_THREADS`` splits ``threads`` among the ranks."""
+
+def run_logged(cmd: Sequence[str], *, log: Path, what: Optional[str] = None, cwd: Optional[Path] = None,
+               **env: str) -> None:
+    """``cmd`` as a job of its own (a free ``MASTER_PORT`` on the loopback, no inherited rank variables,
+    ``env`` added), its command line and output in ``log``. Raises :class:`PipelineError` naming ``what``
+    (default: the command) with the log's tail when it fails."""
+    environ = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **env)
+    for key in _RANK_VARIABLES:
+        environ.pop(key, None)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        handle.write("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + "\n")
+        handle.flush()
+        result = subprocess.run(list(cmd), stdout=handle, stderr=subprocess.STDOUT, env=environ, cwd=cwd)
+    if result.returncode != 0:
+        what = what or f"`{' '.join(map(str, cmd[1:4]))} ...`"
+        raise PipelineError(f"{what} exited with code {result.returncode}; log {log}:\n{_tail(log)}")
+
+
+def run_module(module: str, args: Sequence[str], *, log: Path, nproc: int = 1, threads: int = 1) -> None:
+    """``python -m module args`` (``nproc`` > 1: under ``torch.distributed.run``), output to ``log``;
+    ``OMP_NUM_THREADS`` splits ``threads`` among the ranks (one rank still gets its own free port: its
+    process group is a world of one, and the default port could be taken by another job)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", module, *args]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // nproc)), PYTHONWARNINGS="ignore",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # never inherit a launcher's rank
-        env.pop(key, None)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        handle.write("$ " + " ".join(cmd) + "\n")
-        handle.flush()
-        result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise PipelineError(f"`{' '.join(cmd[1:4])} ...` exited with code {result.returncode}; log {log}:\n"
-                            f"{_tail(log)}")
+    run_logged(cmd, log=log, OMP_NUM_THREADS=str(max(1, threads // nproc)), PYTHONWARNINGS="ignore")
 
 
 def train_jobs(jobs: Sequence[Sequence[str]], *, log: Path, nproc: int, threads: int) -> None:

@@ -36,16 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import fmean, pstdev
 from typing import Optional, Sequence
 
-from megatron_tgdpo.distributed import free_port
+from megatron_tgdpo.pipeline.launch import run_logged
+from megatron_tgdpo.pipeline.stages import PipelineError
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
@@ -88,28 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-class StageError(RuntimeError):
-    pass
-
-
 def _say(text: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def _run(cmd: Sequence[str], *, log: Path, what: str) -> None:
-    """One subprocess, its output to ``log``; raises StageError with the log's tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(key, None)  # every job here is one process
+    """One subprocess, its output to ``log`` (``pipeline.launch.run_logged``: raises PipelineError with
+    the log's tail on failure)."""
     start = time.monotonic()
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        fh.flush()
-        code = subprocess.run(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False).returncode
-    if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise StageError(f"{what} failed (exit {code}); {log}:\n{tail}")
+    run_logged(cmd, log=log, what=what, cwd=REPO)
     _say(f"{what}: done in {time.monotonic() - start:.0f}s")
 
 
@@ -459,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except StageError as exc:
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
 
