@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -62,12 +61,7 @@ quiet_library_warnings()  # before megatron-core's import-time notices (MEGATRON
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402  (imported before forking ranks)
 
 from megatron_tgdpo import distributed  # noqa: E402
-from megatron_tgdpo.monitoring import (  # noqa: E402
-    mmap_large_blocks,
-    process_status_bytes,
-    release_free_heap,
-    reset_peak_rss,
-)
+from megatron_tgdpo.monitoring import PeakMemory, mmap_large_blocks, release_free_heap  # noqa: E402
 from megatron_tgdpo.ops import (  # noqa: E402
     DEFAULT_CHUNK_BYTES,
     chunk_tokens,
@@ -85,59 +79,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --------------------------------------------------------------------------------------------
 
 
-class PeakMemory:
-    """Extra memory (bytes) the body needed at its peak, over what was resident/allocated before."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-        self._sampler: Optional[threading.Thread] = None
-
-    @staticmethod
-    def method(device: torch.device) -> str:
-        if device.type == "cuda":
-            return "torch.cuda.max_memory_allocated minus allocated before the call"
-        heap = " (glibc mmap threshold fixed at 1 MiB)" if _MMAP_FIXED else ""
-        if reset_peak_rss():
-            return f"kernel RSS high-water mark (VmHWM, reset via /proc/self/clear_refs) minus RSS before the call{heap}"
-        return f"RSS sampled every 0.5 ms by a thread (psutil) minus RSS before the call; may miss short peaks{heap}"
-
-    def __enter__(self) -> "PeakMemory":
-        release_free_heap()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        elif reset_peak_rss():
-            self._base = process_status_bytes("VmRSS")
-        else:
-            import psutil
-
-            proc = psutil.Process()
-            self._base = proc.memory_info().rss
-            self._sampled = self._base
-            self._stop = threading.Event()
-
-            def sample() -> None:
-                while not self._stop.is_set():
-                    self._sampled = max(self._sampled, proc.memory_info().rss)
-                    time.sleep(0.0005)
-
-            self._sampler = threading.Thread(target=sample, daemon=True)
-            self._sampler.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        elif self._sampler is None:
-            peak = process_status_bytes("VmHWM")
-        else:
-            self._stop.set()
-            self._sampler.join()
-            peak = self._sampled
-        self.peak = max(0, peak - self._base)
+def memory_method(device: torch.device) -> str:
+    """How ``monitoring.PeakMemory`` measured, in the table's words."""
+    base = PeakMemory.method(device)
+    if device.type == "cuda":
+        return f"{base} minus allocated before the call"
+    heap = " (glibc mmap threshold fixed at 1 MiB)" if _MMAP_FIXED else ""
+    if base.startswith("VmHWM"):
+        return f"kernel RSS high-water mark (VmHWM, reset via /proc/self/clear_refs) minus RSS before the call{heap}"
+    return f"RSS sampled every 0.5 ms by a thread minus RSS before the call; may miss short peaks{heap}"
 
 
 def calibrate(device: torch.device, nbytes: int) -> float:
@@ -393,7 +343,7 @@ def run_head_benchmark(args: argparse.Namespace) -> list[HeadResult]:
 
 
 def print_head_table(results: list[HeadResult], args: argparse.Namespace, device: torch.device, ranks: int) -> None:
-    method = PeakMemory.method(device)
+    method = memory_method(device)
     cal = calibrate(device, 256 * MIB)
     threads = torch.get_num_threads() if ranks == 1 else args.threads or 1
     print(
@@ -444,7 +394,7 @@ def _single_process(args: argparse.Namespace) -> list[Result]:
 
 
 def print_table(results: list[Result], args: argparse.Namespace, device: torch.device, ranks: int) -> None:
-    method = PeakMemory.method(device)
+    method = memory_method(device)
     cal_bytes = 256 * MIB
     cal = calibrate(device, cal_bytes)
     threads = torch.get_num_threads() if ranks == 1 else args.threads or 1

@@ -85,7 +85,6 @@ import math
 import os
 import platform
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +96,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from megatron_tgdpo.config import ConfigError, TrainConfig, parse_tool_args  # noqa: E402
-from megatron_tgdpo.monitoring import (  # noqa: E402
-    mmap_large_blocks,
-    process_status_bytes,
-    release_free_heap,
-    reset_peak_rss,
-)
+from megatron_tgdpo.monitoring import PeakMemory, mmap_large_blocks, release_free_heap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
@@ -397,64 +391,31 @@ def ensure_guidance(cfg: TrainConfig, work: Path, *, tokenizer_vocab: int) -> st
 
 
 class Meter:
-    """CUDA: allocated bytes (torch's allocator). CPU: resident set (VmRSS / VmHWM)."""
+    """A variant's memory (``monitoring.PeakMemory``): CUDA allocated bytes, CPU resident set. ``peak_bytes``
+    over what was there before the variant was built, ``step_growth_bytes`` over what was there just
+    before the measured steps."""
 
     def __init__(self, device):
         self.device = device
-        self.cuda = device.type == "cuda"
-        self.start = self.base = 0
-        self._sampler: Optional[threading.Thread] = None
-        self.method = ("torch.cuda.max_memory_allocated" if self.cuda else
-                       "VmHWM via /proc/self/clear_refs" if reset_peak_rss() else "VmRSS sampled every 1 ms")
-
-    def _now(self) -> int:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return process_status_bytes("VmRSS")
+        self.start = 0
+        self.steps = PeakMemory(device)
+        self.method = PeakMemory.method(device)
 
     def begin_variant(self) -> None:
         import torch
 
         release_free_heap()
-        if self.cuda:
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.start = self._now()
+        self.start = PeakMemory.current(self.device)
 
     def begin_steps(self) -> None:
-        import torch
-
-        release_free_heap()
-        self.base = self._now()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        elif not reset_peak_rss():
-            self._peak = self.base
-            self._stop = threading.Event()
-
-            def sample() -> None:
-                while not self._stop.is_set():
-                    self._peak = max(self._peak, process_status_bytes("VmRSS"))
-                    time.sleep(0.001)
-
-            self._sampler = threading.Thread(target=sample, daemon=True)
-            self._sampler.start()
+        self.steps.start()
 
     def end_steps(self) -> dict:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        elif self._sampler is None:
-            peak = process_status_bytes("VmHWM")
-        else:
-            self._stop.set()
-            self._sampler.join()
-            peak = self._peak
-        return {"peak_bytes": max(0, peak - self.start), "step_growth_bytes": max(0, peak - self.base),
+        self.steps.stop()
+        peak = self.steps.absolute
+        return {"peak_bytes": max(0, peak - self.start), "step_growth_bytes": self.steps.peak,
                 "absolute_peak_bytes": peak, "method": self.method}
 
 
