@@ -150,6 +150,12 @@ def _training_values(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_METRICS}
 
 
+def _assert_bit_identical_to(reference: dict, metrics: dict[int, dict]) -> None:
+    """Every iteration ``metrics`` logged equals the uninterrupted reference run's, bit for bit."""
+    for it, row in metrics.items():
+        assert _training_values(row) == _training_values(reference["metrics"][it]), f"iteration {it}"
+
+
 def _worker_exit_codes(output: str) -> dict[int, int]:
     """rank -> exit code from torchrun's failure summary (torchrun itself exits 1 for any failure)."""
     found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", output)
@@ -277,8 +283,7 @@ def test_sigterm_to_every_worker_group_saves_and_exits_for_requeue(sigterm, refe
     assert f"no checkpoint in {sigterm['save']} yet" in sigterm["output"]
     stopped = _assert_preemption_stop(sigterm, "SIGTERM")
     assert stopped < ITERS, "the run ended before the signal: make it longer"
-    for it, row in sigterm["metrics"].items():
-        assert _training_values(row) == _training_values(reference["metrics"][it]), f"iteration {it}"
+    _assert_bit_identical_to(reference, sigterm["metrics"])
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +308,7 @@ def test_load_of_one_iteration_directory_resumes_exactly_it(sigusr1, sigterm):
 def test_sigusr1_to_every_worker_group_stops_the_same_way(sigusr1, reference):
     stopped = _assert_preemption_stop(sigusr1, "SIGUSR1")
     assert stopped < ITERS, "the run ended before the signal: make it longer"
-    for it, row in sigusr1["metrics"].items():
-        assert _training_values(row) == _training_values(reference["metrics"][it]), f"iteration {it}"
+    _assert_bit_identical_to(reference, sigusr1["metrics"])
 
 
 @pytest.fixture(scope="module")
@@ -328,8 +332,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_resume_is_bit_exact(resume
     start = int(previous.split("_")[1])
     assert f"resumed from {resumed['save'] / previous} (iteration {start}," in out, out[-3000:]
     assert sorted(resumed["metrics"]) == list(range(start + 1, ITERS + 1))
-    for it, row in resumed["metrics"].items():
-        assert _training_values(row) == _training_values(reference["metrics"][it]), f"iteration {it}"
+    _assert_bit_identical_to(reference, resumed["metrics"])
     assert not (resumed["save"] / "REQUEUE").exists()  # cleared when the run started
 
 
