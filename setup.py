@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Token-level reward-guided DPO (TGDPO) and DPO on megatron-core, at cluster scale",
     packages=find_packages(include=["megatron_tgdpo", "megatron_tgdpo.*"]),
+    # Shipped data (megatron_tgdpo/resources): the built-in synthetic set and its tokenizer, read at run time.
+    package_data={"megatron_tgdpo.resources": ["synthetic/*.jsonl", "synthetic/*.model"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the installer (CPU wheel on dev/CI machines, CUDA wheel on clusters).
@@ -28,5 +30,8 @@ setup(
         # --wandb-project: Weights & Biases logging (offline without an API key)
         "wandb": ["wandb"],
     },
-    entry_points={"console_scripts": ["megatron-tgdpo-train=megatron_tgdpo.train:main"]},
+    entry_points={"console_scripts": [
+        "megatron-tgdpo=megatron_tgdpo.cli:main",  # megatron-tgdpo <command>; --help lists them
+        "megatron-tgdpo-train=megatron_tgdpo.train:main",  # = megatron-tgdpo train
+    ]},
 )

@@ -23,8 +23,8 @@ from megatron_tgdpo.replicate import build_parser, run
 __all__ = ["main"]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser(prog="python -m megatron_tgdpo.demo", doc=__doc__, default_workdir="runs/demo",
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m megatron_tgdpo.demo") -> int:
+    parser = build_parser(prog=prog, doc=__doc__, default_workdir="runs/demo",
                           default_preset="demo")
     parser.add_argument("--full", action="store_true",
                         help="run the full replication instead (--preset full, --workdir runs/replicate)")

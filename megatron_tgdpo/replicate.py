@@ -136,8 +136,8 @@ def run(args: argparse.Namespace, *, out=print) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(build_parser().parse_args(argv))
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m megatron_tgdpo.replicate") -> int:
+    return run(build_parser(prog=prog).parse_args(argv))
 
 
 if __name__ == "__main__":

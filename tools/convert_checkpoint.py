@@ -1,82 +1,12 @@
 #!/usr/bin/env python
-"""Convert Llama checkpoints between Hugging Face and megatron_tgdpo.
-
-    python tools/convert_checkpoint.py hf-to-megatron --hf-dir /models/Llama-3.1-8B --output /ckpt/llama31-8b
-    python tools/convert_checkpoint.py megatron-to-hf --load /runs/dpo/save --output /export/llama31-8b-dpo \
-        --hf-config /models/Llama-3.1-8B/config.json
-
-``--load`` takes a converted directory, a torch_dist save root (its newest complete iteration) or one
-``iter_*`` directory, saved at any TP/PP. Outputs are written to ``<output>.tmp`` and renamed when
-complete. Exit status: 0 on success, 2 on a conversion error (message on stderr).
-"""
-from __future__ import annotations
-
-import argparse
+"""``python tools/convert_checkpoint.py ...`` is ``megatron-tgdpo convert ...`` (``megatron_tgdpo/cli/convert.py``); kept so that
+existing command lines keep working."""
 import sys
 from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-
-def _size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    upper = text.strip().upper()
-    for unit, scale in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * scale)
-    return int(upper)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    to_mg = sub.add_parser("hf-to-megatron", help="Hugging Face LlamaForCausalLM directory -> converted format")
-    to_mg.add_argument("--hf-dir", required=True, type=Path)
-    to_mg.add_argument("--output", required=True, type=Path)
-    to_mg.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-
-    to_hf = sub.add_parser("megatron-to-hf", help="converted or torch_dist checkpoint -> Hugging Face directory")
-    to_hf.add_argument("--load", required=True, type=Path)
-    to_hf.add_argument("--output", required=True, type=Path)
-    to_hf.add_argument("--hf-config", type=Path,
-                       help="config.json of the trained model (or its Hugging Face / converted directory)")
-    to_hf.add_argument("--tokenizer-dir", type=Path, help="copy tokenizer files from here")
-    to_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast (default: keep)")
-    to_hf.add_argument("--max-shard-size", type=_size, default="5GB", help="per safetensors shard (default 5GB)")
-    to_hf.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from megatron_tgdpo.runtime.console import quiet_library_warnings
-
-    quiet_library_warnings()
-    from megatron_tgdpo import convert
-
-    def progress(message: str) -> None:
-        print(message, flush=True)
-
-    try:
-        if args.command == "hf-to-megatron":
-            convert.hf_to_megatron(args.hf_dir, args.output, overwrite=args.overwrite, progress=progress)
-        else:
-            convert.megatron_to_hf(
-                args.load,
-                args.output,
-                hf_config=args.hf_config,
-                tokenizer_dir=args.tokenizer_dir,
-                dtype=args.dtype,
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-                progress=progress,
-            )
-    except (convert.ConversionError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
+from megatron_tgdpo.cli.convert import main, parse_args  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

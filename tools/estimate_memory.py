@@ -1,113 +1,12 @@
 #!/usr/bin/env python
-r"""Per-GPU memory estimate of DPO / TGDPO training under a parallel layout, before you queue the job.
-
-    python tools/estimate_memory.py --model llama3-8b --num-gpus 16 --tensor-model-parallel-size 4 \
-        --sequence-parallel --use-distributed-optimizer --bf16 --micro-batch-size 1 --seq-length 2048
-    python tools/estimate_memory.py --config examples/configs/llama3_70b_tgdpo.yaml --num-gpus 64
-    python tools/estimate_memory.py --hf-config /models/Llama-3.1-8B/config.json --num-gpus 8 ...
-
-Takes the training flags (and ``--config`` YAML) of ``megatron_tgdpo.train``; the model, layout,
-precision, batch and ``--loss-type`` ones matter (TGDPO holds three models: policy + frozen reference
-+ frozen guidance; the other losses two). The formulas are in ``megatron_tgdpo/memory.py``; how to
-read the table is in ``docs/scaling.md``. Prints the first and the last pipeline stage; exit status 0,
-1 when the worst stage does not fit ``--gpu-memory-gib``, 2 on a usage error.
-"""
-from __future__ import annotations
-
-import argparse
+"""``python tools/estimate_memory.py ...`` is ``megatron-tgdpo estimate-memory ...`` (``megatron_tgdpo/cli/estimate_memory.py``); kept so that
+existing command lines keep working."""
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from megatron_tgdpo.config import TrainConfig, parse_tool_args  # noqa: E402
-from megatron_tgdpo.memory import GIB, estimate, format_table  # noqa: E402
-from megatron_tgdpo.models import llama  # noqa: E402
-
-
-def tool_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="estimate_memory.py", add_help=False, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-gpus", type=int, required=True, help="GPUs in the job (DP = num-gpus / (TP x PP x CP))")
-    parser.add_argument("--hf-config", help="a Hugging Face config.json (or its directory) instead of --model")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (H100 80GB: 80)")
-    parser.add_argument("--reserve-gib", type=float, default=4.0,
-                        help="headroom for CUDA context, NCCL buffers and fragmentation: warn when less is left")
-    parser.add_argument("--no-flash-attention", dest="flash_attention", action="store_false",
-                        help="count the softmax probabilities (local attention, as on CPU)")
-    return parser
-
-
-def parse(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, TrainConfig]:
-    return parse_tool_args(tool_parser(), argv, applies="model, layout, precision, batch and --loss-type")
-
-
-def model_of(args: argparse.Namespace, cfg: TrainConfig) -> tuple[str, llama.LlamaArch]:
-    if args.hf_config:
-        from megatron_tgdpo.convert import hf_config_to_arch, read_hf_config
-
-        return args.hf_config, hf_config_to_arch(read_hf_config(args.hf_config))
-    return cfg.model, llama.preset(cfg.model)
-
-
-def describe(name: str, arch: llama.LlamaArch, cfg: TrainConfig, *, num_gpus: int, dp: int, frozen: int) -> str:
-    vpp = f" (VPP {cfg.virtual_pipeline_model_parallel_size})" if cfg.virtual_pipeline_model_parallel_size else ""
-    precision = "bf16" if cfg.bf16 else "fp32"
-    if cfg.fp8_format:
-        precision += f" + fp8 {cfg.fp8_format}"
-    return (
-        f"{name}: {arch.num_parameters() / 1e9:.2f}B parameters | {num_gpus} GPUs = TP {cfg.tensor_model_parallel_size}"
-        f"{' (SP)' if cfg.sequence_parallel else ''} x PP {cfg.pipeline_model_parallel_size}{vpp} x "
-        f"CP {cfg.context_parallel_size} x DP {dp} | {precision} | "
-        f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer | {cfg.loss_type}: policy + "
-        f"{frozen} frozen | micro-batch {cfg.micro_batch_size} pairs ({2 * cfg.micro_batch_size} rows) x "
-        f"{cfg.seq_length} tokens | global batch {cfg.global_batch_size}"
-    )
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, cfg = parse(argv)
-    try:
-        name, arch = model_of(args, cfg)
-        est = estimate(
-            arch,
-            num_gpus=args.num_gpus,
-            micro_batch_size=cfg.micro_batch_size,
-            seq_length=cfg.seq_length,
-            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-            context_parallel_size=cfg.context_parallel_size,
-            sequence_parallel=cfg.sequence_parallel,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-            bf16=cfg.bf16,
-            fp8_format=cfg.fp8_format,
-            loss_type=cfg.loss_type,
-            global_batch_size=cfg.global_batch_size,
-            logits_chunk_size=cfg.logits_chunk_size,
-            flash_attention=args.flash_attention,
-            fused_logprobs=cfg.fused_logprobs,
-            logprob_cache=cfg.logprob_cache is not None,
-        )
-        llama.check_layout(arch, llama.ParallelLayout(
-            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-            context_parallel_size=cfg.context_parallel_size,
-            sequence_parallel=cfg.sequence_parallel,
-        ))
-    except ValueError as exc:  # includes ConversionError from --hf-config
-        print(f"estimate_memory: {exc}", file=sys.stderr)
-        return 2
-    print(describe(name, arch, cfg, num_gpus=args.num_gpus, dp=est.data_parallel_size, frozen=est.frozen_models))
-    table, warnings = format_table(est, capacity_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib)
-    print(table)
-    for warning in warnings:
-        print(f"WARNING: {warning}")
-    return 1 if est.worst.total / GIB > args.gpu_memory_gib else 0
-
+from megatron_tgdpo.cli.estimate_memory import main, parse, tool_parser  # noqa: E402,F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="estimate_memory.py"))

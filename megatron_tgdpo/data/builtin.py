@@ -1,4 +1,4 @@
-"""The built-in synthetic data set (``examples/data/synthetic``), prepared on first use.
+"""The built-in synthetic data set (package data: ``megatron_tgdpo/resources/synthetic``), prepared on first use.
 
 ``builtin_dataset(cache_dir)`` prepares the shipped ``train.jsonl`` / ``eval.jsonl`` with the shipped
 tokenizer into ``cache_dir`` unless a complete manifest matching the current inputs, tokenizer and
@@ -16,11 +16,12 @@ from megatron_tgdpo.data.errors import DataFormatError
 from megatron_tgdpo.data.manifest import check_data_files, read_manifest, sha256_file
 from megatron_tgdpo.data.prepare import PrepareConfig, prepare_preference_data
 from megatron_tgdpo.data.tokenizer import load_tokenizer
+from megatron_tgdpo.resources import resource_path
 
 __all__ = ["BUILTIN_CHAT_TEMPLATE", "BUILTIN_MAX_SEQ_LENGTH", "SYNTHETIC_DIR", "builtin_dataset"]
 
-# The package is installed editable from the repository, whose examples/ holds the shipped files.
-SYNTHETIC_DIR = Path(__file__).resolve().parents[2] / "examples" / "data" / "synthetic"
+# Shipped with the package (importlib.resources), so an installed wheel has it too.
+SYNTHETIC_DIR = resource_path("synthetic")
 BUILTIN_CHAT_TEMPLATE = "plain"
 BUILTIN_MAX_SEQ_LENGTH = 64  # the longest synthetic row is ~21 tokens
 
@@ -80,8 +81,8 @@ def builtin_dataset(cache_dir: str | Path, *, source_dir: str | Path | None = No
     for needed in (tokenizer_path, source / "train.jsonl", source / "eval.jsonl"):
         if not needed.is_file():
             raise FileNotFoundError(
-                f"{needed}: missing; the built-in data set ships in the repository's examples/data/synthetic "
-                "(regenerate it with `python tools/make_synthetic_data.py`)"
+                f"{needed}: missing; the built-in data set ships with the package in megatron_tgdpo/resources/"
+                "synthetic (regenerate it with `megatron-tgdpo synthetic-data --output-dir DIR`)"
             )
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ from megatron_tgdpo.pipeline.training import model_name, preference_flags, sft_f
 
 __all__ = ["Replication", "run_replication"]
 
-REPO = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's template: prompt and response concatenated
 
 
@@ -320,9 +319,10 @@ class Replication:
         self.plot(seed, out / "curves.png")
 
     def plot(self, seed: int, output: Path) -> Path:
-        """DPO vs TGDPO: training loss, reward margin, held-out greedy score (``tools/plot_metrics.py``)."""
+        """DPO vs TGDPO: training loss, reward margin, held-out greedy score (``megatron-tgdpo plot``, in a
+        child process: matplotlib stays out of this one)."""
         curves = self.seed_dir(seed) / "curves"
-        cmd = [sys.executable, str(REPO / "tools" / "plot_metrics.py"), str(curves / "dpo" / "metrics.jsonl"),
+        cmd = [sys.executable, "-m", "megatron_tgdpo", "plot", str(curves / "dpo" / "metrics.jsonl"),
                str(curves / self.main_tgdpo / "metrics.jsonl"), "--keys", "loss", "rewards/margin",
                "heldout/score", "heldout/exact_match", "--label", "DPO", "--label",
                f"TGDPO (alpha {self.cfg.alpha:g})", "--output", str(output), "--title",
@@ -368,7 +368,7 @@ class Replication:
 
 def _merge_metrics(training: Path, heldout: dict[int, dict[str, Any]], output: Path) -> None:
     """Training metrics lines with ``heldout/score`` and ``heldout/exact_match`` lines at the scored
-    iterations, in iteration order (tools/plot_metrics.py merges consecutive lines of one iteration)."""
+    iterations, in iteration order (``megatron-tgdpo plot`` merges consecutive lines of one iteration)."""
     rows = [json.loads(line) for line in training.read_text().splitlines() if line.strip()]
     extra = [{"iteration": it, "heldout/score": m["mean_score"], "heldout/exact_match": m["exact_match"]}
              for it, m in heldout.items()]

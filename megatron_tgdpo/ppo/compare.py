@@ -44,9 +44,8 @@ from typing import Optional, Sequence
 
 from megatron_tgdpo.pipeline.launch import run_logged
 from megatron_tgdpo.pipeline.stages import PipelineError
+from megatron_tgdpo.resources import resource_path
 
-REPO = Path(__file__).resolve().parents[2]
-TOOLS = REPO / "tools"
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's
 
 
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/rto_compare", help="working and results directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--task", default="reverse", help="a verifier task of megatron_tgdpo.tasks")
-    p.add_argument("--tokenizer", default=str(REPO / "examples/data/synthetic/tokenizer.model"))
+    p.add_argument("--tokenizer", default=str(resource_path("synthetic", "tokenizer.model")))
     p.add_argument("--sft-prompts", type=int, default=2000)
     p.add_argument("--rl-prompts", type=int, default=2000)
     p.add_argument("--heldout-prompts", type=int, default=200)
@@ -94,7 +93,7 @@ def _run(cmd: Sequence[str], *, log: Path, what: str) -> None:
     """One subprocess, its output to ``log`` (``pipeline.launch.run_logged``: raises PipelineError with
     the log's tail on failure)."""
     start = time.monotonic()
-    run_logged(cmd, log=log, what=what, cwd=REPO)
+    run_logged(cmd, log=log, what=what)
     _say(f"{what}: done in {time.monotonic() - start:.0f}s")
 
 
@@ -131,7 +130,7 @@ def _prompts(args, out: Path) -> dict[str, Path]:
 
 
 def _prepare(args, inputs: Path, prefix: Path, *, fmt: str, log: Path, what: str) -> None:
-    _run(_py(str(TOOLS / "prepare_data.py"), "--input", str(inputs), "--output-prefix", str(prefix), "--format", fmt,
+    _run(_py("-m", "megatron_tgdpo", "prepare", "--input", str(inputs), "--output-prefix", str(prefix), "--format", fmt,
              "--tokenizer", args.tokenizer, "--chat-template", CHAT_TEMPLATE, "--max-seq-length", str(args.seq_length),
              "--min-prompt-tokens", "4", "--workers", "1", "--quiet"), log=log, what=what)
 
@@ -170,7 +169,7 @@ def _dpo(args, out: Path, seed: int, sft: Path, prompts: dict[str, Path]) -> dic
         lines = prompts["rl"].read_text().splitlines()[:max(budgets)]
         subset.write_text("\n".join(lines) + "\n")
         raw = work / "samples.raw.jsonl"
-        _run(_py(str(TOOLS / "generate.py"), "--load", str(sft), "--input", str(subset), "--output", str(raw),
+        _run(_py("-m", "megatron_tgdpo", "generate", "--load", str(sft), "--input", str(subset), "--output", str(raw),
                  "--overwrite", "--num-samples", str(args.samples_per_prompt), "--temperature", "1.0",
                  "--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", "64", "--seed", str(seed)),
              log=logs / "dpo_sample.log", what=f"seed {seed}: SFT samples for DPO ({len(lines)} prompts)")
@@ -183,7 +182,7 @@ def _dpo(args, out: Path, seed: int, sft: Path, prompts: dict[str, Path]) -> dic
         d = work / f"n{n}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "samples.jsonl").write_text("\n".join(all_samples[:n]) + "\n")
-        _run(_py(str(TOOLS / "build_pairs.py"), "--input", str(d / "samples.jsonl"), "--output", str(d / "pairs.jsonl"),
+        _run(_py("-m", "megatron_tgdpo", "pairs", "--input", str(d / "samples.jsonl"), "--output", str(d / "pairs.jsonl"),
                  "--stats-output", str(d / "pair_stats.jsonl")), log=logs / f"dpo{n}_pairs.log",
              what=f"seed {seed}: pairs from {n} prompts")
         _prepare(args, d / "pairs.jsonl", d / "data", fmt="preference", log=logs / f"dpo{n}_prepare.log",

@@ -34,9 +34,9 @@ def _task_lines() -> str:
     return "\n".join(f"  {name}: {cls.description}" for name, cls in sorted(TASKS.items()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, prog: str = "python -m megatron_tgdpo.tasks") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_tgdpo.tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,8 +148,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m megatron_tgdpo.tasks") -> int:
+    args = build_parser(prog=prog).parse_args(argv)
     command = {"make-prompts": _make_prompts, "score": _score, "evaluate": _evaluate}[args.command]
     try:
         return command(args)

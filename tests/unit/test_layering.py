@@ -3,13 +3,13 @@
 Every ``megatron_tgdpo`` import is counted, at module level and inside functions (a lazy import is
 still a dependency). Layers, low to high (``docs/architecture.md``)::
 
-    0 foundation   compat, manifest, monitoring, distributed, tasks/, data/, ops/
+    0 foundation   compat, manifest, monitoring, distributed, tasks/, data/, ops/, resources/, plotting
     1 model        models/llama, layers, state_dict, fused_head, losses/, memory, config
     2 storage      checkpointing, convert/
     3 sources      models/sources
     4 runtime      runtime/
     5 methods      logprob_cache, generation/, algorithms/, pipeline/
-    6 entry points train, demo, replicate, ppo; testing (the multi-rank harness preloads everything)
+    6 entry points train, demo, replicate, ppo, cli/, __main__; testing (the multi-rank harness preloads everything)
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_tgdpo"
 
 LAYERS = [
-    ("compat", "manifest", "monitoring", "distributed", "tasks", "data", "ops"),
+    ("compat", "manifest", "monitoring", "distributed", "tasks", "data", "ops", "resources", "plotting"),
     ("models.llama", "models.layers", "models.state_dict", "models.fused_head", "models", "losses", "memory", "config"),
     ("checkpointing", "convert"),
     ("models.sources",),
     ("runtime",),
     ("logprob_cache", "generation", "algorithms", "pipeline"),
-    ("train", "demo", "replicate", "ppo", "testing"),
+    ("train", "demo", "replicate", "ppo", "testing", "cli", "__main__"),
 ]
 
 
