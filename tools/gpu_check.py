@@ -1,44 +1,50 @@
 #!/usr/bin/env python3
-r"""The GPU check (issue "On a real GPU"): one run, one log, one JSON, each stage time-boxed.
+r"""The one-GPU acceptance check: what to run on a machine with one GPU to check an installation.
 
-    tools/gpu_check.sh                  # on the GPU machine (one GPU, ~6-8 minutes); writes under $OUT
-    tools/gpu_check.sh --dry-run        # the same stages on CPU at tiny sizes (rehearsal, ~10-20 minutes
-                                        # on a busy 2-core machine)
+    tools/gpu_check.sh                  # one GPU, about 6-8 minutes; log + JSON under $OUT or runs/gpu_check
+    tools/gpu_check.sh --dry-run        # the same stages on CPU at tiny sizes (a rehearsal of the check
+                                        # itself; 10-20 minutes on two cores)
     tools/gpu_check.sh --plan           # print the stages and their commands, run nothing
 
-Stages, in order (each a subprocess, killed with its process group when its time box runs out, so a
-hang costs at most its box; a failing stage does not stop the next; the whole run is capped by
-``--budget-s``, the later stages getting what is left):
+Run it from a checkout of the repository (the GPU tests and the benchmarks live there) in the
+environment you installed megatron_tgdpo's dependencies into. Stages, in order (each a subprocess,
+killed with its process group when its time box runs out, so a hang costs at most its box; a failing
+stage does not stop the next; the whole run is capped by ``--budget-s``, the later stages getting what
+is left):
 
-1. ``wheels``: when ``import megatron.core`` fails, install the carried wheelhouse (``.whl/*.whl``:
-   megatron-core 0.19.2 for cp312; nothing else is missing on that machine) into ``/tmp/site``
-   (``pip install --no-index --no-deps --no-compile --target``) and put it on ``PYTHONPATH`` for the
-   stages after it; the checkout itself is put on ``PYTHONPATH`` too (the package is not installed there).
+1. ``wheels``: only when ``import megatron.core`` fails: installs the wheels found in ``.whl/`` of the
+   checkout (a wheelhouse for a machine without network access, e.g. megatron-core built for its
+   Python) into ``/tmp/site`` (``pip install --no-index --no-deps --no-compile --target``) and puts it
+   on ``PYTHONPATH`` for the stages after it. The checkout itself is always put on ``PYTHONPATH``, so
+   the check also runs where the package is not installed.
 2. ``versions``: python, torch, CUDA, GPU name and memory, driver, megatron-core, TransformerEngine,
-   packaging (megatron-core 0.19.2 asks for >= 24.2), numpy, triton, transformers.
-3. ``pytest-gpu``: ``pytest tests/gpu`` (bf16 training through the CLI; FP8 vs bf16 where
-   TransformerEngine is installed, skipped cleanly otherwise; TP=2 skipped with one GPU; the one-GPU
-   parity tests: packed == padded, fused head == plain head).
-4. ``bench-logprobs``: ``tools/bench_logprobs.py --head`` at V = 128,256, bf16 and fp32: plain vs
-   fused LM head + log-probs, time and peak memory.
+   packaging (megatron-core 0.19 needs >= 24.2), numpy, triton, transformers and the other
+   dependencies, as JSON in the log.
+3. ``pytest-gpu``: ``pytest tests/gpu``: bf16 training through the command line; FP8 vs bf16 where
+   TransformerEngine is installed (skipped cleanly otherwise); tensor parallelism where two GPUs are
+   visible (skipped with one); the one-GPU parity tests: packed == padded, fused head == plain head.
+4. ``bench-logprobs``: ``tools/bench_logprobs.py --head`` at V = 128,256, bf16 and fp32: the plain vs
+   the fused LM head + log-probs, time and peak memory.
 5. ``bench-step``: ``tools/bench_step.py`` for the llama3.2-1b preset at sequence 4,096 (torchrun, one
-   rank): DPO vs TGDPO online vs TGDPO cached vs policy-only, packed vs padded, fused vs plain; tokens/s,
-   TFLOP/s, MFU, and ``megatron_tgdpo.memory.estimate`` (what tools/estimate_memory.py prints) beside
-   the measured ``max_memory_allocated`` of every run, with the estimator's error in %.
+   rank): DPO vs TGDPO online vs TGDPO cached vs policy-only, packed vs padded, fused vs plain;
+   tokens/s, TFLOP/s, MFU, and the memory estimate (``megatron-tgdpo estimate-memory``) beside the
+   measured ``max_memory_allocated`` of every run, with the estimate's error in %.
    ``--fp8-format hybrid`` is added where TransformerEngine is installed (``--fp8 auto``, the default).
-6. ``estimate-memory``: ``tools/estimate_memory.py`` for the bench's base run (the table, in the log).
-7. ``parity-cpu-ranks``: a fast subset of the multi-rank parity tests (TP/SP/PP/VPP/CP model
-   parity, vocab-parallel log-probs, fused head at TP/CP) on forked gloo ranks with CUDA hidden: two
-   ranks cannot share one GPU under NCCL, but these check the GPU machine's own megatron-core
-   (0.19.2), torch and Python, which development machines (0.16.1) do not run. Last, as the least
-   GPU-specific: it gets what is left of the budget.
+6. ``estimate-memory``: ``megatron-tgdpo estimate-memory`` for the benchmark's base run (the table, in
+   the log).
+7. ``parity-cpu-ranks``: a fast subset of the multi-rank parity tests (TP/SP/PP/VPP/CP model parity,
+   vocab-parallel log-probs, the fused head under TP/CP) on gloo CPU ranks with CUDA hidden: two ranks
+   cannot share one GPU under NCCL, but these check that this machine's megatron-core, torch and Python
+   give the parallel layouts the same numbers as one rank. Last, as the least GPU-specific: it gets
+   what is left of the budget.
 
 ``--dry-run``: the same stages and commands at tiny sizes on CPU (the GPU tests run on CPU through
 ``MEGATRON_TGDPO_GPU_TESTS_ON_CPU=1``; bench_step uses the tiny preset; the parity stage one quick file).
 Outputs under ``--out`` (default ``$OUT``, else ``runs/gpu_check``): ``gpu_check.log`` (every stage's
 command and output), ``gpu_check.json`` (per stage: status, seconds, the pytest summary line or the
-bench figures), ``bench_step.json``. Exit status 0 when every stage that ran passed, 1 otherwise.
-Only the standard library is imported here: the stages run before megatron-core is importable.
+benchmark figures), ``bench_step.json``. Exit status 0 when every stage that ran passed, 1 otherwise.
+Only the standard library is imported here: the check must start even where megatron-core does not
+import yet.
 """
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "/tmp/site"
-GPU_BUDGET_S = 480  # the issue: within ~8 minutes on one GPU
+GPU_BUDGET_S = 480  # about 8 minutes on one GPU
 DRY_BUDGET_S = 2400
 ON_CPU_ENV = "MEGATRON_TGDPO_GPU_TESTS_ON_CPU"
 
@@ -151,11 +157,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = False) -> list[Stage]:
-    """The stages of this run (pure: the test checks the plan without running it)."""
+def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = False,
+                gpu_memory_gib: Optional[float] = None) -> list[Stage]:
+    """The stages of this run (pure: the test checks the plan without running it). ``gpu_memory_gib``: the
+    GPU's memory as the versions stage read it, the capacity the estimate is checked against."""
     py, out, work, dry = args.python, Path(args.out), Path(args.work_dir), args.dry_run
     wheels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / ".whl").glob("*.whl"))
-    torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29517"]
+    # --standalone: a local rendezvous on a free port (a fixed port fails whenever another job holds it).
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
     if dry:
         logprobs = ["--vocab", "4096", "--tokens", "256", "--hidden", "64", "--dtype", "fp32", "--repeats", "1",
                     "--threads", "1"]
@@ -163,7 +172,7 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
                  "--micro-batch-size", "2",
                  "--global-batch-size", "4", "--steps", "1", "--warmup", "1"]
         estimate = ["--model", "tiny", "--num-gpus", "1", "--micro-batch-size", "2", "--seq-length", "128",
-                    "--global-batch-size", "4", "--loss-type", "tgdpo", "--gpu-memory-gib", "141"]
+                    "--global-batch-size", "4", "--loss-type", "tgdpo"]
         parity = list(PARITY_TESTS_DRY)
     else:
         logprobs = ["--vocab", "128256", "--dtype", "bf16", "fp32", "--repeats", "3"]
@@ -172,9 +181,10 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
         bench = ["--model", "llama3.2-1b", "--synthetic-model", "preset", "--bf16", "--seq-length", "4096",
                  "--micro-batch-size", "1", "--global-batch-size", "8", "--steps", "3", "--warmup", "1"]
         estimate = ["--model", "llama3.2-1b", "--bf16", "--num-gpus", "1", "--micro-batch-size", "1",
-                    "--seq-length", "4096", "--global-batch-size", "8", "--loss-type", "tgdpo",
-                    "--gpu-memory-gib", "141"]
+                    "--seq-length", "4096", "--global-batch-size", "8", "--loss-type", "tgdpo"]
         parity = list(PARITY_TESTS) + (["-n", "8"] if xdist else [])
+    if gpu_memory_gib:
+        estimate += ["--gpu-memory-gib", f"{gpu_memory_gib:g}"]
     if fp8:
         bench += ["--fp8-format", "hybrid"]
         estimate += ["--fp8-format", "hybrid"]
@@ -184,7 +194,7 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
     return [
         Stage("wheels", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
                          "--upgrade", "--target", SITE, *wheels], box(60, 120),
-              purpose="install the carried megatron-core wheel when it is missing", only_if_mcore_missing=True),
+              purpose="install the wheelhouse .whl/ when megatron-core does not import", only_if_mcore_missing=True),
         Stage("versions", [py, "-c", VERSIONS_SCRIPT], box(30, 120), purpose="python, torch, CUDA, GPU, megatron-core"),
         Stage("pytest-gpu", pytest + ["tests/gpu"], box(120, 900), env={ON_CPU_ENV: "1"} if dry else {},
               purpose="bf16 CLI training; FP8 where TE is installed; one-GPU parity (packed, fused head)"),
@@ -194,7 +204,7 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
                                         "--output", str(out / "bench_step.json")], box(210, 1200),
               purpose="step time, tokens/s, TFLOP/s, MFU, memory vs estimate: DPO/TGDPO/cached/policy-only, "
                       "packed/padded, fused/plain"),
-        Stage("estimate-memory", [py, "tools/estimate_memory.py", *estimate], box(15, 120),
+        Stage("estimate-memory", [py, "-m", "megatron_tgdpo", "estimate-memory", *estimate], box(15, 120),
               purpose="the estimator's table for the bench's base run"),
         Stage("parity-cpu-ranks", pytest + ["-x", *parity], box(240, 600), env={"CUDA_VISIBLE_DEVICES": ""},
               purpose="multi-rank parity on gloo CPU ranks under this machine's megatron-core/torch/python"),
@@ -207,7 +217,7 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
 
 
 class Log:
-    """The one log file, echoed to stdout (the device tool returns the tail of stdout)."""
+    """The one log file, echoed to stdout (a batch job's output file then shows the progress too)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.line(f"gpu_check {'--dry-run ' if args.dry_run else ''}| {time.strftime('%Y-%m-%d %H:%M:%S')} | budget "
              f"{args.budget_s:.0f}s | out {out} | python {args.python}")
     records: list[dict] = []
-    te = xdist = None
+    te = xdist = gpu_memory_gib = None
     plan = plan_stages(args)
     selected = [s for s in plan if (args.only is None or s.name in args.only) and s.name not in args.skip]
     for stage in selected:
@@ -340,17 +350,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 records.append({"name": stage.name, "status": "not needed", "seconds": 0.0})
                 continue
             if not any(a.endswith(".whl") for a in stage.argv):
-                log.line(f"\n===== {stage.name}: megatron-core is missing and .whl/ holds no wheel")
+                log.line(f"\n===== {stage.name}: megatron-core does not import and .whl/ holds no wheel: install "
+                         "megatron-core (pip install -e . in the checkout) or put its wheel in .whl/")
                 records.append({"name": stage.name, "status": "failed", "seconds": 0.0})
                 continue
-        if te is None and stage.name in ("bench-step", "estimate-memory"):
-            te = args.fp8 == "on" or (args.fp8 == "auto" and not args.dry_run and
-                                      _probe(args.python, env, "import transformer_engine.pytorch"))
-            xdist = _probe(args.python, env, "import xdist")
-            stage = next(s for s in plan_stages(args, fp8=te, xdist=xdist) if s.name == stage.name)
-        if stage.name == "parity-cpu-ranks":
+        if stage.name in ("bench-step", "estimate-memory", "parity-cpu-ranks"):
+            # Planned again with what the machine turned out to have: TransformerEngine, pytest-xdist, GPU memory.
+            if te is None and stage.name != "parity-cpu-ranks":
+                te = args.fp8 == "on" or (args.fp8 == "auto" and not args.dry_run and
+                                          _probe(args.python, env, "import transformer_engine.pytorch"))
             xdist = _probe(args.python, env, "import xdist") if xdist is None else xdist
-            stage = next(s for s in plan_stages(args, fp8=bool(te), xdist=xdist) if s.name == stage.name)
+            stage = next(s for s in plan_stages(args, fp8=bool(te), xdist=xdist, gpu_memory_gib=gpu_memory_gib)
+                         if s.name == stage.name)
         if left < 15:
             log.line(f"\n===== {stage.name}: skipped, {left:.0f}s of the budget left")
             records.append({"name": stage.name, "status": "skipped (budget)", "seconds": 0.0})
@@ -360,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record = run_stage(stage, env=env, timeout_s=min(stage.timeout_s, left), log=log)
         _summaries(record, out=out)
         records.append(record)
+        if stage.name == "versions":
+            gpu_memory_gib = (record.get("versions") or {}).get("gpu_memory_gib")
         if stage.name == "wheels" and record["status"] == "passed":
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT), SITE] + [
                 p for p in env["PYTHONPATH"].split(os.pathsep) if p and p != str(ROOT)])

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of the issue "On a real GPU" (see tools/gpu_check.py for the stages):
-#   tools/gpu_check.sh             on a GPU machine: one run, ~6-8 minutes on one GPU, log + JSON under $OUT
+# The one-GPU acceptance check of an installation (the stages: tools/gpu_check.py):
+#   tools/gpu_check.sh             on a machine with one GPU: about 6-8 minutes, log + JSON under $OUT
+#                                  (default runs/gpu_check)
 #   tools/gpu_check.sh --dry-run   the same stages on CPU at tiny sizes
-# On the lent GPU machine (python3 = its torch; no megatron-core, no network): carry .whl, e.g.
-#   run(command="tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# The driver installs .whl/*.whl into /tmp/site itself when megatron-core does not import.
+#   tools/gpu_check.sh --plan      the stages and their commands
+# Runs from the checkout with the interpreter of the active virtual environment ($PYTHON overrides it).
+# Without network access and without megatron-core: put its wheel in .whl/ and the check installs it
+# into /tmp/site for its own stages.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY="${PYTHON:-}"
