@@ -25,7 +25,7 @@ LAYERS = [
     ("models.sources",),
     ("runtime",),
     ("logprob_cache", "generation", "algorithms", "pipeline"),
-    ("train", "demo", "replicate", "ppo", "testing"),
+    ("train", "demo", "replicate", "ppo", "testing", "cli", "__main__"),
 ]
 
 
