@@ -175,5 +175,5 @@ def test_logprobs_match_transformers(smollm2, reference, layout, source):
     got = _logprobs(logits, labels)
     err = (got - want)[mask].abs().max().item()
     assert err < TOL, f"{layout} from {source}: max |log-prob difference| {err:.2e}"
-    # the model is the instruct model, not noise: its own answers are likely
-    assert want[mask].mean().item() > -3.0
+    # the model is a trained one, not noise (uniform would be -log(49152) = -10.8 per token)
+    assert want[mask].mean().item() > -6.0
