@@ -8,6 +8,7 @@ from megatron_tgdpo.convert.hf_config import hf_config_to_arch, read_hf_config
 from megatron_tgdpo.convert.layout import check_hf_names, hf_shapes, megatron_from_hf
 from megatron_tgdpo.convert.safetensors_io import HF_INDEX, HF_SINGLE, hf_weight_map, open_views
 from megatron_tgdpo.convert.views import ConcatRows, TensorView
+from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
 from megatron_tgdpo.models.llama import LlamaArch
 
 _WEIGHT_GLOBS = (HF_INDEX, HF_SINGLE, "*.safetensors", "pytorch_model*.bin")
@@ -26,6 +27,10 @@ def is_hf_directory(path: str | Path) -> bool:
 def open_hf(hf_dir: str | Path) -> tuple[dict, LlamaArch, dict[str, TensorView]]:
     """(config.json, arch, HF name -> view), with every expected tensor present at its expected shape."""
     hf_dir = Path(hf_dir)
+    if is_gguf_file(hf_dir):  # a llama.cpp file reads as the same HF-named tensors
+        from megatron_tgdpo.convert.gguf_source import open_gguf
+
+        return open_gguf(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir}: no such directory")
     config = read_hf_config(hf_dir)

@@ -14,6 +14,7 @@ from megatron_tgdpo.convert.files import copy_tokenizer_files, staged_output, wr
 from megatron_tgdpo.convert.hf_source import megatron_views_from_hf, open_hf
 from megatron_tgdpo.convert.layout import megatron_groups
 from megatron_tgdpo.convert.safetensors_io import SafetensorsWriter
+from megatron_tgdpo.data.gguf_tokenizer import gguf_tokenizer_dir, is_gguf_file
 
 Progress = Optional[Callable[[str], None]]
 
@@ -21,7 +22,7 @@ Progress = Optional[Callable[[str], None]]
 def hf_to_megatron(
     hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, progress: Progress = None
 ) -> Path:
-    """Convert ``hf_dir`` (LlamaForCausalLM, safetensors) into ``out_dir``; returns ``out_dir``."""
+    """Convert ``hf_dir`` (LlamaForCausalLM, safetensors; or a GGUF file) into ``out_dir``; returns ``out_dir``."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     say = progress or (lambda message: None)
     config, arch, hf_views = open_hf(hf_dir)
@@ -39,7 +40,7 @@ def hf_to_megatron(
             files[file] = list(shapes)
             say(f"[{k}/{len(groups)}] {group}: {len(shapes)} tensors, {nbytes / 2**20:.1f} MiB, "
                 f"{time.monotonic() - start:.1f}s")
-        copied = copy_tokenizer_files(hf_dir, tmp)
+        copied = copy_tokenizer_files(gguf_tokenizer_dir(hf_dir) if is_gguf_file(hf_dir) else hf_dir, tmp)
         if copied:
             say(f"copied {', '.join(copied)}")
         write_json(tmp / METADATA, metadata(arch=arch, hf_config=config, files=files, source=str(hf_dir.resolve())))

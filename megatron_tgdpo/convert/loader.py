@@ -27,6 +27,7 @@ from megatron_tgdpo.convert.hf_source import is_hf_directory, megatron_views_fro
 from megatron_tgdpo.convert.hf_config import LLAMA3_FIXED
 from megatron_tgdpo.convert.layout import canonical_layer_name
 from megatron_tgdpo.convert.views import TensorView, read_shard
+from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
 from megatron_tgdpo.models.llama import LlamaArch
 from megatron_tgdpo.models.state_dict import unwrap
 
@@ -36,10 +37,10 @@ def open_for_loading(path: str | Path) -> tuple[LlamaArch, dict[str, TensorView]
     if is_converted_directory(path):
         _, arch, views = open_converted(path)
         return arch, views
-    if is_hf_directory(path):
+    if is_hf_directory(path) or is_gguf_file(path):
         _, arch, hf_views = open_hf(path)
         return arch, megatron_views_from_hf(arch, hf_views)
-    raise ConversionError(f"{path}: neither a Hugging Face model directory nor a converted checkpoint")
+    raise ConversionError(f"{path}: neither a Hugging Face model directory, a GGUF file nor a converted checkpoint")
 
 
 def checkpoint_arch(path: str | Path) -> LlamaArch:

@@ -37,6 +37,7 @@ from megatron_tgdpo.convert.errors import ConversionError
 from megatron_tgdpo.convert.files import tokenizer_files
 from megatron_tgdpo.convert.hf_config import read_hf_config
 from megatron_tgdpo.convert.hf_source import is_hf_directory
+from megatron_tgdpo.data.gguf_tokenizer import gguf_tokenizer_dir, is_gguf_file
 
 __all__ = [
     "GENERATION_CONFIG",
@@ -72,6 +73,8 @@ def tokenizer_record(tokenizer: str | os.PathLike) -> dict:
     from megatron_tgdpo.data.tokenizer import tokenizer_content_hash
 
     path = Path(os.path.abspath(tokenizer))  # not resolve(): a hub-cache snapshot's files are symlinks to blobs
+    if is_gguf_file(path):  # the files rebuilt from a GGUF file's metadata (what an export copies)
+        path = gguf_tokenizer_dir(path)
     if path.is_dir():
         file = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
         if file is None:
@@ -90,6 +93,14 @@ def _directory_origin(path: Path) -> Optional[dict]:
         config, source = meta.get("hf_config"), str(meta.get("source") or os.path.abspath(path))
     elif is_hf_directory(path):
         config, source = read_hf_config(path), os.path.abspath(path)
+    elif is_gguf_file(path):
+        from megatron_tgdpo.convert.gguf_source import GGUFModel
+
+        model = GGUFModel(path)
+        config, source = model.hf_config(), os.path.abspath(path)
+        return {"hf_config": config, "model_name": path.stem,
+                "origin": {"format_version": ORIGIN_VERSION, "model": source,
+                           "generation_config": model.generation_config()}}
     else:
         return None
     return {

@@ -18,6 +18,7 @@ from megatron_tgdpo.convert.errors import ConversionError
 from megatron_tgdpo.convert.hf_config import arch_from_dict, hf_config_to_arch, read_hf_config
 from megatron_tgdpo.convert.hf_source import is_hf_directory, megatron_views_from_hf, open_hf
 from megatron_tgdpo.convert.views import TensorView
+from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
 from megatron_tgdpo.models.llama import LlamaArch
 
 
@@ -70,6 +71,14 @@ def open_megatron_source(path: str | Path, *, hf_config=None) -> MegatronSource:
         if given is not None:
             _check_agree(arch, given, where=str(path))
         return MegatronSource(arch, views, given or meta.get("hf_config"), given_dir or path, str(path))
+    if is_gguf_file(path):
+        from megatron_tgdpo.data.gguf_tokenizer import gguf_tokenizer_dir
+
+        config, arch, hf_views = open_hf(path)
+        if given is not None:
+            _check_agree(arch, given, where=str(path))
+        views = megatron_views_from_hf(arch, hf_views)
+        return MegatronSource(arch, views, given or config, given_dir or gguf_tokenizer_dir(path), str(path))
     if is_hf_directory(path):
         config, arch, hf_views = open_hf(path)
         if given is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from megatron_tgdpo.data.errors import TokenizerError
+from megatron_tgdpo.data.gguf_tokenizer import gguf_tokenizer_dir, is_gguf_file
 from megatron_tgdpo.data.templates import (
     LLAMA3_SPECIAL_TOKENS,
     TEMPLATE_NAMES,
@@ -351,6 +352,8 @@ _SIDE_FILES = (_CONFIG_FILE, "chat_template.jinja")
 
 def _tokenizer_file(path: Path) -> Path:
     """The tokenizer file that ``path`` (a file, or a directory holding one) designates."""
+    if is_gguf_file(path):  # the tokenizer stored in a GGUF model file, as tokenizer.json
+        return gguf_tokenizer_dir(path) / "tokenizer.json"
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
@@ -387,8 +390,9 @@ def tokenizer_content_hash(path: str | os.PathLike) -> str:
 def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
     """Load a tokenizer and attach its chat template.
 
-    ``path``: a sentencepiece ``.model`` file, a Hugging Face ``tokenizer.json``, or a directory holding
-    one of them (``tokenizer.json`` is preferred). A ``tokenizer_config.json`` in the same directory, if
+    ``path``: a sentencepiece ``.model`` file, a Hugging Face ``tokenizer.json``, a directory holding
+    one of them (``tokenizer.json`` is preferred), or a GGUF model file (its stored tokenizer and chat
+    template, see :mod:`.gguf_tokenizer`). A ``tokenizer_config.json`` in the same directory, if
     any, supplies the special tokens (bos/eos/pad, ``add_bos_token``) and the Jinja ``chat_template``.
 
     ``chat_template``: ``"plain"``, ``"llama3"``, ``"auto"`` (the Jinja template of

@@ -48,6 +48,8 @@ def default_tokenizer(load: str | Path) -> TokenizerSource:
     set's manifest, or the built-in data set)."""
     source = ModelSource.of(load)
     path = Path(load)
+    if source.kind == "gguf":
+        return TokenizerSource(str(path), None, f"the tokenizer stored in {path}")
     if source.is_model_directory:
         if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
             return TokenizerSource(str(path), None, f"the tokenizer files in {path}")

@@ -8,6 +8,8 @@ kind          what                                                            ar
 ============  ==============================================================  =====================
 ``hf``        a Hugging Face model directory (config.json + weights)          its config.json
 ``converted`` our converted format (``tgdpo_converted.json``)                 its metadata
+``gguf``      a llama.cpp GGUF file (dequantized to fp32 when read; its       its metadata
+              tokenizer and chat template come from the file too)
 ``torch_dist``a training checkpoint: a save root or one ``iter_*`` directory  its tgdpo_checkpoint.json
 ``seeded``    no path: the layout-independent seeded initialisation           the preset (``--model``)
 ============  ==============================================================  =====================
@@ -25,6 +27,8 @@ from typing import Optional
 import torch
 
 from megatron_tgdpo import checkpointing, convert
+from megatron_tgdpo.data.gguf_file import GGUFFile
+from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
 from megatron_tgdpo.manifest import file_checksum
 from megatron_tgdpo.models.llama import LlamaArch, preset
 
@@ -37,7 +41,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "hf" | "converted" | "torch_dist" | "seeded"
+    kind: str  # "hf" | "converted" | "gguf" | "torch_dist" | "seeded"
     path: Optional[Path] = None
     seed: int = 0
 
@@ -48,6 +52,8 @@ class ModelSource:
         if path is None:
             return cls("seeded", None, seed)
         path = Path(path)
+        if is_gguf_file(path):
+            return cls("gguf", path, seed)
         if convert.is_converted_directory(path):
             return cls("converted", path, seed)
         if convert.is_hf_directory(path):
@@ -56,8 +62,8 @@ class ModelSource:
 
     @property
     def is_model_directory(self) -> bool:
-        """A Hugging Face or converted directory (weights only, no training state)."""
-        return self.kind in ("hf", "converted")
+        """A Hugging Face or converted directory or a GGUF file (weights only, no training state)."""
+        return self.kind in ("hf", "converted", "gguf")
 
     # ---- architecture ------------------------------------------------------------------------
     def arch(self) -> Optional[LlamaArch]:
@@ -75,6 +81,8 @@ class ModelSource:
             return f"seeded init (seed {self.seed})"
         name = self.path.name
         config = None
+        if self.kind == "gguf":
+            return f"{name} (gguf: {self.path})"
         if self.kind == "hf":
             config = convert.read_hf_config(self.path)
         elif self.kind == "converted":
@@ -111,6 +119,11 @@ class ModelSource:
         directory overwritten in place with same-shaped weights is therefore not detected)."""
         if self.kind == "seeded":
             return f"seeded-init:{int(self.seed)}"
+        if self.kind == "gguf":  # the header (metadata, tensor names, types, offsets) and the file size
+            with open(self.path, "rb") as handle:
+                header = handle.read(GGUFFile(self.path).header_bytes)
+            size = self.path.stat().st_size
+            return f"gguf:{self.path.resolve()}:size={size}:sha256={hashlib.sha256(header).hexdigest()}"
         if self.kind == "torch_dist":
             ckpt = checkpointing.resolve(self.path)
             digest = file_checksum(ckpt / checkpointing.METADATA, algorithm="sha256")
