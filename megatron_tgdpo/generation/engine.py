@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from megatron_tgdpo.generation import kv_cache, pipeline
+from megatron_tgdpo.generation import decode_step, kv_cache
 from megatron_tgdpo.generation.config import GeneratedSequence, GenerationError, SamplingConfig
 from megatron_tgdpo.generation.model_state import check_supported, generation_mode
 from megatron_tgdpo.generation.sampling import keyed_uniforms, sample_tokens, token_logprobs
@@ -151,7 +151,7 @@ def _generate_batch(
     prev, cur = 0, min(lengths)
     while cur < total:
         positions = torch.arange(prev, cur, device=device).unsqueeze(0).expand(b, -1)
-        logits = pipeline.forward_step(chunks, tokens[:, prev:cur], positions, contexts)
+        logits = decode_step.forward_step(chunks, tokens[:, prev:cur], positions, contexts)
         for context in contexts:
             kv_cache.advance(context, cur - prev)
         # Rows past their prompt draw token (cur - length) of their continuation; others ignore the draw.
@@ -162,7 +162,7 @@ def _generate_batch(
                                       sample_indices=[r.sample_index for r in batch], steps=steps)
             chosen = sample_tokens(logits, uniforms, sampling, vocab_limit=vocab_limit)
             picked = torch.stack([chosen.double(), token_logprobs(logits, chosen).double()])
-        shared = pipeline.share_from_last_stage(picked, shape=(2, b), device=device).cpu()
+        shared = decode_step.share_from_last_stage(picked, shape=(2, b), device=device).cpu()
         chosen_ids = shared[0].long().tolist()
         chosen_lp = shared[1].tolist()
         writes = []

@@ -3,10 +3,13 @@
     python -m megatron_tgdpo.pipeline.sample JOBS.json
 
 ``JOBS.json`` is a list of ``{"load", "input", "output", "temperature", "num_samples", "max_new_tokens",
-"seed", "tokenizer", "chat_template"}``. The model is built once (one rank, TP = PP = 1) and each job's
-weights loaded into it, so scoring five models on the held-out prompts costs one process start, not
-five. Outputs are the samples files of ``tasks/samples.py`` (what ``tools/generate.py`` writes, with the
-same prompt rendering, stop ids and seeded sampling), each published atomically.
+"seed"}``, optionally with ``"tokenizer"`` and ``"chat_template"`` (default: the checkpoint's own, as
+the generate command finds them), ``"model"`` (the preset of a checkpoint that records no
+architecture) and ``"micro_batch_size"`` (rows per forward). The model is built once per architecture
+(one rank, TP = PP = 1) and each job's weights loaded into it, so scoring five models on the held-out
+prompts costs one process start, not five. Sampling is ``generation.sampler.Sampler``'s, the one the
+generate command uses: the same prompt rendering, stop ids (``generation_config.json``'s included) and
+seeded sampling. Outputs are the samples files of ``tasks/samples.py``, each published atomically.
 """
 from __future__ import annotations
 
@@ -20,42 +23,30 @@ __all__ = ["main", "run_jobs"]
 
 
 def run_jobs(jobs: list[dict[str, Any]], *, say=print) -> None:
+    """Every job, in order; call inside an initialised process group of one rank."""
     from megatron_tgdpo import distributed
-    from megatron_tgdpo.data.tokenizer import load_tokenizer
-    from megatron_tgdpo.generation import SamplingConfig, generate, output, prompts, sources
-    from megatron_tgdpo.models import llama
+    from megatron_tgdpo.generation import SamplingConfig, model_files, prompts
+    from megatron_tgdpo.generation.sampler import Sampler, build_chunks
 
     distributed.init_model_parallel(seed=0)
     built: dict[Any, list] = {}
-    tokenizers: dict[tuple, Any] = {}
     encoded: dict[tuple, tuple] = {}
     for job in jobs:
         started = time.monotonic()
-        arch, _ = sources.model_arch(job["load"], model=job.get("model", "tiny"))
+        arch, _ = model_files.model_arch(job["load"], model=job.get("model", "tiny"))
         if arch not in built:
-            config = llama.transformer_config(arch, llama.ParallelLayout(), llama.Precision())
-            built[arch] = llama.build_model(arch, config)
-        chunks = built[arch]
-        sources.load_weights(job["load"], chunks)
-        key = (job["tokenizer"], job.get("chat_template"))
-        if key not in tokenizers:
-            tokenizers[key] = load_tokenizer(job["tokenizer"], chat_template=job.get("chat_template"))
-        tokenizer = tokenizers[key]
-        if (job["input"], key) not in encoded:
+            built[arch] = build_chunks(arch)
+        sampler = Sampler.load(job["load"], tokenizer=job.get("tokenizer"), chat_template=job.get("chat_template"),
+                               chunks=built[arch])
+        key = (job["input"], job.get("tokenizer") or job["load"], job.get("chat_template"))
+        if key not in encoded:
             records = prompts.read_prompt_file(job["input"])
-            encoded[(job["input"], key)] = (records, [prompts.encode_prompt(r.messages, tokenizer) for r in records])
-        records, ids = encoded[(job["input"], key)]
+            encoded[key] = (records, [prompts.encode_prompt(r.messages, sampler.tokenizer) for r in records])
+        records, ids = encoded[key]
         sampling = SamplingConfig(temperature=float(job["temperature"]), num_samples=int(job["num_samples"]))
-        results = generate(chunks, ids, sampling=sampling, eos_ids=prompts.stop_token_ids(tokenizer),
-                           max_new_tokens=int(job["max_new_tokens"]), seed=int(job["seed"]),
-                           micro_batch_size=int(job.get("micro_batch_size", 256)),
-                           vocab_limit=tokenizer.vocab_size)
-        per_prompt: dict[int, list] = {}
-        for seq in results:
-            per_prompt.setdefault(seq.prompt_index, []).append(output.sample_record(seq, tokenizer))
-        Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
-        output.write_jsonl_atomic(job["output"], (output.output_record(r.fields, per_prompt[i])
-                                                  for i, r in enumerate(records)))
+        results = sampler.sample(ids, sampling=sampling, max_new_tokens=int(job["max_new_tokens"]),
+                                 seed=int(job["seed"]), micro_batch_size=int(job.get("micro_batch_size", 256)))
+        sampler.write_samples_file(job["output"], records, results)
         say(f"{job['output']}: {len(records)} prompts x {sampling.num_samples} from {job['load']} "
             f"(temperature {sampling.temperature}) in {time.monotonic() - started:.1f}s", flush=True)
 

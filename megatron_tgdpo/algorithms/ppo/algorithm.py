@@ -109,12 +109,12 @@ class PPOAlgorithm(Algorithm):
     def _load_prompts(self) -> None:
         from megatron_tgdpo.data.manifest import read_manifest
         from megatron_tgdpo.data.tokenizer import load_tokenizer
-        from megatron_tgdpo.generation.prompts import stop_token_ids
+        from megatron_tgdpo.generation.sampler import stop_ids
 
         cfg, ppo, data = self.cfg, self.ppo, self.ctx.data
         template = read_manifest(data.train_prefix).get("chat_template", {}).get("name")
         self.tokenizer = load_tokenizer(data.tokenizer, chat_template=template)
-        self.eos_ids = stop_token_ids(self.tokenizer)
+        self.eos_ids = stop_ids(self.tokenizer, model_dir=cfg.ref_load)  # the policy starts from --ref-load
         problems = []
         try:
             self.train_prompts = encode_prompt_file(ppo.prompts, self.tokenizer, what="--prompts")
@@ -237,7 +237,8 @@ class PPOAlgorithm(Algorithm):
     # ---- held-out ----------------------------------------------------------------------------
     def evaluate(self, batches: Iterator[list[PromptBatch]]) -> Optional[StepMetrics]:
         """Greedy responses to --eval-prompts, scored by the verifier (or --sparse-reward-command)."""
-        from megatron_tgdpo.generation import SamplingConfig, generate
+        from megatron_tgdpo.generation import SamplingConfig
+        from megatron_tgdpo.generation.sampler import Sampler
 
         if self.eval_prompts is None:
             return None
@@ -246,10 +247,10 @@ class PPOAlgorithm(Algorithm):
         for (batch,) in batches:
             if not len(batch):
                 continue
-            out = generate(self.actor.chunks, batch.token_ids, sampling=SamplingConfig(temperature=0.0),
-                           eos_ids=self.eos_ids, max_new_tokens=self.ppo.max_new_tokens, seed=self.cfg.seed,
-                           micro_batch_size=self.ppo.generation_batch_size, prompt_keys=batch.keys,
-                           vocab_limit=self.tokenizer.vocab_size)
+            sampler = Sampler(chunks=self.actor.chunks, tokenizer=self.tokenizer, stop_ids=tuple(self.eos_ids))
+            out = sampler.sample(batch.token_ids, sampling=SamplingConfig(temperature=0.0),
+                                 max_new_tokens=self.ppo.max_new_tokens, seed=self.cfg.seed,
+                                 micro_batch_size=self.ppo.generation_batch_size, prompt_keys=batch.keys)
             texts = [decode_response(g.tokens, g.finish_reason, self.tokenizer) for g in out]
             records = [batch.records[g.prompt_index] for g in out]
             scores = scores_on_last_stage(self.scorer, records, texts, device=device)

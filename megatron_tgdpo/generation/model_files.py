@@ -1,6 +1,8 @@
-"""Where generation gets a model and its tokenizer from: the one place that names the loaders.
+"""What belongs to a model that generation samples from: its architecture, its weights, its
+tokenizer and chat template, and the stop ids its directory declares. The one place that names the
+loaders.
 
-``--load`` accepts what the trainer accepts (``models.sources.ModelSource``): our torch_dist
+``load`` accepts what the trainer accepts (``models.sources.ModelSource``): our torch_dist
 checkpoints (a save root or one ``iter_*`` directory), converted directories and Hugging Face model
 directories. What is generation's own: finding the tokenizer and chat template that belong to a
 checkpoint, and the stop ids a Hugging Face directory declares.
