@@ -110,7 +110,9 @@ def init_process_group(launch: LaunchEnv, *, timeout_minutes: int = 30) -> torch
     device = device_for(launch.local_rank)
     _DEVICE = device
     if launch.launcher != "single":
-        compat.set_parent_death_signal()
+        from megatron_tgdpo.runtime.lifecycle import set_parent_death_signal
+
+        set_parent_death_signal()
     if device.type == "cpu":
         compat.apply_cpu_shims()
     if not dist.is_initialized():

@@ -244,10 +244,14 @@ class MetricsLogger:
         self.jsonl = None
         self.tb = None
         self.wandb = None
+        self.log_dir = log_dir if enabled else None
         self._warned: set[str] = set()
         if enabled and log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+                self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+            except OSError as exc:
+                self._warn_once(os.path.join(log_dir, "metrics.jsonl"), exc)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -329,10 +333,55 @@ class MetricsLogger:
         except (OSError, ValueError) as exc:
             self._warn_once(self.jsonl.name, exc)
 
+    def drop_rows_after(self, iteration: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: ``metrics.jsonl`` keeps only the rows up to
+        ``iteration`` (and no line cut short by a kill), so each step has one row, from the run that
+        produced the checkpoint history. Rewritten atomically; a failure is a logging failure."""
+        if self.jsonl is None:
+            return
+        path = self.jsonl.name
+        try:
+            self.jsonl.close()
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                lines = fh.read().splitlines()
+            kept = [line for line in lines if _row_iteration(line) is not None and _row_iteration(line) <= iteration]
+            if len(kept) != len(lines):
+                tmp = f"{path}.tmp.{os.getpid()}"
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+            self.jsonl = open(path, "a", buffering=1)
+        except OSError as exc:
+            self._warn_once(path, exc)
+            try:
+                self.jsonl = open(path, "a", buffering=1)
+            except OSError:
+                self.jsonl = None
+
+    def write_json(self, name: str, value: Any) -> None:
+        """``<log-dir>/<name>`` (the enabled rank, when there is a log directory), replaced atomically; a
+        failure (full disk) is a logging failure: warned once, never raised."""
+        if not self.log_dir:
+            return
+        path = os.path.join(self.log_dir, name)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(value, fh, indent=2)
+            os.replace(tmp, path)
+        except (OSError, ValueError) as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self._warn_once(path, exc)
+
     def _warn_once(self, what: str, exc: BaseException) -> None:
-        """A failing metrics sink (full disk, lost mount) is reported once; training goes on."""
-        if what not in self._warned:
-            self._warned.add(what)
+        """A failing log sink (full disk, lost mount) is reported once; training goes on. One warning for
+        the whole log directory (metrics.jsonl, summary.json and TensorBoard share its disk), one for W&B."""
+        key = "W&B" if what == "W&B" else "log files"
+        if key not in self._warned:
+            self._warned.add(key)
             print(f"warning: cannot write metrics to {what} ({exc}); training continues, further write errors "
                   "are not reported", flush=True)
 
@@ -368,13 +417,27 @@ class MetricsLogger:
             except OSError as exc:
                 self._warn_once(self.jsonl.name, exc)
         if self.tb:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except Exception as exc:  # noqa: BLE001 - a full log disk must not fail a finished run
+                self._warn_once("TensorBoard", exc)
+            self.tb = None
         if self.wandb is not None:
             run, self.wandb = self.wandb, None
             try:
                 run.finish()
             except Exception as exc:  # noqa: BLE001 - a failed upload must not fail a finished run
                 self._warn_once("W&B", exc)
+
+
+def _row_iteration(line: str) -> Optional[int]:
+    """The iteration of one ``metrics.jsonl`` line; None for a line that is not a whole record."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    value = row.get("iteration") if isinstance(row, dict) else None
+    return value if isinstance(value, int) else None
 
 
 def _number(value):

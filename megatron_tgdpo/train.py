@@ -5,17 +5,23 @@ megatron_tgdpo.train ...``. This module is the entry point: it parses the flags,
 for ``--loss-type`` and hands both to the shared runtime loop (``megatron_tgdpo.runtime.loop``).
 
 Exit codes: 0 finished; 2 configuration error (nothing was run); 75 stopped on SIGTERM/SIGUSR1 or the
-time budget after saving (requeue; ``<save>/REQUEUE`` says the same for launchers that hide the 75);
-1 anything else (the error is printed).
+time budget after saving, or before the first step with nothing new to save (requeue; ``<save>/REQUEUE``
+says the same for launchers that hide the 75); 1 anything else (the error is printed). The stop
+handler is installed by this module's first statement when it runs as ``__main__``.
 """
 from __future__ import annotations
 
-import sys
-from typing import Optional
+if __name__ == "__main__":  # before any heavy import: from here a stop signal only sets a flag
+    from megatron_tgdpo.runtime.signals import install_stop_handler
 
-from megatron_tgdpo.algorithms import algorithm_for
-from megatron_tgdpo.config import TrainConfig, parse_args
-from megatron_tgdpo.runtime.signals import EXIT_REQUEUE
+    install_stop_handler()
+
+import sys  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from megatron_tgdpo.algorithms import algorithm_for  # noqa: E402
+from megatron_tgdpo.config import TrainConfig, parse_args  # noqa: E402
+from megatron_tgdpo.runtime.signals import EXIT_REQUEUE  # noqa: E402
 
 __all__ = ["EXIT_REQUEUE", "main", "run"]
 

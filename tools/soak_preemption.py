@@ -2,21 +2,27 @@
 """Soak test for preemption: one training run driven to completion through repeated SIGKILLs of the
 whole job and SIGTERMs to every worker's process group, requeued each time with ``--load``.
 
-Not run in CI (10-20 minutes on two cores). What it does:
+Not run in CI (10-25 minutes on two cores). What it does:
 
 1. an uninterrupted reference run of ``--iters`` iterations;
 2. the same run as a requeue loop (``--load <save> --save <save>``, as the sbatch examples do): each
    attempt is a fresh ``torchrun`` job that is either SIGKILLed as a whole (launcher, workers and their
    helpers, at once) at a random moment — a random time after launch, while training, or while a
    checkpoint is being written — or stopped by SIGTERM sent to every worker's process group (as SLURM
-   does), until ``--kills`` kills and ``--terms`` stops have been spent (an event the job did not live
-   to see is tried again on the next attempt); the last attempt runs to the end;
+   does) in one of four windows, taken in turn: start-up (a random time in the first ``--startup-window``
+   seconds after the workers' stop handlers are installed: imports, flags, data, models, loading), the
+   start of the checkpoint writer's helper process, training, or a checkpoint write; until ``--kills``
+   kills and ``--terms`` stops have been spent (an event the job did not live to see is tried again on
+   the next attempt); the last attempt runs to the end and, unless ``--no-teardown-term``, gets a SIGTERM
+   once its final checkpoint is reported saved (the teardown window);
 3. checks: after every attempt no process of the job is left; every SIGTERM stop exits 75 on each
-   worker and leaves ``<save>/REQUEUE`` naming the newest checkpoint; the final metrics trajectory (for
-   each iteration, the attempt that logged it last) equals the reference bit for bit, and so does every
-   iteration any attempt logged.
+   worker and leaves ``<save>/REQUEUE`` naming the newest checkpoint (or, landing after the final save,
+   finishes with 0), with no traceback in its output; the final attempt exits 0; the final metrics
+   trajectory (for each iteration, the attempt that logged it last) equals the reference bit for bit,
+   and so does every iteration any attempt logged.
 
-    python tools/soak_preemption.py --work /tmp/soak            # 20 kills, 5 stops, 120 iterations
+    python tools/soak_preemption.py --work /tmp/soak            # 20 kills, 8 stops, 120 iterations
+    python tools/soak_preemption.py --work /tmp/soak-short --iters 24 --kills 3 --terms 4   # ~5 minutes
 
 Every attempt imports the code afresh: run it on a tree nobody edits meanwhile (a copy of the checkout
 works: the jobs run from the directory this file is in).
@@ -49,6 +55,7 @@ from megatron_tgdpo.testing import TIMING_METRICS, TrainingJob  # noqa: E402
 
 EXIT_REQUEUE = 75
 KILL_MOMENTS = ("saving", "training", "launch")  # assigned in turn, so each gets a third of the kills
+TERM_MOMENTS = ("startup", "helper", "training", "saving")  # likewise for the SIGTERM stops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,11 +74,35 @@ class Job(TrainingJob):
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    def handlers_installed(self, nproc: int) -> bool:
+        """Every worker exists and catches SIGTERM (its stop handler is installed)."""
+        workers = self.workers()
+        return len(workers) == nproc and all(catches_sigterm(w.pid) for w in workers)
+
+    def helper_starting(self) -> bool:
+        """A worker has started a spawned helper (the checkpoint writer's Manager)."""
+        import psutil
+
+        for worker in self.workers():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any("spawn_main" in " ".join(c.cmdline()) for c in worker.children()):
+                    return True
+        return False
+
     def wait(self, timeout: float) -> Optional[int]:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+
+def catches_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
 def worker_exit_codes(output: str) -> dict[int, int]:
@@ -96,7 +127,7 @@ def read_metrics(log_dir: Path) -> dict[int, dict]:
 @dataclass
 class Attempt:
     index: int
-    event: str  # "kill:<moment>", "term" or "final"
+    event: str  # "kill:<moment>", "term:<moment>" or "final" / "final:teardown"
     resumed_at: int = 0
     logged: dict[int, dict] = field(default_factory=dict)
     exit_code: Optional[int] = None
@@ -105,6 +136,7 @@ class Attempt:
     newest: Optional[str] = None
     survivors: list[str] = field(default_factory=list)
     fired: bool = True  # the event happened (False: the job ended first)
+    traceback: bool = False  # "Traceback" in the job's output
     note: str = ""
 
 
@@ -169,10 +201,16 @@ class Soak:
         try:
             if event == "final":
                 attempt.exit_code = job.wait(1800)
-            elif event == "term":
-                attempt.fired = self._wait_for_progress(job, log_dir, start)
+            elif event == "final:teardown":  # SIGTERM once the final checkpoint is reported saved
+                final = f"saved {self.save / f'iter_{self.args.iters:07d}'}"
+                attempt.fired = self._until(job, lambda: final in job.output, poll=0.01)
                 if attempt.fired:
-                    time.sleep(self.rng.uniform(0.0, 2.0))
+                    attempt.fired = len(job.signal_worker_groups(signal.SIGTERM, missing_ok=True)) > 0
+                attempt.exit_code = job.wait(1200)
+                attempt.worker_codes = worker_exit_codes(job.output)
+            elif event.startswith("term:"):
+                attempt.fired = self._wait_for_term_moment(job, event.split(":", 1)[1], log_dir, start, attempt)
+                if attempt.fired:
                     attempt.fired = len(job.signal_worker_groups(signal.SIGTERM, missing_ok=True)) == self.args.nproc
                 attempt.exit_code = job.wait(1200)
                 attempt.worker_codes = worker_exit_codes(job.output)
@@ -201,9 +239,33 @@ class Soak:
         finally:
             job.kill_all()
             job.wait(30)
+        attempt.traceback = "Traceback" in job.output
         attempt.logged = read_metrics(log_dir)
         attempt.newest = self.newest_name()
         return attempt
+
+    def _wait_for_term_moment(self, job: Job, moment: str, log_dir: Path, start: int, attempt: Attempt) -> bool:
+        """Block until the window ``moment`` of this attempt is reached; False when the job ended first."""
+        if moment == "startup":  # imports, flags, data, models, checkpoint loading
+            if not self._until(job, lambda: job.handlers_installed(self.args.nproc), poll=0.001):
+                return False
+            delay = self.rng.uniform(0.0, self.args.startup_window)
+            attempt.note = f"{delay:.1f} s after the stop handlers were installed"
+            deadline = time.monotonic() + delay
+            return self._until(job, lambda: time.monotonic() >= deadline, poll=0.01)
+        if moment == "helper":  # the checkpoint writer's helper process is starting
+            return self._until(job, job.helper_starting, poll=0.002)
+        if moment == "training":
+            if not self._wait_for_progress(job, log_dir, start):
+                return False
+            time.sleep(self.rng.uniform(0.0, 2.0))
+            return job.running()
+        which = self.rng.randint(1, 2)  # during the 1st or 2nd checkpoint write of this attempt
+        if not self._wait_for_save_in_progress(job, which):
+            return False
+        time.sleep(self.rng.uniform(0.0, 0.2))
+        attempt.note = f"during write {which}: {sorted(n for n, _ in self._tmp_dirs())}"
+        return job.running()
 
     def newest_name(self) -> Optional[str]:
         """The checkpoint a requeued job would resume from (checksums verified, as the trainer does)."""
@@ -221,7 +283,8 @@ class Soak:
     # ---- the whole soak --------------------------------------------------------------------------
     def plan(self) -> list[str]:
         kills = [f"kill:{KILL_MOMENTS[i % len(KILL_MOMENTS)]}" for i in range(self.args.kills)]
-        events = kills + ["term"] * self.args.terms
+        terms = [f"term:{TERM_MOMENTS[i % len(TERM_MOMENTS)]}" for i in range(self.args.terms)]
+        events = kills + terms
         self.rng.shuffle(events)
         return events
 
@@ -252,17 +315,19 @@ class Soak:
                 events.pop(0)
             elif (retries := retries + 1) > self.args.kills + self.args.terms:
                 break  # the jobs keep ending on their own: report it
-        final = self.run_attempt(len(self.attempts) + 1, "final")
+        final = self.run_attempt(len(self.attempts) + 1, "final:teardown" if self.args.teardown_term else "final")
         self.attempts.append(final)
         say(self.describe(final))
         return self.report(reference, time.monotonic() - t0)
 
     def describe(self, a: Attempt) -> str:
         got = f"{min(a.logged)}..{max(a.logged)}" if a.logged else "none"
-        text = (f"attempt {a.index:>3} {a.event:<14} from iteration {a.resumed_at:>3}: logged {got:<9} "
+        text = (f"attempt {a.index:>3} {a.event:<15} from iteration {a.resumed_at:>3}: logged {got:<9} "
                 f"exit {a.exit_code}")
-        if a.event == "term":
+        if a.event.startswith(("term", "final:")):
             text += f" workers {a.worker_codes} REQUEUE {a.marker and a.marker.get('iteration')}"
+        if a.traceback:
+            text += " TRACEBACK"
         if not a.fired:
             text += " (the job ended before the event)"
         if a.survivors:
@@ -279,20 +344,27 @@ class Soak:
             if a.survivors:
                 problems.append(f"attempt {a.index}: processes survived: {a.survivors}")
         kills = [a for a in self.attempts if a.event.startswith("kill") and a.fired]
-        terms = [a for a in self.attempts if a.event == "term" and a.fired]
+        terms = [a for a in self.attempts if a.event.startswith("term") and a.fired]
         for a in terms:
+            finished = a.exit_code == 0 and a.newest == f"iter_{self.args.iters:07d}" and a.marker is None
+            if finished:  # the signal landed after the final save: a clean finish
+                continue
             if a.worker_codes != {r: EXIT_REQUEUE for r in range(self.args.nproc)}:
                 problems.append(f"attempt {a.index}: SIGTERM stop exited {a.worker_codes}, not 75 on every worker")
-            if not a.marker or a.newest is None or a.marker.get("iteration") != int(a.newest.split("_")[1]):
+            newest = int(a.newest.split("_")[1]) if a.newest else 0
+            if not a.marker or a.marker.get("iteration") != newest:
                 problems.append(f"attempt {a.index}: REQUEUE {a.marker} does not name the newest checkpoint "
                                 f"{a.newest}")
+        for a in self.attempts:
+            if a.traceback and not a.event.startswith("kill"):
+                problems.append(f"attempt {a.index} ({a.event}): a traceback in attempt-{a.index:03d}.out")
         for a in self.attempts[:-1]:
             if not a.fired:  # nothing was sent: the job should still have been running
                 problems.append(f"attempt {a.index} ended on its own with exit {a.exit_code} "
                                 f"(see attempt-{a.index:03d}.out)")
         final = self.attempts[-1]
         if final.exit_code != 0:
-            problems.append(f"the final attempt exited {final.exit_code}")
+            problems.append(f"the final attempt ({final.event}) exited {final.exit_code}")
         if sorted(history) != list(range(1, self.args.iters + 1)):
             problems.append(f"the final history holds iterations {sorted(history)[:3]}..., not 1..{self.args.iters}")
         wrong = [it for it, row in history.items() if row != reference.get(it)]
@@ -306,13 +378,19 @@ class Soak:
         leftovers = sorted(os.listdir(self.save))
         run_total = sum(len(a.logged) for a in self.attempts)
         moments = {m: sum(a.event == f"kill:{m}" for a in kills) for m in KILL_MOMENTS}
+        windows = {m: sum(a.event == f"term:{m}" for a in terms) for m in TERM_MOMENTS}
         say("")
         say("=" * 78)
         say(f"soak summary ({elapsed / 60:.1f} min): {self.args.iters} iterations, {len(self.attempts)} attempts "
             f"({len(self.attempts) - 1} requeues), {self.args.nproc} workers each")
         say(f"  SIGKILL of the whole job:   {len(kills)} (during a checkpoint write {moments['saving']}, while "
             f"training {moments['training']}, at a random time after launch {moments['launch']})")
-        say(f"  SIGTERM to worker groups:   {len(terms)} (exit codes {[a.worker_codes for a in terms]})")
+        say(f"  SIGTERM to worker groups:   {len(terms)} (start-up {windows['startup']}, helper start "
+            f"{windows['helper']}, training {windows['training']}, during a checkpoint write {windows['saving']}; "
+            f"exit codes {[a.worker_codes or a.exit_code for a in terms]})")
+        if final.event == "final:teardown":
+            say(f"  SIGTERM in the teardown:    {'sent' if final.fired else 'not sent (the job ended first)'}, "
+                f"after the final save; exit {final.exit_code}")
         say(f"  iterations run:             {run_total} ({run_total - len(history)} redone)")
         say(f"  save directory at the end:  {leftovers}")
         say(f"  result:                     {'PASS' if not problems else 'FAIL'}: final trajectory "
@@ -332,7 +410,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", default="/tmp/megatron_tgdpo_soak", help="scratch directory (emptied first)")
     parser.add_argument("--iters", type=int, default=120)
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--terms", type=int, default=5)
+    parser.add_argument("--terms", type=int, default=8)
+    parser.add_argument("--startup-window", type=float, default=12.0,
+                        help="seconds after the stop handlers are installed in which a start-up SIGTERM lands")
+    parser.add_argument("--no-teardown-term", dest="teardown_term", action="store_false",
+                        help="let the final attempt finish without a SIGTERM after its final save")
     parser.add_argument("--save-interval", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -132,6 +132,9 @@ def iteration_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), root / name) for name in os.listdir(root) if (m := _ITER_DIR.match(name)))
 
 
+_REPORTED: set[tuple[str, str]] = set()  # (checkpoint, reason) this process has warned about
+
+
 def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[Path]:
     """Newest usable checkpoint under ``root`` (None if there is none); warns for each one skipped."""
     root = Path(root)
@@ -148,7 +151,8 @@ def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[P
                 log.warning("%s names iteration %s but the newest intact checkpoint is %s; using it",
                             root / TRACKER, tracked, path.name)
             return path
-        if _world()[0] == 0:
+        if _world()[0] == 0 and (str(path), reason) not in _REPORTED:  # a run looks several times: say it once
+            _REPORTED.add((str(path), reason))
             log.warning("skipping %s: %s; %s", path, reason,
                         "trying the next older one" if iteration > first else "no older checkpoint")
     return None

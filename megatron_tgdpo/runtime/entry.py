@@ -2,7 +2,10 @@
 flags, start the process group, run, and turn what went wrong into an exit code and one line.
 
 Exit codes: 0 finished; 2 configuration error (nothing was run, or the run refused before computing);
-75 stopped for requeue (the loop's code, passed through); 1 anything else. Known failures (a
+75 stopped for requeue (the loop's code, passed through); 1 anything else. Stop signals only set a flag
+from the command's first statement on (``runtime.signals.install_stop_handler``; :func:`launch` installs
+it too when a caller did not) and are ignored once the exit code is known, so a signal during the
+teardown (destroying the process group, interpreter exit) changes nothing. Known failures (a
 non-finite loss beyond the limit, no loadable checkpoint, and what the caller adds in ``expected``)
 print one ``error:`` line from rank 0; others raise with their traceback, and ``--verbose`` gives the
 traceback for all of them.
@@ -14,8 +17,10 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
-from megatron_tgdpo import compat, distributed
+from megatron_tgdpo import distributed
 from megatron_tgdpo.config import ConfigError
+from megatron_tgdpo.runtime.lifecycle import set_parent_death_signal
+from megatron_tgdpo.runtime.signals import install_stop_handler
 
 __all__ = ["launch"]
 
@@ -32,10 +37,11 @@ def launch(parse: Callable[[], Parsed], run: Callable[[Parsed], int], *, verbose
            expected: Callable[[], tuple[type[BaseException], ...]] = tuple) -> int:
     """``run(parse())`` on every rank of a fresh process group; returns the exit code. ``expected()``
     names the caller's own known failures (called only on failure, so their modules load late)."""
+    stop = install_stop_handler()  # normally done already by the command's first statement: a no-op then
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 
     if distributed.read_launch_env().launcher != "single":
-        compat.set_parent_death_signal()  # before the slow imports: a launcher killed now leaves no worker
+        set_parent_death_signal()  # before the slow imports: a launcher killed now leaves no worker
     try:
         parsed = parse()
     except ConfigError as exc:
@@ -60,5 +66,6 @@ def launch(parse: Callable[[], Parsed], run: Callable[[Parsed], int], *, verbose
         else:
             raise
     finally:
+        stop.ignore_from_now()  # the outcome is decided: a signal during the teardown changes nothing
         distributed.destroy()
     return code

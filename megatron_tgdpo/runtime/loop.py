@@ -7,7 +7,6 @@ Configuration problems raise :class:`~megatron_tgdpo.config.ConfigError` before 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -22,7 +21,7 @@ from megatron_tgdpo.convert.origin import run_origin
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, attention_span, peak_tflops
-from megatron_tgdpo.runtime import save_dir, setup
+from megatron_tgdpo.runtime import lifecycle, save_dir, setup
 from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext
 from megatron_tgdpo.runtime.signals import EXIT_REQUEUE, StopRequest
 
@@ -111,14 +110,16 @@ def _summary_line(m: dict) -> str:
 def run(cfg: TrainConfig, algorithm_cls: type[Algorithm]) -> int:
     """Train ``cfg`` with ``algorithm_cls`` on every rank; returns the exit code."""
     rank0 = dist.get_rank() == 0
-    # From here a stop signal only sets a flag (acted on at the first step boundary): a job preempted
-    # while it loads still saves, exits 75 and is requeued.
-    stop = StopRequest(cfg.exit_duration_in_mins)
+    # A stop signal only sets a flag (the entry point's, from the command's first line): acted on once
+    # --save is claimed, before the first step (exit 75, nothing new to save) and at every step boundary.
+    stop = StopRequest.for_run(cfg.exit_duration_in_mins)
     lock = None
     try:
         arch, arch_name = setup.declared_architecture(cfg)
         setup.check_config(cfg, arch, name=arch_name)  # before touching data or building anything
         lock = _claim_save_dir(cfg)
+        if (code := stop.stop_before_training(save=cfg.save, say=print if rank0 else lambda _: None)) is not None:
+            return code
         return _train(cfg, algorithm_cls, rank0=rank0, stop=stop)
     finally:
         stop.restore()
@@ -137,12 +138,14 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, sto
     setup.init_parallel(cfg)
     setup.seed_everything(cfg.seed)
     if cfg.save is not None:
-        compat.start_checkpoint_writer_helper()
+        lifecycle.start_checkpoint_writer_helper()
     iters = total_iterations(cfg, len(PreferenceDataset(data.train_prefix)))
     algorithm = algorithm_cls(RunContext(cfg=cfg, arch=arch, arch_name=arch_name, data=data, train_iters=iters))
     algorithm.build()
     logger = MetricsLogger.for_run(cfg, enabled=rank0, total_iters=iters)
     start_iteration, consumed, meta = _resume(cfg, algorithm, logger)
+    if cfg.load is not None:
+        logger.drop_rows_after(start_iteration)  # the steps after the checkpoint are redone: one row each
     dp = ps.get_data_parallel_world_size()
     span = f"iterations {start_iteration + 1}..{iters}" if start_iteration < iters else \
         f"already at iteration {start_iteration} of {iters}: nothing to train"
@@ -171,6 +174,9 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, sto
                                              keep_last=cfg.keep_last)
         logger.info(f"saved {path}")
 
+    if (code := stop.stop_before_training(save=cfg.save, say=logger.info)) is not None:
+        logger.close()
+        return code
     before = held_out() if start_iteration == 0 else None
     if before:
         logger.info("held-out before training: " + _summary_line(before))
@@ -236,10 +242,8 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, sto
         after = held_out()
         if after:
             logger.info("held-out after training: " + _summary_line(after))
-            if rank0 and cfg.log_dir:
-                summary = {"loss_type": cfg.loss_type, "iterations": iteration, "before": before, "after": after}
-                with open(os.path.join(cfg.log_dir, "summary.json"), "w") as fh:
-                    json.dump(summary, fh, indent=2)
+            logger.write_json("summary.json", {"loss_type": cfg.loss_type, "iterations": iteration, "before": before,
+                                               "after": after})  # rank 0 with --log-dir; a full disk only warns
         return 0
     finally:
         logger.close()

@@ -7,8 +7,9 @@
   is refused with the holder's host, PID and job id. The kernel releases the lock when its holder dies,
   so a stale lock from a dead job is taken over without any clean-up. POSIX locks (``lockf``) work on
   NFS; on a file system without locking the lock is reported as unsupported and not enforced.
-* ``<save>/REQUEUE`` — written by rank 0 when the job stops on a signal or time budget after saving
-  (exit code 75 on every worker; every rank waits for the marker before it exits). Launchers that
+* ``<save>/REQUEUE`` — written by rank 0 when the job stops on a signal or time budget, after saving,
+  or without saving when it stopped before its first step (exit code 75 on every worker; every rank
+  waits for the marker before it exits). Launchers that
   report their own exit code (torchrun exits 1 when a worker exits 75; ``srun --kill-on-bad-exit`` may
   report another task's) hide the 75; the sbatch examples requeue when this file exists. It names the
   iteration of the newest checkpoint and the reason. Removed when a run starts, so a run that finishes,
@@ -16,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -41,13 +43,16 @@ class SaveDirInUse(RuntimeError):
 def check_writable(path: str | os.PathLike, *, flag: str) -> Optional[str]:
     """None if ``path`` is (made) a writable directory, else the problem, naming ``flag``."""
     path = Path(path)
+    probe = path / f".write-probe.{socket.gethostname()}.{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe.{socket.gethostname()}.{os.getpid()}"
         probe.write_bytes(b"ok")
-        probe.unlink()
     except OSError as exc:
         return f"{flag} {path}: not writable ({exc.strerror or exc}); choose a writable directory"
+    finally:
+        # A full disk creates the file and then fails the write: remove it either way.
+        with contextlib.suppress(OSError):
+            probe.unlink()
     return None
 
 
@@ -103,10 +108,11 @@ class SaveLock:
             self._fd = None
 
 
-def write_requeue_marker(root: str | os.PathLike, *, iteration: int, reason: str) -> Path:
-    """``<root>/REQUEUE``: resume from ``iteration`` (the newest checkpoint); written atomically."""
+def write_requeue_marker(root: str | os.PathLike, *, iteration: int, reason: str, saved: bool = True) -> Path:
+    """``<root>/REQUEUE``: resume from ``iteration`` (the newest checkpoint); written atomically.
+    ``saved``: this run wrote that checkpoint (False: it stopped before it had anything new to save)."""
     path = Path(root) / REQUEUE_MARKER
-    write_json_atomic(path, {"iteration": iteration, "reason": reason, "host": socket.gethostname(),
+    write_json_atomic(path, {"iteration": iteration, "reason": reason, "saved": saved, "host": socket.gethostname(),
                              "job": _job_id(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "exit_code": 75})
     return path
 
