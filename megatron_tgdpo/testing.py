@@ -241,8 +241,6 @@ class TrainingJob:
         self.token = f"{os.getpid()}-{self.out_path.name}-{time.time_ns()}"
         environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}),
                        **{_JOB_ENV: self.token})
-        if nproc == 0:  # one process is a world of one: its own port, or two such jobs race for 29500
-            environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         with open(self.out_path, "w") as handle:
             self.proc = subprocess.Popen([*launcher, "-m", "megatron_tgdpo.train", *map(str, flags)], cwd=cwd,
                                          env=environ, stdout=handle, stderr=subprocess.STDOUT,
