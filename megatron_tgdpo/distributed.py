@@ -20,7 +20,7 @@ class LaunchEnv:
     world_size: int
     local_rank: int
     master_addr: str
-    master_port: int
+    master_port: int  # 0 for a single process: it needs no rendezvous port
     launcher: str  # "torchrun", "slurm" or "single"
 
 
@@ -49,7 +49,10 @@ def free_port() -> int:
 
 
 def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
-    """torchrun variables win; otherwise SLURM (``srun``); otherwise a single process."""
+    """torchrun variables win; otherwise SLURM (``srun``); otherwise a single process.
+
+    A single process ignores ``MASTER_ADDR``/``MASTER_PORT``: it is a world of one and starts
+    torch.distributed on an in-process store, so it never binds (or waits for) a TCP port."""
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", "29500"))
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -71,7 +74,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 _DEVICE: torch.device | None = None
@@ -117,13 +120,19 @@ def init_process_group(launch: LaunchEnv, *, timeout_minutes: int = 30) -> torch
         compat.apply_cpu_shims()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if launch.launcher == "single":
+            # A world of one has no peer to meet: an in-process store instead of a TCP rendezvous, so
+            # that two single-process commands on one machine never contend for a port.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=timeout,
+            )
     return device
 
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from megatron_tgdpo.distributed import free_port  # noqa: F401 - part of this module's API (tests use it)
 
-__all__ = ["TIMING_METRICS", "RankFailure", "TrainingJob", "free_port", "run_on_ranks", "simulate_ddp"]
+__all__ = ["TIMING_METRICS", "RankFailure", "TrainingJob", "free_port", "quiet_env", "read_metrics", "run_command",
+           "run_on_ranks", "run_train", "simulate_ddp", "torchrun", "user_env"]
 
 
 class RankFailure(AssertionError):
@@ -198,6 +199,58 @@ def simulate_ddp(param: Any, grad_dtype: Any = None) -> Any:
     return param.main_grad
 
 
+def run_train(argv: Sequence[str]) -> int:
+    """``python -m megatron_tgdpo.train ARGV`` inside this process (one rank of :func:`run_on_ranks`);
+    returns its exit code."""
+    from megatron_tgdpo import train
+    from megatron_tgdpo.config import parse_args
+
+    return train.run(parse_args(list(argv)))
+
+
+def read_metrics(log_dir: Path) -> list[dict]:
+    """Every row of ``LOG_DIR/metrics.jsonl``, in order."""
+    import json
+
+    return [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands run as a user runs them: child processes with their own session and their own port
+# ----------------------------------------------------------------------------------------------
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """This environment for a child command: one OpenMP thread per process (the machine's cores go to the
+    ranks) and Python warnings off, so that the output checked is the command's own."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """This environment as a user has it: Python's default warning settings and no verbose switch, so a
+    library warning that reaches the console is seen."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
+    environ.update(extra)
+    return environ
+
+
+def torchrun(nproc: int) -> list[str]:
+    """``python -m torch.distributed.run --nproc-per-node NPROC`` on a loopback port free now: append
+    ``-m module flags`` to it."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+
+
+def run_command(args: Sequence[Any], *, cwd: Path, env: Optional[dict] = None, timeout: float = 300):
+    """Run ``args`` to completion in a session of its own (a test's interrupt does not reach it; its
+    children go with it); returns the ``subprocess.CompletedProcess`` with text stdout and stderr.
+    ``env``: :func:`quiet_env` unless given."""
+    import subprocess
+
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=quiet_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training jobs launched the way a cluster launches them (the reliability tests, tools/soak_preemption.py)
 # ----------------------------------------------------------------------------------------------
@@ -236,13 +289,10 @@ class TrainingJob:
         import sys
 
         self.nproc, self.out_path = nproc, Path(out)
-        launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                     f"--master-port={free_port()}"] if nproc > 0 else [sys.executable])
+        launcher = torchrun(nproc) if nproc > 0 else [sys.executable]
         self.token = f"{os.getpid()}-{self.out_path.name}-{time.time_ns()}"
         environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}),
                        **{_JOB_ENV: self.token})
-        if nproc == 0:  # one process is a world of one: its own port, or two such jobs race for 29500
-            environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         with open(self.out_path, "w") as handle:
             self.proc = subprocess.Popen([*launcher, "-m", "megatron_tgdpo.train", *map(str, flags)], cwd=cwd,
                                          env=environ, stdout=handle, stderr=subprocess.STDOUT,

@@ -26,7 +26,8 @@ import transformers
 from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.testing import run_on_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT
+
 SOURCE = "tiny-chat-llama"
 # What training may change in config.json: only the dtype entry, and only when the weights are cast
 # (--dtype at export, or a bf16 checkpoint of an fp32 model). Everything else is the source's.

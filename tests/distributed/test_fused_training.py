@@ -4,26 +4,13 @@ embeddings (megatron's last-stage copy of the embedding, its gradient all-reduce
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
 STEPS = 4
-
-
-def _train(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
-
-
-def _rows(log_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +44,8 @@ def test_fused_head_step_equals_plain_head(tied_model, layout):
     for head in ("fused", "plain"):
         extra = [] if head == "fused" else ["--no-fused-logprobs"]
         argv = common + extra + ["--log-dir", str(tmp / f"{layout}-{head}")]
-        assert run_on_ranks(world, _train, argv, model_parallel=False) == [0] * world
-    fused, plain = _rows(tmp / f"{layout}-fused"), _rows(tmp / f"{layout}-plain")
+        assert run_on_ranks(world, run_train, argv, model_parallel=False) == [0] * world
+    fused, plain = read_metrics(tmp / f"{layout}-fused"), read_metrics(tmp / f"{layout}-plain")
     assert [r["iteration"] for r in fused] == list(range(1, STEPS + 1))
     for a, b in zip(fused, plain):
         for key in ("loss", "grad_norm", "rewards/margin"):

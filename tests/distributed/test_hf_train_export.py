@@ -8,19 +8,12 @@ import json
 import torch
 import transformers
 
-from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.models.llama import LlamaArch
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import run_on_ranks, run_train
 
 # Deliberately unlike the "tiny" preset: 2 layers, 8 heads over 4 KV groups, 96 wide, vocab 128.
 ARCH = LlamaArch(num_layers=2, hidden_size=96, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=160,
                  vocab_size=128, max_position_embeddings=256, rope_theta=10000.0)
-
-
-def _train(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
 
 
 def _megatron_logps(ckpt, tokens):
@@ -45,7 +38,7 @@ def test_hf_in_train_tp2_export_to_hf(tmp_path):
             "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-2", "--tensor-model-parallel-size", "2",
             "--data-cache-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "log"), "--eval-iters", "0",
             "--no-tensorboard", "--save", str(ckpt)]
-    assert run_on_ranks(2, _train, argv, model_parallel=False) == [0, 0]
+    assert run_on_ranks(2, run_train, argv, model_parallel=False) == [0, 0]
     first = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["iteration"] == 1 and first["logratio/abs_max"] == 0.0  # policy (--load) == reference
 

@@ -3,7 +3,6 @@ at the same layout, < 1e-5 across layouts), and a cache that does not fit the ru
 message naming the difference; truncated or half-written caches are never read."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -15,21 +14,15 @@ import torch
 
 from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.logprob_cache import CacheFormatError, CacheMismatchError, LogprobCache
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import load_tool
+
 LIMIT = 64  # pairs scored: enough for several steps per rank, fast on 2 CPU cores
 SEED = 11
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("precompute_logprobs", REPO / "tools" / "precompute_logprobs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("precompute_logprobs")
 
 
 def _argv(data_cache: Path, *extra: str) -> list[str]:
@@ -328,12 +321,6 @@ def test_existing_output_needs_overwrite(workspace):
 # training with the cache (runs once train.py reads --logprob-cache)
 # ------------------------------------------------------------------------------------------------
 
-def _train(argv: list[str]) -> int:
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
-
-
 def _small_dataset(ws: dict, pairs: int) -> tuple[str, str]:
     """The first ``pairs`` built-in training pairs prepared as their own data set (prefix, tokenizer):
     a cache covering all of it takes a second to make."""
@@ -371,12 +358,12 @@ def test_training_with_cache_matches_online(workspace):
     logs = {}
     for name, extra in (("online", []), ("cached", ["--logprob-cache", str(cache)])):
         logs[name] = ws["tmp"] / f"train-{name}"
-        assert run_on_ranks(1, _train, common + ["--log-dir", str(logs[name])] + extra, model_parallel=False) == [0]
-    rows = {k: [json.loads(line) for line in (v / "metrics.jsonl").read_text().splitlines()] for k, v in logs.items()}
+        assert run_on_ranks(1, run_train, common + ["--log-dir", str(logs[name])] + extra, model_parallel=False) == [0]
+    rows = {k: read_metrics(v) for k, v in logs.items()}
     assert len(rows["online"]) == len(rows["cached"]) == 3
     for a, b in zip(rows["online"], rows["cached"]):
         for key in ("loss", "rewards/margin", "weights/chosen_mean", "grad_norm"):
             assert abs(a[key] - b[key]) < 1e-5, f"iteration {a['iteration']} {key}: {a[key]} vs {b[key]}"
     # The cache is really consulted: the same cache with another --seed (another reference) is refused.
     with pytest.raises(RankFailure, match="the cache has seeded-init:11, this run has seeded-init:12"):
-        run_on_ranks(1, _train, common + ["--logprob-cache", str(cache), "--seed", "12"], model_parallel=False)
+        run_on_ranks(1, run_train, common + ["--logprob-cache", str(cache), "--seed", "12"], model_parallel=False)

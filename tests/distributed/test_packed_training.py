@@ -3,23 +3,15 @@ every layout (the loss is the mean over the global batch's pairs whatever each m
 built-in data really packs, and a packed run killed after a save resumes bit-identically."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import RankFailure, run_on_ranks
+from megatron_tgdpo.testing import RankFailure, read_metrics, run_on_ranks, run_train
 
 STEPS = 5
-
-
-def _train(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
 
 
 def _train_killed_after_save(argv, kill_at: int):
@@ -34,7 +26,7 @@ def _train_killed_after_save(argv, kill_at: int):
         return path
 
     checkpointing.save_checkpoint = save_then_die
-    return _train(argv)
+    return run_train(argv)
 
 
 def _common(tmp: Path, name: str) -> list[str]:
@@ -44,20 +36,16 @@ def _common(tmp: Path, name: str) -> list[str]:
             "--no-tensorboard"]
 
 
-def _rows(log_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A guidance model (3 DPO steps) and the unpacked single-rank TGDPO run to compare with."""
     tmp = tmp_path_factory.mktemp("packed")
     guide = tmp / "guide"
     argv = _common(tmp, "guide-log") + ["--loss-type", "dpo", "--save", str(guide), "--train-iters", "3"]
-    assert run_on_ranks(1, _train, argv, model_parallel=False) == [0]
+    assert run_on_ranks(1, run_train, argv, model_parallel=False) == [0]
     tgdpo = ["--loss-type", "tgdpo", "--guidance-load", str(guide)]
-    assert run_on_ranks(1, _train, _common(tmp, "unpacked") + tgdpo, model_parallel=False) == [0]
-    return tmp, tgdpo, _rows(tmp / "unpacked")
+    assert run_on_ranks(1, run_train, _common(tmp, "unpacked") + tgdpo, model_parallel=False) == [0]
+    return tmp, tgdpo, read_metrics(tmp / "unpacked")
 
 
 LAYOUTS = {
@@ -77,8 +65,8 @@ def test_packed_training_matches_unpacked(workspace, layout):
     world, flags = LAYOUTS[layout]
     name = f"packed-{layout}"
     argv = _common(tmp, name) + tgdpo + flags + ["--pack-sequences"]
-    assert run_on_ranks(world, _train, argv, model_parallel=False) == [0] * world
-    packed = _rows(tmp / name)
+    assert run_on_ranks(world, run_train, argv, model_parallel=False) == [0] * world
+    packed = read_metrics(tmp / name)
     assert [r["iteration"] for r in packed] == list(range(1, STEPS + 1))
     for ours, ref in zip(packed, unpacked):
         for key in ("loss", "grad_norm", "rewards/margin", "weights/chosen_mean"):
@@ -96,16 +84,16 @@ def test_packed_training_matches_unpacked(workspace, layout):
 def test_packed_run_killed_after_a_save_resumes_bit_identically(workspace):
     tmp, tgdpo, _ = workspace
     flags = tgdpo + ["--pack-sequences", "--tensor-model-parallel-size", "2"]
-    assert run_on_ranks(2, _train, _common(tmp, "pk-full") + flags, model_parallel=False) == [0, 0]
+    assert run_on_ranks(2, run_train, _common(tmp, "pk-full") + flags, model_parallel=False) == [0, 0]
     ckpt = tmp / "pk-ckpt"
     with pytest.raises(RankFailure, match="died without reporting"):
         run_on_ranks(2, _train_killed_after_save,
                      _common(tmp, "pk-killed") + flags + ["--save", str(ckpt), "--save-interval", "2"], 2,
                      model_parallel=False)
-    assert run_on_ranks(2, _train, _common(tmp, "pk-resumed") + flags + ["--save", str(ckpt), "--load", str(ckpt)],
+    assert run_on_ranks(2, run_train, _common(tmp, "pk-resumed") + flags + ["--save", str(ckpt), "--load", str(ckpt)],
                         model_parallel=False) == [0, 0]
-    full = {r["iteration"]: r for r in _rows(tmp / "pk-full")}
-    resumed = _rows(tmp / "pk-resumed")
+    full = {r["iteration"]: r for r in read_metrics(tmp / "pk-full")}
+    resumed = read_metrics(tmp / "pk-resumed")
     assert [r["iteration"] for r in resumed] == [3, 4, 5]
     for row in resumed:
         for key in ("loss", "grad_norm"):

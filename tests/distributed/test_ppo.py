@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks
 
 BETA, KL_COEF, DENSE_SCALE = 0.1, 0.05, 2.0
 # One mini-batch per epoch: each rank shuffles its own rollout rows, so with several mini-batches their
@@ -144,8 +144,7 @@ def _critic_head(ckpt: str, data_dir: str, seed: int):
 
 
 def _metrics(log_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: {k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows}
+    return {r["iteration"]: {k: v for k, v in r.items() if not k.startswith(TIMING)} for r in read_metrics(log_dir)}
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ All runs: 4 ranks = TP 2 x DP 2 with the distributed optimizer, DPO on the built
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -13,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import RankFailure, run_on_ranks
+from megatron_tgdpo.testing import RankFailure, read_metrics, run_on_ranks, run_train
 
 N = 6
 
@@ -27,12 +25,6 @@ def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
         "--data-cache-dir", str(tmp / "data"), "--log-dir", str(tmp / name), "--eval-iters", "0", "--no-tensorboard",
         *extra,
     ]
-
-
-def _run(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
 
 
 def _run_killed_after_save(argv, kill_at: int):
@@ -48,7 +40,7 @@ def _run_killed_after_save(argv, kill_at: int):
         return path
 
     checkpointing.save_checkpoint = save_then_die
-    return _run(argv)
+    return run_train(argv)
 
 
 def _run_sigterm_at(argv, iteration: int):
@@ -67,17 +59,17 @@ def _run_sigterm_at(argv, iteration: int):
         return out
 
     PreferenceAlgorithm.train_step = step
-    return _run(argv)
+    return run_train(argv)
 
 
 def _losses(log_dir: Path) -> dict[int, float]:
-    return {r["iteration"]: r["loss"] for r in map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines())}
+    return {r["iteration"]: r["loss"] for r in read_metrics(log_dir)}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    assert run_on_ranks(4, _run, _argv(tmp, "full"), model_parallel=False) == [0] * 4
+    assert run_on_ranks(4, run_train, _argv(tmp, "full"), model_parallel=False) == [0] * 4
     losses = _losses(tmp / "full")
     assert sorted(losses) == list(range(1, N + 1))
     return tmp, losses
@@ -90,7 +82,7 @@ def test_resume_after_sigkill_is_exact(uninterrupted):
         run_on_ranks(4, _run_killed_after_save, _argv(tmp, "killed", "--save", str(ckpt), "--save-interval", "3"), 3,
                      model_parallel=False)
     assert (ckpt / "iter_0000003").is_dir()
-    assert run_on_ranks(4, _run, _argv(tmp, "resumed", "--load", str(ckpt), "--save", str(ckpt)),
+    assert run_on_ranks(4, run_train, _argv(tmp, "resumed", "--load", str(ckpt), "--save", str(ckpt)),
                         model_parallel=False) == [0] * 4
     resumed = _losses(tmp / "resumed")
     assert sorted(resumed) == [4, 5, 6]
@@ -107,7 +99,7 @@ def test_sigterm_saves_exits_for_requeue_and_resumes(uninterrupted):
     assert codes == [EXIT_REQUEUE] * 4
     assert (ckpt / "iter_0000002").is_dir() and not (ckpt / "iter_0000003").exists()
     assert sorted(_losses(tmp / "term")) == [1, 2]
-    assert run_on_ranks(4, _run, _argv(tmp, "term-resumed", "--load", str(ckpt), "--save", str(ckpt)),
+    assert run_on_ranks(4, run_train, _argv(tmp, "term-resumed", "--load", str(ckpt), "--save", str(ckpt)),
                         model_parallel=False) == [0] * 4
     resumed = _losses(tmp / "term-resumed")
     assert sorted(resumed) == [3, 4, 5, 6]
@@ -143,6 +135,6 @@ def test_optimizer_state_refuses_a_tp_change_with_advice(uninterrupted):
     argv = _argv(tmp, "relayout", "--load", str(ckpt))
     argv[argv.index("--tensor-model-parallel-size") + 1] = "1"
     with pytest.raises(RankFailure, match="--no-load-optim"):
-        run_on_ranks(4, _run, argv, model_parallel=False)
+        run_on_ranks(4, run_train, argv, model_parallel=False)
     # Model weights reshard TP2 -> TP1 when the optimizer starts fresh.
-    assert run_on_ranks(4, _run, argv + ["--no-load-optim", "--train-iters", "7"], model_parallel=False) == [0] * 4
+    assert run_on_ranks(4, run_train, argv + ["--no-load-optim", "--train-iters", "7"], model_parallel=False) == [0] * 4

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import random
 
 import numpy as np
 import torch
 
 from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks
 
 STEPS = 4
 
@@ -96,7 +95,7 @@ def test_one_seed_one_stream_and_a_resume_restores_it(tmp_path):
     assert f"resumed from {ckpt}/iter_0000002 (iteration 2, 16 samples consumed)" in console
     steps = [line.split("|")[0].split()[1] for line in console.splitlines() if line.startswith("iter ")]
     assert steps == ["3/4", "4/4"], steps
-    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "resumed")
     assert [r["iteration"] for r in rows] == [3, 4]
 
     # Control: without the RNG restore the resumed run re-draws the seeded stream.

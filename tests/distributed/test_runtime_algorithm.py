@@ -3,7 +3,6 @@ batches, written here against the public interface only) trains, checkpoints, st
 resumes bit-identically at TP=2 and PP=2 — the proof that SFT and PPO trainers fit the same loop."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks
 
 STEPS = 6
 
@@ -79,8 +78,7 @@ def _argv(tmp: Path, name: str, layout: list[str], *extra: str) -> list[str]:
 
 
 def _losses(log_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in rows}
+    return {r["iteration"]: r["loss"] for r in read_metrics(log_dir)}
 
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],

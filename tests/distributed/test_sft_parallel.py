@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
 STEPS = 5
-
-
-def _train(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
 
 
 def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
@@ -25,15 +18,11 @@ def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
             "--no-tensorboard", *extra]
 
 
-def _rows(log_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")
-    assert run_on_ranks(1, _train, _argv(tmp, "single"), model_parallel=False) == [0]
-    rows = _rows(tmp / "single")
+    assert run_on_ranks(1, run_train, _argv(tmp, "single"), model_parallel=False) == [0]
+    rows = read_metrics(tmp / "single")
     assert [r["iteration"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1  # it learns
     summary = json.loads((tmp / "single" / "summary.json").read_text())
@@ -46,7 +35,7 @@ def single(tmp_path_factory):
 def test_sft_layouts_match_single_rank(single, layout):
     tmp, reference = single
     name = layout[0].strip("-")
-    assert run_on_ranks(2, _train, _argv(tmp, name, *layout), model_parallel=False) == [0, 0]
-    for ours, ref in zip(_rows(tmp / name), reference):
+    assert run_on_ranks(2, run_train, _argv(tmp, name, *layout), model_parallel=False) == [0, 0]
+    for ours, ref in zip(read_metrics(tmp / name), reference):
         for key in ("loss", "grad_norm"):
             assert abs(ours[key] - ref[key]) < 1e-5, f"{name} iteration {ours['iteration']} {key}: {ours[key]} vs {ref[key]}"

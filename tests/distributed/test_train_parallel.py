@@ -2,21 +2,13 @@
 the single-rank run step for step; TGDPO with alpha=0 is DPO; step-0 policy == reference exactly."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
 STEPS = 5
-
-
-def _train(argv: list[str]) -> int:
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
 
 
 def _common(tmp: Path, name: str, data_cache: Path) -> list[str]:
@@ -28,11 +20,6 @@ def _common(tmp: Path, name: str, data_cache: Path) -> list[str]:
     ]
 
 
-def _losses(log_dir: Path) -> list[dict]:
-    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A guidance model (3 DPO steps, single rank) and the single-rank TGDPO reference run."""
@@ -40,10 +27,10 @@ def workspace(tmp_path_factory):
     cache = tmp / "data"
     guide = tmp / "guide"
     argv = _common(tmp, "guide-log", cache) + ["--loss-type", "dpo", "--save", str(guide), "--train-iters", "3"]
-    assert run_on_ranks(1, _train, argv, model_parallel=False) == [0]
+    assert run_on_ranks(1, run_train, argv, model_parallel=False) == [0]
     ref_argv = _common(tmp, "single", cache) + ["--loss-type", "tgdpo", "--guidance-load", str(guide)]
-    assert run_on_ranks(1, _train, ref_argv, model_parallel=False) == [0]
-    return tmp, cache, guide, _losses(tmp / "single")
+    assert run_on_ranks(1, run_train, ref_argv, model_parallel=False) == [0]
+    return tmp, cache, guide, read_metrics(tmp / "single")
 
 
 LAYOUTS = {
@@ -63,8 +50,8 @@ def test_parallel_layout_matches_single_rank(workspace, layout):
     tmp, cache, guide, reference = workspace
     world = 4 if layout in ("tp2pp2", "tp2cp2") else 2
     argv = _common(tmp, layout, cache) + ["--loss-type", "tgdpo", "--guidance-load", str(guide)] + LAYOUTS[layout]
-    assert run_on_ranks(world, _train, argv, model_parallel=False) == [0] * world
-    got = _losses(tmp / layout)
+    assert run_on_ranks(world, run_train, argv, model_parallel=False) == [0] * world
+    got = read_metrics(tmp / layout)
     assert [r["iteration"] for r in got] == list(range(1, STEPS + 1))
     for ours, ref in zip(got, reference):
         for key in ("loss", "rewards/margin", "rewards/accuracy", "weights/chosen_mean"):
@@ -83,9 +70,9 @@ def test_tgdpo_alpha_zero_is_dpo_step_for_step(workspace):
     tmp, cache, guide, _ = workspace
     a = _common(tmp, "alpha0", cache) + ["--loss-type", "tgdpo", "--alpha", "0", "--guidance-load", str(guide)]
     b = _common(tmp, "dpo", cache) + ["--loss-type", "dpo"]
-    assert run_on_ranks(1, _train, a, model_parallel=False) == [0]
-    assert run_on_ranks(1, _train, b, model_parallel=False) == [0]
-    for x, y in zip(_losses(tmp / "alpha0"), _losses(tmp / "dpo")):
+    assert run_on_ranks(1, run_train, a, model_parallel=False) == [0]
+    assert run_on_ranks(1, run_train, b, model_parallel=False) == [0]
+    for x, y in zip(read_metrics(tmp / "alpha0"), read_metrics(tmp / "dpo")):
         for key in ("loss", "rewards/margin", "grad_norm"):
             assert x[key] == y[key], f"iteration {x['iteration']} {key}: {x[key]} != {y[key]}"
 
@@ -95,8 +82,8 @@ def test_bf16_tracks_fp32(workspace):
     tmp, cache, guide, reference = workspace
     argv = _common(tmp, "bf16", cache) + ["--loss-type", "tgdpo", "--guidance-load", str(guide), "--bf16",
                                           "--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
-    assert run_on_ranks(2, _train, argv, model_parallel=False) == [0, 0]
-    got = _losses(tmp / "bf16")
+    assert run_on_ranks(2, run_train, argv, model_parallel=False) == [0, 0]
+    got = read_metrics(tmp / "bf16")
     assert got[0]["logratio/abs_max"] == 0.0
     for ours, ref in zip(got, reference):
         assert abs(ours["loss"] - ref["loss"]) < 1e-2, (ours["iteration"], ours["loss"], ref["loss"])

@@ -17,7 +17,7 @@ import wandb  # noqa: F401 - in the test extra: this test must run, not skip
 from wandb.proto import wandb_internal_pb2
 
 from megatron_tgdpo.config import parse_args
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
 BLOCK = 32768
 
@@ -42,12 +42,6 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def _train(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
-
-
 def test_offline_run_logs_the_metrics_and_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no API key anywhere
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
@@ -57,7 +51,7 @@ def test_offline_run_logs_the_metrics_and_the_config(tmp_path, monkeypatch):
             "--data-cache-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "log"), "--no-tensorboard",
             "--wandb-project", "tgdpo-test", "--wandb-exp-name", "offline-check",
             "--wandb-save-dir", str(tmp_path / "wb")]
-    assert run_on_ranks(2, _train, argv, model_parallel=False) == [0, 0]
+    assert run_on_ranks(2, run_train, argv, model_parallel=False) == [0, 0]
 
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs  # rank 0 only, and offline (no API key)
@@ -76,7 +70,7 @@ def test_offline_run_logs_the_metrics_and_the_config(tmp_path, monkeypatch):
         if record.WhichOneof("record_type") == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             history[row["_step"]] = row
-    jsonl = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    jsonl = read_metrics(tmp_path / "log")
     assert sorted(history) == [r["iteration"] for r in jsonl] == [1, 2, 3]
     for row in jsonl:
         logged = history[row["iteration"]]

@@ -10,26 +10,18 @@ each global batch (the sampler's global stream: positions [k*G, (k+1)*G) for ite
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 import transformers
 
-from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.models.llama import LlamaArch
-from megatron_tgdpo.testing import run_on_ranks
+from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
 ARCH = LlamaArch(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
                  vocab_size=64, max_position_embeddings=128, rope_theta=10000.0)
 GLOBAL_BATCH, ITERS, SEED = 8, 2, 1234
 BETA, ALPHA = 0.5, 2.0  # large, so that the weights spread well beyond 1 and some turn negative
-
-
-def _train(argv):
-    from megatron_tgdpo import train
-
-    return train.run(parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +80,8 @@ def test_weight_metrics_are_global_token_means_for_any_micro_batch(models):
                 "--micro-batch-size", str(micro), "--global-batch-size", str(GLOBAL_BATCH), "--seq-length", "64",
                 "--lr", "1e-3", "--seed", str(SEED), "--data-cache-dir", str(tmp / "data"), "--eval-iters", "0",
                 "--no-tensorboard", "--log-dir", str(log)]
-        assert run_on_ranks(2, _train, argv, model_parallel=False) == [0, 0]
-        rows = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+        assert run_on_ranks(2, run_train, argv, model_parallel=False) == [0, 0]
+        rows = read_metrics(log)
         assert [r["iteration"] for r in rows] == list(range(1, ITERS + 1))
         for row, want in zip(rows, expected):
             for key, value in want.items():

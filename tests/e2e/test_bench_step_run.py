@@ -2,26 +2,13 @@
 prints the table and writes JSON whose figures are consistent."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench_step():
-    name = "bench_step"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "bench_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from conftest import load_tool
 
 
 def test_short_cpu_run_writes_the_table_and_json(tmp_path, capsys):
-    bs = _bench_step()
+    bs = load_tool("bench_step")
     out = tmp_path / "bench.json"
     code = bs.main(["--model", "tiny", "--compare", "packing", "--steps", "1", "--warmup", "0", "--micro-batch-size",
                     "1", "--global-batch-size", "2", "--seq-length", "64", "--length-scale", "0.03",

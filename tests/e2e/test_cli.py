@@ -2,31 +2,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from megatron_tgdpo.testing import free_port
+from megatron_tgdpo.testing import read_metrics, run_command, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+from conftest import ROOT
 
 
 def _torchrun(nproc: int, *flags: str) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                 f"--master-port={free_port()}", "-m", "megatron_tgdpo.train", *flags])
+    return run_command([*torchrun(nproc), "-m", "megatron_tgdpo.train", *flags], cwd=ROOT)
 
 
 def test_bad_configuration_fails_before_compute_with_the_flag_named(tmp_path):
-    result = _run([sys.executable, "-m", "megatron_tgdpo.train", "--tensor-model-parallel-size", "3",
-                   "--global-batch-size", "7", "--loss-type", "dpo", "--train-iters", "2",
-                   "--ref-load", str(tmp_path / "missing"), "--log-dir", str(tmp_path / "log")])
+    result = run_command([sys.executable, "-m", "megatron_tgdpo.train", "--tensor-model-parallel-size", "3",
+                          "--global-batch-size", "7", "--loss-type", "dpo", "--train-iters", "2",
+                          "--ref-load", str(tmp_path / "missing"), "--log-dir", str(tmp_path / "log")], cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
     err = result.stderr
     assert "nothing was run" in err
@@ -45,7 +36,7 @@ def test_dpo_then_tgdpo_through_torchrun(tmp_path):
     tgdpo = _torchrun(2, *common, "--loss-type", "tgdpo", "--train-iters", "4", "--guidance-load",
                       str(tmp_path / "dpo"), "--tensor-model-parallel-size", "2", "--log-dir", str(tmp_path / "tg-log"))
     assert tgdpo.returncode == 0, tgdpo.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "tg-log" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "tg-log")
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     for key in ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected", "lr",
                 "grad_norm", "tokens_per_s", "weights/chosen_mean", "weights/rejected_mean",

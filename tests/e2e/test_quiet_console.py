@@ -7,24 +7,19 @@ at their defaults (no PYTHONWARNINGS), as a user has them.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from megatron_tgdpo.testing import free_port
+from megatron_tgdpo.testing import run_command, torchrun, user_env
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT
+
 FALLBACK_NOTICE = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."
 
 
 def _torchrun(*flags: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
-    env.update(OMP_NUM_THREADS="1")  # as the demo sets it (torchrun itself warns when it is unset)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "megatron_tgdpo.train", *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
+    env = user_env(OMP_NUM_THREADS="1")  # as the demo sets it (torchrun itself warns when it is unset)
+    return run_command([*torchrun(2), "-m", "megatron_tgdpo.train", *flags], cwd=ROOT, env=env)
 
 
 def _warning_lines(text: str) -> list[str]:
@@ -56,7 +51,7 @@ def test_the_environment_variable_is_verbose_too():
     megatron-core's optimizer import, which prints the fallback notice on CPU)."""
     code = ("from megatron_tgdpo.runtime.console import quiet_library_warnings; quiet_library_warnings(); "
             "import megatron.core.optimizer")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
+    env = user_env()
     quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     loud = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, MEGATRON_TGDPO_VERBOSE="1"),
                           capture_output=True, text=True, timeout=120)

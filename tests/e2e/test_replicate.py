@@ -3,20 +3,21 @@ every model's row, and a rerun skips every stage (resumes) and prints the same t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from megatron_tgdpo.testing import run_command, user_env
+
+from conftest import ROOT
+
 ROWS = ("SFT", "DPO", "TGDPO (alpha 0.5)", "SimPO", "IPO")
 
 
 def _replicate(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
     # The user's environment: no PYTHONWARNINGS, so a library warning would reach the console.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MEGATRON_TGDPO_VERBOSE")}
-    return subprocess.run([sys.executable, "-m", "megatron_tgdpo.replicate", "--preset", "smoke", "--workdir",
-                           str(workdir), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    return run_command([sys.executable, "-m", "megatron_tgdpo.replicate", "--preset", "smoke", "--workdir",
+                        str(workdir), *flags], cwd=ROOT, env=user_env(), timeout=1200)
 
 
 def _table(stdout: str) -> list[str]:

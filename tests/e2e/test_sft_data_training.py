@@ -3,22 +3,21 @@ every preference loss refuses it before any compute, saying what the set is and 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_tgdpo.testing import free_port
+from megatron_tgdpo.testing import read_metrics, run_command
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT
+
 TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()))
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    return run_command(args, cwd=ROOT, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def test_sft_trains_on_an_sft_set(sft_set, tmp_path):
     result = _run([sys.executable, "-m", "megatron_tgdpo.train", *COMMON, "--loss-type", "sft", "--data-path",
                    str(sft_set), "--eval-data-path", str(sft_set), "--log-dir", str(tmp_path / "log")])
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "log")
     assert [r["iteration"] for r in rows if "loss" in r][:2] == [1, 2]
 
 

@@ -11,34 +11,31 @@ it): then the same commands run on CPU with gloo, which rehearses the GPU check 
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_tgdpo.testing import free_port
+from megatron_tgdpo.testing import read_metrics, run_command, torchrun
+
+from conftest import ROOT
 
 ON_CPU_ENV = "MEGATRON_TGDPO_GPU_TESTS_ON_CPU"
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get(ON_CPU_ENV) == "1"),
                                 reason=f"needs CUDA (GPU machines only; {ON_CPU_ENV}=1 rehearses it on CPU)")
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 TOLERANCE = 1e-4  # relative; fp32 on one device, different shapes (and so summation orders) only
 
 
 def _train(tmp: Path, name: str, *flags: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
-           "-m", "megatron_tgdpo.train", "--model", "tiny", "--train-iters", str(STEPS), "--micro-batch-size", "2",
-           "--global-batch-size", "8", "--seq-length", "64", "--lr", "3e-3", "--seed", "11", "--eval-iters", "0",
-           "--data-cache-dir", str(tmp / "data"), "--log-dir", str(tmp / name), "--no-tensorboard", *flags]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
+    cmd = [*torchrun(1), "-m", "megatron_tgdpo.train", "--model", "tiny", "--train-iters", str(STEPS),
+           "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "64", "--lr", "3e-3", "--seed", "11",
+           "--eval-iters", "0", "--data-cache-dir", str(tmp / "data"), "--log-dir", str(tmp / name), "--no-tensorboard",
+           *flags]
+    result = run_command(cmd, cwd=ROOT, timeout=600, env=dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
     assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(tmp / name)
 
 
 def _close(a: float, b: float) -> bool:

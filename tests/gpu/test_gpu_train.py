@@ -5,19 +5,17 @@ CUDA itself, and forking after CUDA initialisation is unsafe, so the fork-based 
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_tgdpo.testing import free_port
+from megatron_tgdpo.testing import read_metrics, run_command, torchrun
+
+from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU machines only)")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _te_installed() -> bool:
@@ -29,15 +27,13 @@ def _te_installed() -> bool:
 
 
 def _train(tmp: Path, name: str, *flags: str, nproc: int = 1) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "megatron_tgdpo.train", "--model", "tiny", "--loss-type", "dpo", "--train-iters", "20",
-           "--micro-batch-size", "4", "--global-batch-size", "16", "--seq-length", "64", "--lr", "1e-3",
+    cmd = [*torchrun(nproc), "-m", "megatron_tgdpo.train", "--model", "tiny", "--loss-type", "dpo", "--train-iters",
+           "20", "--micro-batch-size", "4", "--global-batch-size", "16", "--seq-length", "64", "--lr", "1e-3",
            "--eval-iters", "0", "--data-cache-dir", str(tmp / "data"), "--log-dir", str(tmp / name),
            "--no-tensorboard", *flags]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
+    result = run_command(cmd, cwd=ROOT, timeout=600, env=dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
     assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(tmp / name)
 
 
 def test_bf16_training_learns(tmp_path):

@@ -5,31 +5,19 @@ arithmetic (tests/e2e/test_bench_step_run.py runs the tool). The GPU check is on
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_tool
 
 
 # ---- gpu_check ------------------------------------------------------------------------------
 
 
 def test_gpu_plan_covers_the_issue_and_fits_the_budget(monkeypatch, tmp_path):
-    gc = _tool("gpu_check")
+    gc = load_tool("gpu_check")
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     # The wheelhouse is carried to the GPU machine, not committed: a checkout holding one, as there.
     root = tmp_path / "checkout"
@@ -64,7 +52,7 @@ def test_gpu_plan_covers_the_issue_and_fits_the_budget(monkeypatch, tmp_path):
 
 
 def test_dry_run_plan_runs_the_same_stages_small_on_cpu(monkeypatch):
-    gc = _tool("gpu_check")
+    gc = load_tool("gpu_check")
     monkeypatch.delenv("OUT", raising=False)
     args = gc.parse_args(["--dry-run"])
     assert args.out.endswith("runs/gpu_check_dry") and args.budget_s == gc.DRY_BUDGET_S
@@ -78,7 +66,7 @@ def test_dry_run_plan_runs_the_same_stages_small_on_cpu(monkeypatch):
 
 
 def test_plan_flag_prints_and_runs_nothing(capsys, tmp_path):
-    gc = _tool("gpu_check")
+    gc = load_tool("gpu_check")
     assert gc.main(["--plan", "--out", str(tmp_path / "never")]) == 0
     assert "bench-step" in capsys.readouterr().out
     assert not (tmp_path / "never").exists()
@@ -88,7 +76,7 @@ def test_plan_flag_prints_and_runs_nothing(capsys, tmp_path):
 
 
 def test_flags_and_variants():
-    bs = _tool("bench_step")
+    bs = load_tool("bench_step")
     args, cfg = bs.parse(["--model", "tiny", "--pipeline-model-parallel-size", "2", "--steps", "2",
                           "--synthetic-model", "hidden_size=128,ffn_hidden_size=256", "--compare", "packing"])
     assert cfg.pipeline_model_parallel_size == 2 and args.steps == 2 and args.compare == ["packing"]
@@ -109,7 +97,7 @@ def test_flags_and_variants():
 
 
 def test_length_distribution_is_ultrafeedback_like():
-    bs = _tool("bench_step")
+    bs = load_tool("bench_step")
     lengths = bs.draw_lengths(20000, seed=3)
     prompt, chosen, rejected = lengths.T
     assert prompt.min() >= 50 and prompt.max() <= 600 and 130 <= np.median(prompt) <= 170
@@ -128,7 +116,7 @@ def test_synthesized_set_is_a_prepared_set_the_runtime_accepts(tmp_path):
     from megatron_tgdpo.data import PreferenceDataset
     from megatron_tgdpo.runtime import setup
 
-    bs = _tool("bench_step")
+    bs = load_tool("bench_step")
     summary = bs.synthesize(tmp_path / "pairs", num_pairs=12, scale=0.1, seq_length=192, seed=5,
                             tokenizer=str(bs.DEFAULT_TOKENIZER))
     assert summary["pairs"] == 12 and summary["pairs_cut_to_seq_length"] == 0
@@ -158,7 +146,7 @@ def _rank(elapsed, computed, real, peak, growth, cuda=False):
 
 
 def test_merge_ratios_and_table():
-    bs = _tool("bench_step")
+    bs = load_tool("bench_step")
     # Two pipeline stages of one replica: tokens counted once, time and memory the worst rank's.
     merged = bs.merge_ranks([_rank(2.0, 1000, 800, 100, 10, cuda=True), _rank(3.0, 1000, 800, 200, 30, cuda=True)],
                             model_parallel=2, steps=1, peak=100.0)

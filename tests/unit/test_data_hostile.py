@@ -24,7 +24,8 @@ from megatron_tgdpo.data.templates import TemplateRenderError
 from megatron_tgdpo.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from megatron_tgdpo.data.toy_tokenizers import write_llama3_style_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import ROOT, load_tool
+
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 TRIGGER = "§"  # the injected tokenizers fail on text containing it
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -314,7 +315,7 @@ def test_cli_error_mode_in_worker_processes_exits_1_without_traceback(fragile_di
     expected, _good = _write_mixed(source)
     prefix = tmp_path / "out" / "cli"
     run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--input", str(source), "--output-prefix",
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--input", str(source), "--output-prefix",
          str(prefix), "--tokenizer", str(fragile_dir), "--chat-template", "plain", "--max-seq-length", "128",
          "--min-prompt-tokens", "4", "--workers", "2", "--max-errors-shown", "100"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -328,11 +329,7 @@ def test_cli_error_mode_in_worker_processes_exits_1_without_traceback(fragile_di
 
 
 def test_cli_skip_mode_exits_0_and_prints_each_skipped_line(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools" / "prepare_data.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("prepare_data")
     source = tmp_path / "mixed.jsonl"
     expected, good = _write_mixed(source)
     prefix = tmp_path / "out" / "cli"

@@ -2,7 +2,6 @@
 worker counts, atomic publishing, the CLI, and PreferenceDataset's checks on what it opens."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from megatron_tgdpo.data.records import parse_record
 from megatron_tgdpo.data.tokenizer import load_tokenizer
 from megatron_tgdpo.data.toy_tokenizers import write_llama3_style_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import load_tool
+
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 
 CHAT_RECORDS = [
@@ -239,15 +239,8 @@ def test_dataset_indexing_and_pickling(tmp_path):
     assert all(np.array_equal(clone[3][k], dataset[3][k]) for k in ("prompt", "chosen", "rejected"))
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_flags_and_exit_codes(tmp_path, capsys):
-    cli = _load_tool("prepare_data")
+    cli = load_tool("prepare_data")
     good = _write(tmp_path / "good.jsonl", _first_lines(SYNTHETIC_DIR / "train.jsonl", 5))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\nnot json\n')

@@ -21,7 +21,8 @@ from megatron_tgdpo.data.records import PROBLEM_CODES, Message, Problem, SFTReco
 from megatron_tgdpo.data.tokenizer import load_tokenizer
 from megatron_tgdpo.data.truncation import LengthPolicy
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import ROOT
+
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 U = {"role": "user", "content": "sort: 3 1 ="}
 A = {"role": "assistant", "content": " 1 3"}
@@ -177,7 +178,7 @@ def test_output_is_identical_for_any_number_of_workers(tmp_path):
 
 def test_cli_format_sft(tmp_path):
     source = _write(tmp_path / "sft.jsonl", [{"prompt": "sort: 3 1 =", "response": " 1 3"}])
-    base = [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--input", str(source), "--tokenizer",
+    base = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--input", str(source), "--tokenizer",
             str(SP_MODEL), "--chat-template", "plain", "--workers", "1", "--quiet", "--min-prompt-tokens", "4"]
     done = subprocess.run(base + ["--format", "sft", "--output-prefix", str(tmp_path / "s")], capture_output=True,
                           text=True)

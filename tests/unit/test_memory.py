@@ -2,24 +2,16 @@
 scale with TP / PP / DP / CP, sequence parallelism, the distributed optimizer and the loss type."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from megatron_tgdpo import memory
 from megatron_tgdpo.models import llama
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import load_tool
+
 GIB = 2.0**30
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "tools" / "estimate_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _all_stages(arch, *, t: int, p: int) -> float:
@@ -156,7 +148,7 @@ def test_invalid_layouts_are_rejected():
 
 
 def test_cli_table_warning_and_exit_codes(tmp_path, capsys):
-    tool = _tool()
+    tool = load_tool("estimate_memory")
     args = ["--model", "llama3-8b", "--num-gpus", "16", "--tensor-model-parallel-size", "4", "--sequence-parallel",
             "--use-distributed-optimizer", "--bf16", "--micro-batch-size", "1", "--seq-length", "2048",
             "--global-batch-size", "128"]

@@ -2,7 +2,6 @@
 accepted by the preference-record validator, all bad lines reported and nothing written."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +11,11 @@ from megatron_tgdpo.data.pairs import build_pairs, select_pair
 from megatron_tgdpo.data.records import Message, PreferenceRecord, parse_record
 from megatron_tgdpo.tasks import BadLinesError, load_sample_records
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("build_pairs_tool", ROOT / "tools" / "build_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("build_pairs")
 
 
 def _write(path: Path, records: list) -> Path:

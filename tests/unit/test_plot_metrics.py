@@ -2,7 +2,6 @@
 line, resumed runs), a real PNG out, and clear errors for missing or unusable input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -10,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import load_tool
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("plot_metrics_tool", ROOT / "tools" / "plot_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("plot_metrics")
 
 
 def _metrics(path: Path, lines: list) -> Path:

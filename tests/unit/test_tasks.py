@@ -27,7 +27,8 @@ from megatron_tgdpo.tasks import (
 from megatron_tgdpo.tasks.cli import main
 from megatron_tgdpo.tasks.prompts import is_heldout
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT
+
 TOKENIZER = SYNTHETIC_DIR / "tokenizer.model"
 
 
