@@ -1,7 +1,7 @@
-"""``python -m megatron_tgdpo.demo``: the TGDPO method end to end in about two minutes on two CPU cores.
+"""``megatron-tgdpo demo``: the TGDPO method end to end in about two minutes on two CPU cores.
 
-    python -m megatron_tgdpo.demo            # SFT -> on-policy pairs -> DPO -> TGDPO -> held-out scores
-    python -m megatron_tgdpo.demo --full     # the full comparison (= python -m megatron_tgdpo.replicate)
+    megatron-tgdpo demo            # SFT -> on-policy pairs -> DPO -> TGDPO -> held-out scores
+    megatron-tgdpo demo --full     # the full comparison (= megatron-tgdpo replicate)
 
 A short run of the replication pipeline (``megatron_tgdpo.pipeline``, preset ``demo``) with the tiny
 model on digit sorting (``sort: 7 2 9 4 =`` -> `` 2 4 7 9``): SFT on prompts and their answers, 30% of

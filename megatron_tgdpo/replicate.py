@@ -1,7 +1,7 @@
-"""``python -m megatron_tgdpo.replicate``: the TGDPO pipeline end to end, on a verifiable task, on CPU.
+"""``megatron-tgdpo replicate``: the TGDPO pipeline end to end, on a verifiable task, on CPU.
 
-    python -m megatron_tgdpo.replicate                        # one seed, about 15 CPU-minutes
-    python -m megatron_tgdpo.replicate --seeds 3 --alphas 0.5,1,2 --curves 14 --figures docs/img
+    megatron-tgdpo replicate                        # one seed, about 15 CPU-minutes
+    megatron-tgdpo replicate --seeds 3 --alphas 0.5,1,2 --curves 14 --figures docs/img
 
 Make prompts (SFT / preference / held-out, disjoint) -> SFT on prompt + ideal answer -> sample k responses
 per preference prompt from the SFT model -> score them with the task's verifier -> best vs worst pairs ->

@@ -76,7 +76,7 @@ def read_manifest(prefix: str | Path) -> dict[str, Any]:
         )
         raise DataFormatError(
             f"{path}: missing ({state}); prepare the data with "
-            f"`python tools/prepare_data.py --input ... --output-prefix {prefix} --tokenizer ...`"
+            f"`megatron-tgdpo prepare --input ... --output-prefix {prefix} --tokenizer ...`"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -90,7 +90,7 @@ def read_manifest(prefix: str | Path) -> dict[str, Any]:
         raise DataFormatError(
             f"{path}: unknown format_version {version!r}; this code reads version(s) "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Prepare the data again with this version of "
-            "tools/prepare_data.py, or use the version of megatron_tgdpo that wrote it"
+            "megatron-tgdpo prepare, or use the version of megatron_tgdpo that wrote it"
         )
     kind = manifest.get("kind", "preference" if version == 1 else None)
     if kind not in KINDS:
@@ -118,7 +118,7 @@ def kind_problem(manifest: dict[str, Any], *, loss_type: str, prefix: str | Path
         return None
     return (f"{flag} {prefix}: an SFT data set (one response per prompt, kind \"sft\" in "
             f"{manifest_path(prefix).name}); --loss-type {loss_type} needs preference pairs (chosen and rejected). "
-            "Train it with --loss-type sft, or prepare pairs: tools/prepare_data.py without --format sft")
+            "Train it with --loss-type sft, or prepare pairs: megatron-tgdpo prepare without --format sft")
 
 
 def check_data_files(prefix: str | Path, manifest: dict[str, Any], *, verify_sha256: bool = False) -> None:

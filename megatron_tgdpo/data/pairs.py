@@ -8,7 +8,7 @@ inconsistent external scorer). Samples whose text is empty or whitespace only ar
 the preference-data validator (:mod:`megatron_tgdpo.data.records`) rejects empty responses, so such a
 sample could never be trained on.
 
-Output records (JSONL, ready for ``tools/prepare_data.py``; extra keys are ignored there)::
+Output records (JSONL, ready for ``megatron-tgdpo prepare``; extra keys are ignored there)::
 
     {"prompt": "tot: 4 7 : 3 5 =", "chosen": " 8 2", "rejected": " 7 2",
      "id": "addition-3f9c0a1b2d4e", "chosen_score": 1.0, "rejected_score": 0.5}
@@ -125,5 +125,5 @@ def build_pairs(records: Sequence[SampleRecord]) -> tuple[list[dict[str, Any]], 
         stats.chosen_score_sum += chosen["score"]
         stats.rejected_score_sum += rejected["score"]
     if problems:
-        raise BadLinesError(problems, what_to_do="the pairs would be rejected by tools/prepare_data.py; fix the prompts")
+        raise BadLinesError(problems, what_to_do="the pairs would be rejected by megatron-tgdpo prepare; fix the prompts")
     return pairs, stats

@@ -9,7 +9,7 @@ Accepted forms (one JSON object per line; other top-level keys are ignored):
 * ``{"chosen": [conversation], "rejected": [conversation]}``: the prompt is the longest common
   message prefix, the responses are what follows it (assistant messages only).
 
-SFT records (``tools/prepare_data.py --format sft``; :func:`parse_sft_record`) are one response per
+SFT records (``megatron-tgdpo prepare --format sft``; :func:`parse_sft_record`) are one response per
 prompt, in TRL's two SFT forms:
 
 * ``{"prompt": str | [messages], "response": str | [messages]}`` (``"completion"`` is accepted for

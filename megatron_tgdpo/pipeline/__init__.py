@@ -1,8 +1,8 @@
 """The TGDPO method end to end, resumable: prompts -> SFT -> on-policy pairs -> DPO -> TGDPO (and SimPO,
 IPO) -> held-out scores of every model, for one or more seeds.
 
-Entry points: ``python -m megatron_tgdpo.replicate`` (the full comparison, docs/results.md) and
-``python -m megatron_tgdpo.demo`` (the short version). One file per job:
+Entry points: ``megatron-tgdpo replicate`` (the full comparison, docs/results.md) and
+``megatron-tgdpo demo`` (the short version). One file per job:
 
 * ``config.py``: the run's settings and presets (``full``, ``demo``, ``smoke``);
 * ``stages.py``: fingerprinted, resumable stages (skipped while their outputs check out);

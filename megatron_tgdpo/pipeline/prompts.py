@@ -42,7 +42,7 @@ def noisy_answer(answer: str, rng: random.Random) -> str:
 
 
 def write_sft_data(prompts: Path, out: Path, *, noise: float, seed: int) -> dict[str, int]:
-    """SFT records ``{"prompt", "response"}`` (``tools/prepare_data.py --format sft``) from a prompt file:
+    """SFT records ``{"prompt", "response"}`` (``megatron-tgdpo prepare --format sft``) from a prompt file:
     the ideal answer, or for a ``noise`` fraction of the records (drawn with ``seed``) a noisy one."""
     rng = random.Random(seed)
     records, noisy = [], 0

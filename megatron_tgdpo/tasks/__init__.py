@@ -1,9 +1,9 @@
 """Verifiable tasks for on-policy preference data: seeded prompts, exact scorers, evaluation.
 
-The TGDPO pipeline on tiny models: an SFT model samples k responses per prompt (``tools/generate.py``),
-the task verifier scores them (``python -m megatron_tgdpo.tasks score``), the best and worst response
-of each prompt form a preference pair (``tools/build_pairs.py``), DPO then TGDPO train on the pairs,
-and every model is evaluated on held-out prompts (``python -m megatron_tgdpo.tasks evaluate``).
+The TGDPO pipeline on tiny models: an SFT model samples k responses per prompt (``megatron-tgdpo generate``),
+the task verifier scores them (``megatron-tgdpo score``), the best and worst response
+of each prompt form a preference pair (``megatron-tgdpo pairs``), DPO then TGDPO train on the pairs,
+and every model is evaluated on held-out prompts (``megatron-tgdpo evaluate``).
 
 Files (JSONL, one object per line):
 

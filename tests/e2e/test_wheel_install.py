@@ -73,12 +73,16 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     python = venv / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True, env=_env(venv)).stdout.strip()
-    # The dependencies come from the running interpreter's environment (a plain path line: its own .pth
-    # files, e.g. an editable install of the checkout, are not processed).
-    parent = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
-    Path(purelib, "zz_running_environment.pth").write_text("".join(f"{p}\n" for p in parent))
+    # Installed before the venv can see the running environment: pip then finds no megatron_tgdpo there
+    # (an installed or editable one of the checkout would count as "already satisfied").
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
           str(wheel)], cwd=base, env=_env(venv))
+    # The dependencies come from the running interpreter's environment (a plain path line: its own .pth
+    # files, e.g. an editable install of the checkout, are not processed).
+    parent = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]] + [
+        p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()])
+    assert not [p for p in parent if ROOT == Path(p).resolve() or ROOT in Path(p).resolve().parents]
+    Path(purelib, "zz_running_environment.pth").write_text("".join(f"{p}\n" for p in parent))
     work = base / "work"
     work.mkdir()
     return venv, work

@@ -16,10 +16,10 @@ from conftest import load_tool
 # ---- gpu_check ------------------------------------------------------------------------------
 
 
-def test_gpu_plan_covers_the_issue_and_fits_the_budget(monkeypatch, tmp_path):
+def test_gpu_plan_covers_every_stage_and_fits_the_budget(monkeypatch, tmp_path):
     gc = load_tool("gpu_check")
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    # The wheelhouse is carried to the GPU machine, not committed: a checkout holding one, as there.
+    # A wheelhouse is never committed: a checkout holding one, as on a machine without network access.
     root = tmp_path / "checkout"
     (root / ".whl").mkdir(parents=True)
     (root / ".whl" / "megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
