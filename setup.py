@@ -22,7 +22,9 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "matplotlib", "wandb"],
+        "test": ["pytest>=8", "transformers>=4.45", "matplotlib", "wandb", "gguf>=0.16"],
+        # GGUF model files (llama.cpp) as a model source: dequantization
+        "gguf": ["gguf>=0.16"],
         "plot": ["matplotlib"],
         # GPU only: TransformerEngine with its torch extension (FP8 layers, CP attention).
         "te": ["transformer-engine[pytorch]"],

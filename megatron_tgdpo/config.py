@@ -302,9 +302,9 @@ def _path_problems(cfg: TrainConfig) -> list[str]:
         if not os.path.exists(probe):
             p.append(f"{_flag(name)} {path}: does not exist")
     if cfg.load is not None:
-        if os.path.isfile(cfg.load):
+        if os.path.isfile(cfg.load) and not cfg.load.endswith(".gguf"):  # a GGUF model file is a model source
             p.append(f"--load {cfg.load}: is a file; give a checkpoint directory (the --save root or one of its "
-                     "iter_* directories) or a model directory")
+                     "iter_* directories), a model directory or a .gguf model file")
         elif not os.path.exists(cfg.load) and cfg.load != cfg.save:
             p.append(f"--load {cfg.load}: does not exist; to start a fresh run drop --load (or pass the same "
                      "directory as --save: an empty or missing save directory then starts from iteration 0)")
@@ -356,13 +356,16 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
         p.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if cfg.sequence_parallel and cfg.seq_length % tp:
         p.append(f"--seq-length {cfg.seq_length} must be divisible by TP {tp} with --sequence-parallel")
-    pad = math.lcm(cfg.pad_to_multiple_of, 2 * cp) if cp > 1 else cfg.pad_to_multiple_of
+    from megatron_tgdpo.data.collate import padding_multiple
+
+    pad = padding_multiple(pad_to_multiple_of=cfg.pad_to_multiple_of, tensor_parallel=tp,
+                           sequence_parallel=cfg.sequence_parallel, context_parallel=cp)
     if cp > 1 and cfg.pad_to_multiple_of % (2 * cp):
         p.append(f"--pad-to-multiple-of {cfg.pad_to_multiple_of} must be divisible by 2 x "
                  f"--context-parallel-size = {2 * cp} (each CP rank holds two sequence chunks)")
     if cfg.seq_length % pad:
         p.append(f"--seq-length {cfg.seq_length} must be a multiple of the padding multiple {pad} "
-                 "(--pad-to-multiple-of, and 2 x --context-parallel-size)")
+                 "(--pad-to-multiple-of, 2 x --context-parallel-size, and TP x CP with --sequence-parallel)")
     if cfg.train_iters is None and cfg.train_epochs is None:
         p.append("set --train-iters or --train-epochs")
     if cfg.train_iters is not None and cfg.train_epochs is not None:

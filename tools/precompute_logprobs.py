@@ -176,8 +176,10 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     _, _, cp_group = context_parallel()
     settings = LogprobSettings.of(cfg)
     _log(f"precompute_logprobs: {limit} pairs of {prefix} | roles {', '.join(roles)} | model {arch_name} | "
-         f"TP {cfg.tensor_model_parallel_size} x PP {cfg.pipeline_model_parallel_size} x "
-         f"CP {cfg.context_parallel_size} x DP {dp} | {steps} steps of {cfg.global_batch_size} pairs")
+         f"TP {cfg.tensor_model_parallel_size} x PP {cfg.pipeline_model_parallel_size}"
+         f"{f' (x {vpp} virtual stages)' if (vpp := cfg.virtual_pipeline_model_parallel_size) else ''} x "
+         f"CP {cfg.context_parallel_size} x DP {dp}{' (sequence parallel)' if cfg.sequence_parallel else ''} | "
+         f"{steps} steps of {cfg.global_batch_size} pairs")
     start = time.monotonic()
     tokens = 0
     for step in range(1, steps + 1):

@@ -15,7 +15,21 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["PreferenceCollator", "SequenceCollator", "collate_rows"]
+__all__ = ["PreferenceCollator", "SequenceCollator", "collate_rows", "padding_multiple"]
+
+
+def padding_multiple(*, pad_to_multiple_of: int, tensor_parallel: int = 1, sequence_parallel: bool = False,
+                     context_parallel: int = 1) -> int:
+    """What every row length must be a multiple of for a layout: ``--pad-to-multiple-of``, times what
+    the layout needs on top. Context parallelism cuts a row into ``2 * CP`` chunks; sequence
+    parallelism splits each CP rank's share of the row over the TP ranks (megatron's embedding
+    scatters the sequence dimension), so rows must divide by ``TP * CP``. Taking the lcm means the
+    default 16 works at TP 3 with sequence parallelism (rows become multiples of 48) instead of
+    failing inside megatron."""
+    multiple = math.lcm(pad_to_multiple_of, 2 * context_parallel) if context_parallel > 1 else pad_to_multiple_of
+    if sequence_parallel:
+        multiple = math.lcm(multiple, tensor_parallel * context_parallel)
+    return multiple
 
 
 @dataclass(frozen=True, kw_only=True)

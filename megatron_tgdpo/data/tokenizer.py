@@ -121,6 +121,10 @@ class Tokenizer(ABC):
         # Padding is always masked out, so EOS is a safe pad when the tokenizer has no pad token.
         self.pad_id = self.eos_id if pad is None else pad
         self.add_bos = self.bos_id is not None and bool(config.get("add_bos_token", True))
+        if self.add_bos and jinja and self.id_to_token(self.bos_id) in jinja[0]:
+            # The chat template writes the "BOS" itself as a role marker (ChatML's <|im_start|>): it does
+            # not start a sequence, so plain text gets none (as transformers' tokenizer(text) adds none).
+            self.add_bos = False
         self.chat_template = self._resolve_template(chat_template, jinja)
         digest = hashlib.sha256()
         for part in (

@@ -10,7 +10,6 @@ shape of every micro-batch: megatron-core's ``variable_seq_lengths``; with virtu
 Both are deterministic from ``--seed`` and the consumed-samples count, so resume is exact."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from megatron_tgdpo.config import TrainConfig
@@ -30,7 +29,7 @@ class BatchSource:
         from megatron.core import parallel_state as ps
 
         from megatron_tgdpo.data import PreferenceDataset, PreferenceSampler
-        from megatron_tgdpo.data.collate import PreferenceCollator, SequenceCollator
+        from megatron_tgdpo.data.collate import PreferenceCollator, SequenceCollator, padding_multiple
         from megatron_tgdpo.distributed import current_device
 
         self.dataset = PreferenceDataset(prefix)
@@ -50,9 +49,12 @@ class BatchSource:
             fixed_length = cfg.seq_length
         # Pairs: rows [chosen; rejected]. Sequences (SFT): prompt + chosen response, one row each.
         self.sequences = sequences
+        multiple = padding_multiple(pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                    tensor_parallel=cfg.tensor_model_parallel_size,
+                                    sequence_parallel=cfg.sequence_parallel, context_parallel=cfg.context_parallel_size)
         self.collate = (SequenceCollator if sequences else PreferenceCollator)(
             pad_id=pad_id,
-            pad_to_multiple_of=cfg.pad_to_multiple_of,
+            pad_to_multiple_of=multiple,
             context_parallel_size=cfg.context_parallel_size,
             fixed_length=fixed_length,
         )
@@ -63,10 +65,9 @@ class BatchSource:
         if cfg.pack_sequences:
             from megatron_tgdpo.data.packing import PAIR_SIDES, PackedPreferenceCollator, capacity_for
 
-            cp, tp = cfg.context_parallel_size, cfg.tensor_model_parallel_size
+            cp = cfg.context_parallel_size
             self.capacity = capacity_for(micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length)
-            # Rows: a multiple of --pad-to-multiple-of and 2*CP; with SP each CP slice splits over TP too.
-            multiple = math.lcm(cfg.pad_to_multiple_of, 2 * cp, tp * cp if cfg.sequence_parallel else 1)
+            # Rows: the layout's padding multiple (the packer takes the lcm with 2*CP itself).
             from megatron_tgdpo.runtime.setup import variable_row_lengths
 
             fixed = None if variable_row_lengths(cfg) or cfg.pipeline_model_parallel_size == 1 else self.capacity

@@ -130,7 +130,10 @@ def check_config(cfg: TrainConfig, arch: llama.LlamaArch, *, name: str) -> None:
     try:
         llama.check_layout(arch, layout_of(cfg))
     except ValueError as exc:
-        problems.extend(f"{line.strip()} of {name}" for line in str(exc).splitlines()[1:])
+        # validate() already names heads, layers and --sequence-parallel problems: say each one once
+        covered = [topic for topic in ("heads", "layers", "--sequence-parallel needs") if any(topic in p for p in problems)]
+        problems.extend(f"{line.strip()} of {name}" for line in str(exc).splitlines()[1:]
+                        if not any(topic in line for topic in covered))
     if cfg.seq_length > arch.max_position_embeddings:
         problems.append(f"--seq-length {cfg.seq_length} exceeds the {arch.max_position_embeddings} positions of "
                         f"{name}")
