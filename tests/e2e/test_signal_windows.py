@@ -125,10 +125,31 @@ def _newest(save: Path) -> Optional[Path]:
     return max(published, default=None)
 
 
-def _tensor_bytes(checkpoint: Path) -> dict[str, bytes]:
-    """The files that hold the state (tensors, common state): equal bytes, equal checkpoint. Metadata
-    files name the save directory and differ between runs by design."""
-    return {p.name: p.read_bytes() for p in sorted(checkpoint.iterdir()) if p.suffix in (".distcp", ".pt")}
+def _plain(value):
+    """A loaded object with every tensor as (dtype, shape, bytes), containers kept: compared with ``==``,
+    equal means bit-identical values and types."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        raw = value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return ("tensor", str(value.dtype), tuple(value.shape), raw)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return (type(value).__name__, value)
+
+
+def _tensor_bytes(checkpoint: Path) -> dict[str, object]:
+    """The state of a checkpoint: the bytes of its tensor files, and the values of its common state
+    (``common.pt``: the scheduler and optimizer settings; its pickle bytes depend on which strings the
+    writing process happened to share, so a resumed run writes other bytes for the same values). The
+    metadata files name the save directory and differ between runs by design."""
+    import torch
+
+    state: dict[str, object] = {p.name: p.read_bytes() for p in sorted(checkpoint.glob("*.distcp"))}
+    state["common.pt"] = _plain(torch.load(checkpoint / "common.pt", map_location="cpu", weights_only=True))
+    return state
 
 
 @pytest.fixture(scope="module")
