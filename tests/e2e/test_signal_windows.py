@@ -63,12 +63,12 @@ def _catches_sigterm(pid: int) -> bool:
 class Run(TrainingJob):
     """One trainer process; ``handled_at``: seconds from launch to its stop handler being installed."""
 
-    def __init__(self, work: Path, name: str, *extra):
+    def __init__(self, work: Path, name: str, *extra, output: str = ".out"):
         self.work, self.name = work, name
         self.save, self.log_dir = work / f"{name}-save", work / f"{name}-log"
         flags = [*BASE, "--data-cache-dir", work / "data", "--save", self.save, "--log-dir", self.log_dir, *extra]
         self.launched = time.monotonic()
-        super().__init__(flags, out=work / f"{name}.out", nproc=0, cwd=ROOT)
+        super().__init__(flags, out=work / f"{name}{output}", nproc=0, cwd=ROOT)
         self.handled_at: Optional[float] = None
         self.signalled_at: Optional[float] = None
 
@@ -187,7 +187,8 @@ _RESUMED: dict[int, dict] = {}  # newest checkpoint iteration a stopped run left
 
 def _resume(work: Path, stopped: dict, start: int) -> dict:
     if start not in _RESUMED:
-        run = Run(work, Path(stopped["log_dir"]).name.removesuffix("-log"), "--load", stopped["save"])
+        run = Run(work, Path(stopped["log_dir"]).name.removesuffix("-log"), "--load", stopped["save"],
+                  output="-resumed.out")
         _RESUMED[start] = run.finish()
     return _RESUMED[start]
 
