@@ -105,6 +105,13 @@ def catches_sigterm(pid: int) -> bool:
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+def worker_traceback(output: str) -> bool:
+    """A traceback other than torchrun's own report that a worker exited non-zero (ChildFailedError, which
+    it prints for every exit 75 too)."""
+    blocks = output.split("Traceback (most recent call last):")[1:]
+    return any("ChildFailedError" not in block.split("\n\n")[0][:4000] for block in blocks)
+
+
 def worker_exit_codes(output: str) -> dict[int, int]:
     """rank -> exit code from torchrun's failure summary."""
     found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", output)
@@ -239,7 +246,7 @@ class Soak:
         finally:
             job.kill_all()
             job.wait(30)
-        attempt.traceback = "Traceback" in job.output
+        attempt.traceback = worker_traceback(job.output)
         attempt.logged = read_metrics(log_dir)
         attempt.newest = self.newest_name()
         return attempt

@@ -336,6 +336,11 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_resume_is_bit_exact(resume
     assert not (resumed["save"] / "REQUEUE").exists()  # cleared when the run started
 
 
+def test_a_damaged_checkpoint_is_reported_once_per_run(resumed):
+    out = resumed["output"]
+    assert out.count(f"skipping {resumed['damaged']}:") == 1, out[-3000:]
+
+
 def test_every_checkpoint_damaged_is_refused_and_nothing_is_deleted(resumed):
     work, save = resumed["work"], resumed["save"]
     dirs = _iter_dirs(save)

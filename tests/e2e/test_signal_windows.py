@@ -63,12 +63,12 @@ def _catches_sigterm(pid: int) -> bool:
 class Run(TrainingJob):
     """One trainer process; ``handled_at``: seconds from launch to its stop handler being installed."""
 
-    def __init__(self, work: Path, name: str, *extra):
+    def __init__(self, work: Path, name: str, *extra, output: str = ".out"):
         self.work, self.name = work, name
         self.save, self.log_dir = work / f"{name}-save", work / f"{name}-log"
         flags = [*BASE, "--data-cache-dir", work / "data", "--save", self.save, "--log-dir", self.log_dir, *extra]
         self.launched = time.monotonic()
-        super().__init__(flags, out=work / f"{name}.out", nproc=0, cwd=ROOT)
+        super().__init__(flags, out=work / f"{name}{output}", nproc=0, cwd=ROOT)
         self.handled_at: Optional[float] = None
         self.signalled_at: Optional[float] = None
 
@@ -125,10 +125,31 @@ def _newest(save: Path) -> Optional[Path]:
     return max(published, default=None)
 
 
-def _tensor_bytes(checkpoint: Path) -> dict[str, bytes]:
-    """The files that hold the state (tensors, common state): equal bytes, equal checkpoint. Metadata
-    files name the save directory and differ between runs by design."""
-    return {p.name: p.read_bytes() for p in sorted(checkpoint.iterdir()) if p.suffix in (".distcp", ".pt")}
+def _plain(value):
+    """A loaded object with every tensor as (dtype, shape, bytes), containers kept: compared with ``==``,
+    equal means bit-identical values and types."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        raw = value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return ("tensor", str(value.dtype), tuple(value.shape), raw)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return (type(value).__name__, value)
+
+
+def _tensor_bytes(checkpoint: Path) -> dict[str, object]:
+    """The state of a checkpoint: the bytes of its tensor files, and the values of its common state
+    (``common.pt``: the scheduler and optimizer settings; its pickle bytes depend on which strings the
+    writing process happened to share, so a resumed run writes other bytes for the same values). The
+    metadata files name the save directory and differ between runs by design."""
+    import torch
+
+    state: dict[str, object] = {p.name: p.read_bytes() for p in sorted(checkpoint.glob("*.distcp"))}
+    state["common.pt"] = _plain(torch.load(checkpoint / "common.pt", map_location="cpu", weights_only=True))
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +187,8 @@ _RESUMED: dict[int, dict] = {}  # newest checkpoint iteration a stopped run left
 
 def _resume(work: Path, stopped: dict, start: int) -> dict:
     if start not in _RESUMED:
-        run = Run(work, Path(stopped["log_dir"]).name.removesuffix("-log"), "--load", stopped["save"])
+        run = Run(work, Path(stopped["log_dir"]).name.removesuffix("-log"), "--load", stopped["save"],
+                  output="-resumed.out")
         _RESUMED[start] = run.finish()
     return _RESUMED[start]
 
@@ -290,15 +312,16 @@ def test_a_full_log_disk_warns_once_and_the_run_exits_0(work: Path):
         log_dir.mkdir()
         save = work / "full-log-save"
         job = TrainingJob([*BASE, "--data-cache-dir", work / "data", "--save", save, "--log-dir", log_dir,
-                           "--train-iters", 12, "--save-interval", 12, "--eval-iters", 1], out=work / "full-log.out", nproc=0, cwd=ROOT)
+                           "--train-iters", 12, "--save-interval", 12, "--eval-iters", 1],
+                          out=work / "full-log.out", nproc=0, cwd=ROOT)
         code = job.proc.wait(RUN_TIMEOUT)
         job.kill_all()
         out = job.output
-        rows = _rows(log_dir)
+        lines = (log_dir / "metrics.jsonl").read_text().splitlines()
     assert code == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert out.count("warning: cannot write metrics") == 1, out[-3000:]
     assert "No space left on device" in out
-    assert 0 < len(rows) < 12  # some rows were written, then the disk was full
+    assert 0 < len(lines) < 12 and json.loads(lines[0])["iteration"] == 1  # then the disk was full
     assert "iter     12/12" in out  # every step ran
     assert (save / "iter_0000012" / "tgdpo_checkpoint.json").is_file()  # and the run saved
