@@ -4,7 +4,7 @@
 
 The input is the samples file of megatron_tgdpo/tasks/samples.py with a "score" on every sample (from
 `python -m megatron_tgdpo.tasks score`, or any external reward model). The output feeds
-tools/prepare_data.py. Selection and drop rules: megatron_tgdpo/data/pairs.py.
+tools/prepare_data.py. Selection and drop rules: megatron_tgdpo/tasks/pairs.py.
 
 Exit status: 0 on success; 1 when input lines are bad or no pair is left (nothing is written);
 2 for usage errors and missing files.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_tgdpo.data.pairs import build_pairs
+from megatron_tgdpo.tasks.pairs import build_pairs
 from megatron_tgdpo.tasks.jsonl import BadLinesError, write_jsonl_atomic
 from megatron_tgdpo.tasks.samples import load_sample_records
 
