@@ -68,7 +68,7 @@ from megatron_tgdpo.ops import (  # noqa: E402
     fused_vocab_parallel_logprobs,
     vocab_parallel_logprobs,
 )
-from megatron_tgdpo.ops.fused_logprobs import _vocab_block  # noqa: E402  (only to print the backward block)
+from megatron_tgdpo.ops.fused_logprobs import vocab_block  # noqa: E402  (only to print the backward block)
 
 MIB = 2**20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -331,7 +331,7 @@ def run_head_benchmark(args: argparse.Namespace) -> list[HeadResult]:
                                      _rel(weight.main_grad, reference[2]))
                             reference = None
                     del out, grad_hidden
-            chunks = {"plain": f"{chunk} tok", "fused": f"{chunk} tok / {_vocab_block(args.tokens, shard, chunk)} voc"}
+            chunks = {"plain": f"{chunk} tok", "fused": f"{chunk} tok / {vocab_block(args.tokens, shard, chunk)} voc"}
             for path in paths:
                 results.append(HeadResult(
                     vocab, dtype_name, path, chunks[path], min(times[path]) * 1e3, min(cpu_times[path]) * 1e3,

@@ -298,7 +298,7 @@ def write_prepared_pairs(prefix: str | Path, items: Sequence[tuple[np.ndarray, n
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     from megatron_tgdpo.data import prepare
-    from megatron_tgdpo.data.manifest import bin_path, idx_path, manifest_path
+    from megatron_tgdpo.data.manifest import bin_path, idx_path, write_manifest
     from megatron_tgdpo.data.publish import StagedOutput
     from megatron_tgdpo.data.tokenizer import load_tokenizer, tokenizer_content_hash
 
@@ -322,7 +322,7 @@ def write_prepared_pairs(prefix: str | Path, items: Sequence[tuple[np.ndarray, n
             counts=Counter(valid_records=len(items)), num_pairs=len(items), token_totals=lengths.sum(axis=0),
             max_lengths=lengths.max(axis=0), max_row=int((lengths[:, 0] + lengths[:, 1:].max(axis=1)).max()),
             dtype_name=np.dtype(dtype).name, stage_prefix=out.stage_prefix)
-        prepare._write_json(manifest_path(out.stage_prefix), manifest)
+        write_manifest(out.stage_prefix, manifest)
         out.publish()
     return manifest
 

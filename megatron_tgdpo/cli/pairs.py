@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_tgdpo.data.pairs import build_pairs
+from megatron_tgdpo.tasks.pairs import build_pairs
 from megatron_tgdpo.tasks.jsonl import BadLinesError, write_jsonl_atomic
 from megatron_tgdpo.tasks.samples import load_sample_records
 

@@ -64,6 +64,11 @@ def sha256_file(path: str | Path) -> str:
     return file_checksum(path, algorithm="sha256")
 
 
+def write_manifest(prefix: str | Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` as ``PREFIX.manifest.json`` (indented, keys in the order given)."""
+    manifest_path(prefix).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
 def read_manifest(prefix: str | Path) -> dict[str, Any]:
     """The manifest of ``prefix``; raises :class:`DataFormatError` saying what is wrong and what to do."""
     path = manifest_path(prefix)

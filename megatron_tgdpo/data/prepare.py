@@ -11,7 +11,6 @@ and raise :class:`BadRecordsError` listing them -> write the manifest -> publish
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
@@ -31,8 +30,8 @@ from megatron_tgdpo.data.manifest import (
     bin_path,
     format_version_for,
     idx_path,
-    manifest_path,
     sha256_file,
+    write_manifest,
 )
 from megatron_tgdpo.data.publish import StagedOutput
 from megatron_tgdpo.data.records import RECORD_KINDS, Problem
@@ -206,7 +205,7 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
             dtype_name=np.dtype(dtype).name,
             stage_prefix=out.stage_prefix,
         )
-        _write_json(manifest_path(out.stage_prefix), manifest)
+        write_manifest(out.stage_prefix, manifest)
         out.publish()
     elapsed = time.perf_counter() - started
     say(
@@ -216,10 +215,6 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
         f"{counts['prompt_truncated']}; responses truncated: {counts['responses_truncated']}"
     )
     return manifest
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def build_manifest(

@@ -17,21 +17,21 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from megatron_tgdpo.ops.logprobs import (  # the shared per-chunk math of the plain op
-    _all_gather_dim0,
-    _check_chunk_size,
-    _check_target,
-    _chunk_bounds,
-    _chunk_grad_logits,
-    _chunk_local_stats,
-    _group_rank,
-    _group_size,
-    _logprobs_from_stats,
-    _max_chunk,
-    _reduce_scatter_dim0,
-    _reduce_stats,
-    _shard_local_targets,
+    all_gather_dim0,
+    check_chunk_size,
+    check_target,
+    chunk_bounds,
+    chunk_grad_logits,
+    chunk_local_stats,
     chunk_tokens,
+    group_rank,
+    group_size,
+    logprobs_from_stats,
+    max_chunk,
+    reduce_scatter_dim0,
+    reduce_stats,
     resolve_tp_group,
+    shard_local_targets,
 )
 
 __all__ = ["fused_vocab_parallel_logprobs"]
@@ -58,7 +58,7 @@ def _tile_buffers(numel: int, dtype: torch.dtype, *, device: torch.device) -> tu
 _BLOCK_ALIGN = 64  # vocab rows; backward tiles [tokens, block] then have 256-byte (fp32) aligned rows
 
 
-def _vocab_block(num_tokens: int, shard_vocab: int, chunk_size: Optional[int]) -> int:
+def vocab_block(num_tokens: int, shard_vocab: int, chunk_size: Optional[int]) -> int:
     """Vocab rows per backward tile ``[all tokens, block]``: at most as many elements as a forward tile
     ``[chunk_size tokens, V/tp]`` (the whole shard with ``chunk_size=None``).
 
@@ -122,34 +122,34 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, group, sequence_parallel, chunk_size):  # noqa: D102
-        gather = sequence_parallel and _group_size(group) > 1
-        full_hidden = _all_gather_dim0(hidden, group=group) if gather else hidden
+        gather = sequence_parallel and group_size(group) > 1
+        full_hidden = all_gather_dim0(hidden, group=group) if gather else hidden
         shard_vocab = weight.shape[0]
         hidden_2d = full_hidden.reshape(-1, full_hidden.shape[-1])
-        local_target, in_shard = _shard_local_targets(
-            target.reshape(-1), vocab_start=_group_rank(group) * shard_vocab, shard_vocab=shard_vocab
+        local_target, in_shard = shard_local_targets(
+            target.reshape(-1), vocab_start=group_rank(group) * shard_vocab, shard_vocab=shard_vocab
         )
-        bounds = _chunk_bounds(hidden_2d.shape[0], chunk_size)
+        bounds = chunk_bounds(hidden_2d.shape[0], chunk_size)
         stats = torch.empty((3, hidden_2d.shape[0]), dtype=torch.float32, device=hidden.device)
-        logits_flat, scratch_flat = _tile_buffers(_max_chunk(bounds) * shard_vocab, weight.dtype, device=weight.device)
+        logits_flat, scratch_flat = _tile_buffers(max_chunk(bounds) * shard_vocab, weight.dtype, device=weight.device)
         for start, end in bounds:
             chunk, tile = slice(start, end), (end - start, shard_vocab)
             # Logits of one chunk in the compute dtype, as the unfused LM head would produce them.
             logits = torch.mm(hidden_2d[chunk], weight.t(), out=logits_flat[: tile[0] * tile[1]].view(tile))
-            chunk_stats = _chunk_local_stats(
+            chunk_stats = chunk_local_stats(
                 logits, local_target[chunk], in_shard[chunk], scratch=scratch_flat[: tile[0] * tile[1]].view(tile)
             )
             for row, value in zip(stats, chunk_stats):
                 row[chunk] = value
         del logits_flat, scratch_flat
-        global_max, sum_exp, target_logit = _reduce_stats(stats[0], stats[1], stats[2], group=group)
+        global_max, sum_exp, target_logit = reduce_stats(stats[0], stats[1], stats[2], group=group)
 
         # The gathered hidden is saved rather than re-gathered in backward: it is [tokens, H] with
         # H << V/tp, small next to the logits this op avoids, and it saves a collective.
         ctx.save_for_backward(hidden_2d, weight, local_target, in_shard, global_max, sum_exp)
         ctx.group, ctx.gather, ctx.chunk_size = group, gather, chunk_size
         ctx.full_hidden_shape, ctx.hidden_shape = full_hidden.shape, hidden.shape
-        return _logprobs_from_stats(global_max, sum_exp, target_logit).reshape(target.shape)
+        return logprobs_from_stats(global_max, sum_exp, target_logit).reshape(target.shape)
 
     @staticmethod
     @once_differentiable
@@ -176,7 +176,7 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros((num_tokens, hidden_size), dtype=acc_dtype, device=device) if need_hidden else None
         hidden_tmp = weight.new_empty((num_tokens, hidden_size)) if need_hidden and acc_dtype != weight.dtype else None
 
-        block = _vocab_block(num_tokens, shard_vocab, ctx.chunk_size)
+        block = vocab_block(num_tokens, shard_vocab, ctx.chunk_size)
         if num_tokens:
             logits_flat, scratch_flat = _tile_buffers(num_tokens * block, weight.dtype, device=device)
             weight_tmp = weight.new_empty((block, hidden_size)) if weight_block_tmp else None
@@ -185,7 +185,7 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
                 cols, w_block = v1 - v0, weight[v0:v1]
                 logits = torch.mm(hidden_2d, w_block.t(), out=logits_flat[: num_tokens * cols].view(num_tokens, cols))
                 in_block = in_shard & (local_target >= v0) & (local_target < v1)
-                grad = _chunk_grad_logits(
+                grad = chunk_grad_logits(
                     logits, (local_target - v0).masked_fill_(~in_block, 0), in_block, global_max, sum_exp, grad_2d,
                     out=scratch_flat[: num_tokens * cols].view(num_tokens, cols),
                 )
@@ -212,8 +212,8 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
             # Each rank only saw its vocab shard: the hidden gradient is the sum over the group (summed
             # before the 16-bit rounding).
             if ctx.gather:
-                grad_hidden = _reduce_scatter_dim0(grad_hidden, group=ctx.group)
-            elif _group_size(ctx.group) > 1:
+                grad_hidden = reduce_scatter_dim0(grad_hidden, group=ctx.group)
+            elif group_size(ctx.group) > 1:
                 dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
             grad_hidden = grad_hidden.to(weight.dtype).reshape(ctx.hidden_shape)
         return grad_hidden, grad_weight, None, None, None, None
@@ -224,7 +224,7 @@ def _resolve_fused_chunk(chunk_size: Union[int, None, str], shard_vocab: int) ->
         if chunk_size != "auto":
             raise ValueError(f'chunk_size must be a positive int, None or "auto", got {chunk_size!r}')
         return chunk_tokens(shard_vocab)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     return chunk_size
 
 
@@ -284,9 +284,9 @@ def fused_vocab_parallel_logprobs(
     if sequence_parallel:
         if hidden.dim() < 2:
             raise ValueError("sequence_parallel needs hidden with a sequence dim 0: [s/tp, ..., H]")
-        expected = (hidden.shape[0] * _group_size(group), *hidden.shape[1:-1])
-        what = f"the gathered leading dims of hidden ([s/tp * tp, ...] with tp = {_group_size(group)})"
-    _check_target(target, expected, what=what)
+        expected = (hidden.shape[0] * group_size(group), *hidden.shape[1:-1])
+        what = f"the gathered leading dims of hidden ([s/tp * tp, ...] with tp = {group_size(group)})"
+    check_target(target, expected, what=what)
     if weight.device != hidden.device or target.device != hidden.device:
         devices = f"{hidden.device}, {weight.device}, {target.device}"
         raise ValueError(f"hidden, weight and target must be on one device, got {devices}")

@@ -43,6 +43,8 @@ __all__ = [
     "resolve_tp_group",
     "vocab_parallel_logprobs",
 ]
+# The per-chunk pieces below (statistics, their reduction, the gradient of a chunk, chunk bounds and
+# argument checks) are public too: ``ops.fused_logprobs`` computes the same math from hidden states.
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
 
@@ -64,17 +66,17 @@ def resolve_tp_group(tp_group: Optional[ProcessGroup] = None) -> Optional[Proces
     return parallel_state.get_tensor_model_parallel_group(check_initialized=False)
 
 
-def _group_size(group: Optional[ProcessGroup]) -> int:
+def group_size(group: Optional[ProcessGroup]) -> int:
     return 1 if group is None else dist.get_world_size(group=group)
 
 
-def _group_rank(group: Optional[ProcessGroup]) -> int:
+def group_rank(group: Optional[ProcessGroup]) -> int:
     return 0 if group is None else dist.get_rank(group=group)
 
 
-def _all_gather_dim0(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
+def all_gather_dim0(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0 (sequence-parallel input of the LM head)."""
-    world = _group_size(group)
+    world = group_size(group)
     out = torch.empty((tensor.shape[0] * world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     # torch >= 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -82,9 +84,9 @@ def _all_gather_dim0(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tens
     return out
 
 
-def _reduce_scatter_dim0(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
+def reduce_scatter_dim0(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
     """Sum over ranks and keep this rank's slice of dim 0 (sequence-parallel input gradient)."""
-    world = _group_size(group)
+    world = group_size(group)
     out = torch.empty((tensor.shape[0] // world, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     # torch >= 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single.
     reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -97,7 +99,7 @@ def _reduce_scatter_dim0(tensor: torch.Tensor, *, group: ProcessGroup) -> torch.
 # --------------------------------------------------------------------------------------------
 
 
-def _shard_local_targets(
+def shard_local_targets(
     target: torch.Tensor, *, vocab_start: int, shard_vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target ids relative to this shard (0 where the target lives on another rank) and the mask of
@@ -124,7 +126,7 @@ def _shifted_fp32(logits: torch.Tensor, shift: torch.Tensor, *, out: torch.Tenso
     return out.copy_(logits).sub_(shift.unsqueeze(-1))
 
 
-def _chunk_local_stats(
+def chunk_local_stats(
     logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor, *, scratch: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token of one chunk: (local max, sum of exp(x - local max), target logit or 0), fp32 ``[n]``.
@@ -140,7 +142,7 @@ def _chunk_local_stats(
     return local_max, sum_exp, target_logit.masked_fill_(~in_shard, 0.0)
 
 
-def _reduce_stats(
+def reduce_stats(
     local_max: torch.Tensor,
     sum_exp: torch.Tensor,
     target_logit: torch.Tensor,
@@ -151,7 +153,7 @@ def _reduce_stats(
 
     Exactly two collectives whatever the number of tokens or chunks: MAX of the local maxima, then one
     SUM of the stacked ``[sum-exp, target-logit]``."""
-    if _group_size(group) == 1:
+    if group_size(group) == 1:
         return local_max, sum_exp, target_logit
     global_max = local_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -161,7 +163,7 @@ def _reduce_stats(
     return global_max, stacked[0], stacked[1]
 
 
-def _logprobs_from_stats(
+def logprobs_from_stats(
     global_max: torch.Tensor, sum_exp: torch.Tensor, target_logit: torch.Tensor
 ) -> torch.Tensor:
     # (t - m) first: both are logits of similar size, so the difference is exact or nearly so and the
@@ -169,7 +171,7 @@ def _logprobs_from_stats(
     return (target_logit - global_max) - torch.log(sum_exp)
 
 
-def _chunk_grad_logits(
+def chunk_grad_logits(
     logits: torch.Tensor,
     local_target: torch.Tensor,
     in_shard: torch.Tensor,
@@ -191,12 +193,12 @@ def _chunk_grad_logits(
     return grad.scatter_add_(-1, local_target.unsqueeze(-1), onehot_grad.unsqueeze(-1))
 
 
-def _chunk_bounds(num_tokens: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+def chunk_bounds(num_tokens: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
     step = num_tokens if chunk_size is None else chunk_size
     return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, max(step, 1))]
 
 
-def _max_chunk(bounds: list[tuple[int, int]]) -> int:
+def max_chunk(bounds: list[tuple[int, int]]) -> int:
     return max((end - start for start, end in bounds), default=0)
 
 
@@ -210,25 +212,25 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def forward(ctx, logits, target, group, chunk_size):  # noqa: D102 - see vocab_parallel_logprobs
         shard_vocab = logits.shape[-1]
         logits_2d = logits.reshape(-1, shard_vocab)
-        local_target, in_shard = _shard_local_targets(
-            target.reshape(-1), vocab_start=_group_rank(group) * shard_vocab, shard_vocab=shard_vocab
+        local_target, in_shard = shard_local_targets(
+            target.reshape(-1), vocab_start=group_rank(group) * shard_vocab, shard_vocab=shard_vocab
         )
-        bounds = _chunk_bounds(logits_2d.shape[0], chunk_size)
+        bounds = chunk_bounds(logits_2d.shape[0], chunk_size)
         stats = torch.empty((3, logits_2d.shape[0]), dtype=torch.float32, device=logits.device)
-        scratch = _fp32_scratch(_max_chunk(bounds), logits_2d.shape[1], device=logits.device)
+        scratch = _fp32_scratch(max_chunk(bounds), logits_2d.shape[1], device=logits.device)
         for start, end in bounds:
             chunk = slice(start, end)
-            chunk_stats = _chunk_local_stats(
+            chunk_stats = chunk_local_stats(
                 logits_2d[chunk], local_target[chunk], in_shard[chunk], scratch=scratch[: end - start]
             )
             for row, value in zip(stats, chunk_stats):
                 row[chunk] = value
         del scratch
-        global_max, sum_exp, target_logit = _reduce_stats(stats[0], stats[1], stats[2], group=group)
+        global_max, sum_exp, target_logit = reduce_stats(stats[0], stats[1], stats[2], group=group)
 
         ctx.save_for_backward(logits, local_target, in_shard, global_max, sum_exp)
         ctx.chunk_size = chunk_size
-        return _logprobs_from_stats(global_max, sum_exp, target_logit).reshape(target.shape)
+        return logprobs_from_stats(global_max, sum_exp, target_logit).reshape(target.shape)
 
     @staticmethod
     @once_differentiable
@@ -236,17 +238,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         logits, local_target, in_shard, global_max, sum_exp = ctx.saved_tensors
         logits_2d = logits.reshape(-1, logits.shape[-1])
         grad_2d = grad_output.reshape(-1).float()
-        bounds = _chunk_bounds(logits_2d.shape[0], ctx.chunk_size)
+        bounds = chunk_bounds(logits_2d.shape[0], ctx.chunk_size)
         grad_logits = torch.empty_like(logits_2d)
         # An fp32 gradient is computed in place in its own rows; other dtypes go through one fp32 chunk
         # buffer and are rounded once when copied in.
         scratch = None
         if logits.dtype != torch.float32:
-            scratch = _fp32_scratch(_max_chunk(bounds), logits_2d.shape[1], device=logits.device)
+            scratch = _fp32_scratch(max_chunk(bounds), logits_2d.shape[1], device=logits.device)
         for start, end in bounds:
             chunk = slice(start, end)
             out = grad_logits[chunk] if scratch is None else scratch[: end - start]
-            out = _chunk_grad_logits(
+            out = chunk_grad_logits(
                 logits_2d[chunk], local_target[chunk], in_shard[chunk], global_max[chunk], sum_exp[chunk],
                 grad_2d[chunk], out=out,
             )
@@ -255,13 +257,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return grad_logits.reshape(logits.shape), None, None, None
 
 
-def _check_chunk_size(chunk_size: Optional[int]) -> None:
+def check_chunk_size(chunk_size: Optional[int]) -> None:
     is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
     if not (chunk_size is None or (is_int and chunk_size >= 1)):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _check_target(target: torch.Tensor, expected_shape: tuple[int, ...], *, what: str) -> None:
+def check_target(target: torch.Tensor, expected_shape: tuple[int, ...], *, what: str) -> None:
     if (
         not isinstance(target, torch.Tensor)
         or target.dtype.is_floating_point
@@ -301,10 +303,10 @@ def vocab_parallel_logprobs(
         raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocab) dim, got shape {tuple(logits.shape)}")
-    _check_target(target, tuple(logits.shape[:-1]), what="the leading dims of logits")
+    check_target(target, tuple(logits.shape[:-1]), what="the leading dims of logits")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits on {logits.device}")
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     return _VocabParallelLogprobs.apply(logits, target, resolve_tp_group(tp_group), chunk_size)
 
 

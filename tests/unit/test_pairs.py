@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tgdpo.data.pairs import build_pairs, select_pair
+from megatron_tgdpo.tasks.pairs import build_pairs, select_pair
 from megatron_tgdpo.data.records import Message, PreferenceRecord, parse_record
 from megatron_tgdpo.tasks import BadLinesError, load_sample_records
 

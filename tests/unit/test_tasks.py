@@ -355,7 +355,7 @@ def test_make_prompts_cli(tmp_path, capsys):
 
 def test_module_entry_point_and_no_torch_import(tmp_path):
     code = (
-        "import sys, megatron_tgdpo.tasks, megatron_tgdpo.tasks.cli, megatron_tgdpo.data.pairs; "
+        "import sys, megatron_tgdpo.tasks, megatron_tgdpo.tasks.cli, megatron_tgdpo.tasks.pairs; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
