@@ -4,7 +4,7 @@
 
 The input is the samples file of megatron_tgdpo/tasks/samples.py with a "score" on every sample (from
 `megatron-tgdpo score`, or any external reward model). The output feeds
-`megatron-tgdpo prepare`. Selection and drop rules: megatron_tgdpo/data/pairs.py.
+`megatron-tgdpo prepare`. Selection and drop rules: megatron_tgdpo/tasks/pairs.py.
 
 Exit status: 0 on success; 1 when input lines are bad or no pair is left (nothing is written);
 2 for usage errors and missing files.
