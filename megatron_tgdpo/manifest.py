@@ -13,6 +13,10 @@ intact":
   a job verify a checkpoint in parallel and exchange the reasons.
 * :func:`check_format` is the one version policy: a reader accepts every version up to the one it
   writes and refuses newer ones with the remedy.
+* :func:`seal` / :func:`seal_problem`: a metadata file's own SHA-256 over its canonical JSON (every field
+  but the digest, the file list included), so an edit of any field, or bit rot in it, is caught like
+  damage to the files it lists. Like the CRC-32s it is recomputable: it detects accidents and hand
+  edits, not a forger. :func:`unlisted_files` finds files a metadata file does not cover.
 * :func:`write_json_atomic` / :func:`publish_directory` write under a temporary name and rename, so a
   reader never sees half an artefact.
 """
@@ -35,11 +39,15 @@ __all__ = [
     "file_checksum",
     "publish_directory",
     "read_json",
+    "seal",
+    "seal_problem",
+    "unlisted_files",
     "verify_files",
     "write_json_atomic",
 ]
 
 CHECKSUM = "crc32"
+DIGEST = "manifest_sha256"
 _BLOCK = 8 << 20
 
 
@@ -141,6 +149,38 @@ def verify_files(
         found = _entry_problem(directory / name, name, files[name], checksums=checksums)
         if found:
             return found
+    return None
+
+
+def unlisted_files(directory: str | os.PathLike, files: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> list[str]:
+    """Regular files directly in ``directory`` that ``files`` does not list (``ignore``: the metadata
+    file itself), sorted."""
+    skip = set(ignore)
+    return sorted(entry.name for entry in os.scandir(directory)
+                  if entry.is_file(follow_symlinks=False) and entry.name not in files and entry.name not in skip)
+
+
+def _canonical_digest(meta: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(meta: Mapping[str, Any]) -> dict:
+    """``meta`` as it reads back from JSON, plus ``DIGEST``: the SHA-256 of its canonical JSON."""
+    plain = json.loads(json.dumps(dict(meta), default=str))
+    plain.pop(DIGEST, None)
+    plain[DIGEST] = _canonical_digest(plain)
+    return plain
+
+
+def seal_problem(meta: Mapping[str, Any], *, path: str | os.PathLike) -> Optional[str]:
+    """Why ``meta`` (read from ``path``) does not match its own digest, or None."""
+    found = meta.get(DIGEST)
+    if not isinstance(found, str):
+        return f"{path}: has no {DIGEST} (its own checksum): damaged or edited"
+    if found != _canonical_digest(meta):
+        return f"{path}: its content does not match its {DIGEST}: the file was edited or is corrupt"
     return None
 
 

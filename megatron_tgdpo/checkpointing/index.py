@@ -11,14 +11,19 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from megatron_tgdpo import manifest
+from megatron_tgdpo import manifest, safe_pickle
+from megatron_tgdpo.checkpointing.contents import contents_problem
 
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "tgdpo_checkpoint.json"
 FORMAT = "megatron_tgdpo.checkpoint"
-FORMAT_VERSION = 2  # 1: file sizes only; 2: + CRC-32 per file, named parts
+# 1: file sizes only; 2: + CRC-32 per file, named parts; 3: + the manifest's own digest and a copy of
+# the data position inside the checkpoint's state (common.pt). Versions 1-2 are still read (see
+# docs/checkpoints.md, Integrity): their manifest cannot be checked against itself.
+FORMAT_VERSION = 3
+SEALED_SINCE = 3
 POLICY = "policy"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -77,23 +82,48 @@ def _cheap_problem(path: Path) -> Optional[str]:
         meta = read_metadata(path)
     except CheckpointError as exc:
         return str(exc)
+    reason = _manifest_problem(path, meta)
+    if reason:
+        return reason
     found = manifest.verify_files(path, meta["files"], checksums=False)
     return found.describe(listed_in=METADATA, prefix=path) if found else None
 
 
-_VERIFIED: dict[tuple[str, int], Optional[str]] = {}
+def _manifest_problem(path: Path, meta: dict) -> Optional[str]:
+    """The manifest checked against itself (its digest), the directory's name and the directory's files."""
+    if meta.get("format_version", 1) >= SEALED_SINCE:
+        reason = manifest.seal_problem(meta, path=path / METADATA)
+        if reason:
+            return reason
+    named = _ITER_DIR.match(path.name)
+    if named and int(named.group(1)) != meta["iteration"]:
+        return (f"{path / METADATA} says iteration {meta['iteration']}, the directory is {path.name}: "
+                "the manifest was edited or belongs elsewhere")
+    if not meta["files"]:
+        return f"{path / METADATA} lists no files: nothing could be verified"
+    unlisted = manifest.unlisted_files(path, meta["files"], ignore=(METADATA,))
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        return f"{path}: holds files {METADATA} does not list ({shown}): the manifest was edited or the directory changed"
+    return None
+
+
+_VERIFIED: dict[tuple[str, int, bool], Optional[str]] = {}
 
 
 def _checksum_problem(path: Path, *, collective: bool) -> Optional[str]:
     """Full verification. ``collective``: each rank checks a share of the files and the ranks exchange
     reasons (every rank must call it); otherwise this process reads every file. Remembered per
     (directory, metadata mtime)."""
-    key = (str(path.resolve()), (path / METADATA).stat().st_mtime_ns)
+    key = (str(path.resolve()), (path / METADATA).stat().st_mtime_ns, safe_pickle.trusted())
     if key in _VERIFIED:
         return _VERIFIED[key]
     rank, world = _world() if collective else (0, 1)
-    found = manifest.verify_files(path, read_metadata(path)["files"], checksums=True, share=(rank, world))
+    meta = read_metadata(path)
+    found = manifest.verify_files(path, meta["files"], checksums=True, share=(rank, world))
     mine = found.describe(listed_in=METADATA, prefix=path) if found else None
+    if mine is None:  # the files are the listed ones: do they load, without running code?
+        mine = contents_problem(path, meta, share=(rank, world))
     if world > 1:
         reasons: list[Optional[str]] = [None] * world
         dist.all_gather_object(reasons, mine)

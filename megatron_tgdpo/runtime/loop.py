@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import torch.distributed as dist
 
-from megatron_tgdpo import checkpointing, compat
+from megatron_tgdpo import checkpointing, compat, safe_pickle
 from megatron_tgdpo.config import ConfigError, TrainConfig
 from megatron_tgdpo.convert.origin import run_origin
 from megatron_tgdpo.data.batch import Batch
@@ -111,6 +111,7 @@ def _summary_line(m: dict) -> str:
 def run(cfg: TrainConfig, algorithm_cls: type[Algorithm]) -> int:
     """Train ``cfg`` with ``algorithm_cls`` on every rank; returns the exit code."""
     rank0 = dist.get_rank() == 0
+    safe_pickle.trust_checkpoints(cfg.trust_checkpoint)  # before any checkpoint is read
     # From here a stop signal only sets a flag (acted on at the first step boundary): a job preempted
     # while it loads still saves, exits 75 and is requeued.
     stop = StopRequest(cfg.exit_duration_in_mins)
