@@ -86,10 +86,8 @@ _METADATA_GLOBALS = frozenset({
     ("torch", "device"),
     ("torch.serialization", "_get_layout"),  # rebuilds torch.strided & co. from their names
     ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("builtins", "complex"),
+    *((module, name) for module in ("builtins", "__builtin__")  # protocols < 3 spell it __builtin__
+      for name in ("set", "frozenset", "slice", "complex")),
 })
 
 
@@ -109,7 +107,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if _metadata_class_allowed(module, name):
             return super().find_class(module, name)
-        raise _refusal(self._source, f"{module}.{name}")
+        raise _refusal(self._source, f"{'builtins' if module == '__builtin__' else module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
         raise _refusal(self._source, f"a persistent reference ({type(pid).__name__})")
@@ -165,8 +163,9 @@ def torch_load(file: IO[bytes] | str, *, source: str, map_location: Any = "cpu")
     except pickle.UnpicklingError as exc:
         text = str(exc)
         named = _GLOBAL_NAMED.search(text)
-        if named:
-            raise _refusal(source, named.group(1)) from None
+        if named:  # torch names builtins without their module
+            name = named.group(1)
+            raise _refusal(source, name if "." in name else f"builtins.{name}") from None
         detail = _WEIGHTS_ONLY_DETAIL.search(text)
         raise UnreadablePickleError(f"{source}: not a readable torch file "
                                     f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from None

@@ -99,11 +99,13 @@ def _manifest_problem(path: Path, meta: dict) -> Optional[str]:
     if named and int(named.group(1)) != meta["iteration"]:
         return (f"{path / METADATA} says iteration {meta['iteration']}, the directory is {path.name}: "
                 "the manifest was edited or belongs elsewhere")
-    if not meta["files"]:
-        return f"{path / METADATA} lists no files: nothing could be verified"
+    # Every file must be listed (so verified); a list without the torch_dist files is caught before a load
+    # (contents.REQUIRED_FILES), while a metadata-only directory still tells its origin.
     unlisted = manifest.unlisted_files(path, meta["files"], ignore=(METADATA,))
     if unlisted:
         shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        if not meta["files"]:
+            return f"{path / METADATA} lists no files, though the directory holds {shown}: nothing could be verified"
         return f"{path}: holds files {METADATA} does not list ({shown}): the manifest was edited or the directory changed"
     return None
 
@@ -178,10 +180,29 @@ def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[P
                 log.warning("%s names iteration %s but the newest intact checkpoint is %s; using it",
                             root / TRACKER, tracked, path.name)
             return path
-        if _world()[0] == 0:
-            log.warning("skipping %s: %s; %s", path, reason,
-                        "trying the next older one" if iteration > first else "no older checkpoint")
+        _warn_once(f"skipping {path}: {reason}; "
+                   f"{'trying the next older one' if iteration > first else 'no older checkpoint'}")
     return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Rank 0 warns, once per process: a run resolves the same checkpoint for several purposes."""
+    if _world()[0] == 0 and message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def _note_format(path: Path) -> Path:
+    """Say once that a checkpoint of an earlier format is used with fewer checks (see FORMAT_VERSION)."""
+    version = read_metadata(path).get("format_version", 1)
+    if version < SEALED_SINCE:
+        _warn_once(f"{path}: written by an earlier megatron_tgdpo (format_version {version}): its "
+                   f"{METADATA} carries no digest of its own, so edits to it (consumed_samples, config) "
+                   "cannot be detected; checkpoints saved from now on carry one")
+    return path
 
 
 def resolve(path: str | os.PathLike, *, verify: str = "sizes") -> Path:
@@ -196,7 +217,7 @@ def resolve(path: str | os.PathLike, *, verify: str = "sizes") -> Path:
         if reason:
             raise CheckpointError(f"{path}: cannot be used: {reason}; pick another iteration, or the save root "
                                   "to use the newest intact one")
-        return path
+        return _note_format(path)
     latest = find_latest(path, verify=verify)
     if latest is None:
         found = iteration_dirs(path)
@@ -204,7 +225,7 @@ def resolve(path: str | os.PathLike, *, verify: str = "sizes") -> Path:
             raise CheckpointError(f"{path}: none of its {len(found)} checkpoints is intact (reasons above); "
                                   "nothing was loaded and nothing was deleted")
         raise CheckpointError(f"{path}: contains no checkpoint (iter_XXXXXXX directories with {METADATA})")
-    return latest
+    return _note_format(latest)
 
 
 def current_layout() -> dict:
