@@ -467,5 +467,5 @@ def torch_safe_globals(extra: list) -> Iterator[None]:
         with scoped(extra):
             yield
         return
-    serialization.add_safe_globals(extra)
+    serialization.add_safe_globals([g for g in extra if not isinstance(g, tuple)])  # 2.4 takes no (fn, name)
     yield

@@ -102,7 +102,7 @@ class TrainConfig:
     load_optim: bool = field(default=True, metadata={"help": "restore optimizer state on resume (--no-load-optim)"})
     load_rng: bool = field(default=True, metadata={"help": "restore RNG state on resume (--no-load-rng)"})
     trust_checkpoint: bool = field(default=False, metadata={
-        "help": "unpickle checkpoint files (--load, --ref-load, --guidance-load) with no allow-list: only for a "
+        "help": "unpickle the checkpoints this run loads (every --*-load) with no allow-list: only for a "
                 "checkpoint from a source you trust that holds objects the safe loader refuses"})
     save: Optional[str] = None
     save_interval: Optional[int] = None

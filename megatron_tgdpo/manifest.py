@@ -6,8 +6,9 @@ intact":
 
 * :func:`describe_files` records ``{"bytes": n, "crc32": "xxxxxxxx"}`` per file. CRC-32 (zlib) runs at
   disk speed (~2 GB/s per core here, above SHA-256's 1.4 and BLAKE2's 0.5) and catches bit rot and
-  same-size overwrites; it is not a defence against a crafted file (see ``docs/checkpoints.md``: load
-  only checkpoints you trust). Entries written by earlier versions carry ``sha256``; both are verified.
+  same-size overwrites; it is not a defence against a crafted file (``docs/checkpoints.md``, Trust: the
+  allow-listed unpickler of :mod:`megatron_tgdpo.safe_pickle` is). Entries written by earlier versions
+  carry ``sha256``; both are verified.
 * :func:`verify_files` returns the first reason an artefact cannot be trusted (missing, truncated,
   checksum mismatch), or None. ``share=(rank, world)`` checks only every world-th file, so the ranks of
   a job verify a checkpoint in parallel and exchange the reasons.
