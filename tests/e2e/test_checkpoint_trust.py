@@ -288,6 +288,21 @@ def test_a_payload_is_refused_and_never_runs_unless_trusted(copy, tmp_path, capl
     assert marker.exists()
 
 
+def test_ranks_share_the_pickled_items_and_together_check_every_one(copy, tmp_path):
+    """A load verifies in parallel (``share=(rank, world)``): each byte item is read by one rank."""
+    from megatron_tgdpo.checkpointing.contents import contents_problem
+
+    newest, marker = copy / "iter_0000002", tmp_path / "ran"
+    clean = [contents_problem(newest, _meta(newest), share=(i, 3)) for i in range(3)]
+    assert clean == [None] * 3
+    where = _payload_in_byte_item(newest, marker)
+    for world in (1, 2, 3, 7):
+        reasons = [contents_problem(newest, _meta(newest), share=(i, world)) for i in range(world)]
+        refused = [r for r in reasons if r is not None]
+        assert len(refused) == 1 and f"{newest / where} (item rng_state" in refused[0] and REFUSED in refused[0], reasons
+    assert not marker.exists()
+
+
 def _converter():
     spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", ROOT / "tools" / "convert_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
