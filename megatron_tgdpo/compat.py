@@ -339,3 +339,23 @@ def inference_forward() -> Iterator[None]:
         return
     with InferenceMode.active():
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# torch.load's weights-only allow-list
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_safe_globals(extra: list) -> Iterator[None]:
+    """Admit ``extra`` in ``torch.load(weights_only=True)`` for the duration (torch >= 2.5 scopes it;
+    2.4 has only the process-wide ``add_safe_globals``, which is then used: it only ever grows)."""
+    import torch.serialization as serialization
+
+    scoped = getattr(serialization, "safe_globals", None)
+    if scoped is not None:
+        with scoped(extra):
+            yield
+        return
+    serialization.add_safe_globals([g for g in extra if not isinstance(g, tuple)])  # 2.4 takes no (fn, name)
+    yield

@@ -101,6 +101,9 @@ class TrainConfig:
     # --- checkpoints --------------------------------------------------------------------------
     load_optim: bool = field(default=True, metadata={"help": "restore optimizer state on resume (--no-load-optim)"})
     load_rng: bool = field(default=True, metadata={"help": "restore RNG state on resume (--no-load-rng)"})
+    trust_checkpoint: bool = field(default=False, metadata={
+        "help": "unpickle the checkpoints this run loads (every --*-load) with no allow-list: only for a "
+                "checkpoint from a source you trust that holds objects the safe loader refuses"})
     save: Optional[str] = None
     save_interval: Optional[int] = None
     keep_last: Optional[int] = None

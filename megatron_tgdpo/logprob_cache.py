@@ -137,8 +137,11 @@ def _read_shards(staging: Path, *, num_samples: int, roles: Sequence[str]) -> tu
     for path in sorted((staging / SHARDS).glob("rank*.npz")):
         if path.name.endswith(".part.npz"):
             continue
-        with np.load(path) as data:
-            shard = {key: data[key] for key in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                shard = {key: data[key] for key in data.files}
+        except (ValueError, OSError, EOFError) as exc:
+            raise CacheFormatError(f"{path}: not a readable shard ({exc}); {RERUN}") from None
         missing = [r for r in roles if r not in shard]
         if missing:
             raise CacheFormatError(f"{path}: shard lacks role(s) {missing}; the scoring run was inconsistent, {RERUN}")
@@ -228,6 +231,21 @@ def read_cache_manifest(path: Path) -> dict:
     return manifest
 
 
+def _load_array(path: Path, *, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """A plain ``.npy`` array. Never unpickled: an object array (which would run its pickle) is refused,
+    whatever --trust-checkpoint says, since the cache only ever holds numbers."""
+    try:
+        value = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as exc:
+        what = "holds pickled objects, which a log-prob cache never does" if "pickle" in str(exc) else str(exc)
+        raise CacheFormatError(f"{path}: refused: {what}; {RERUN}") from None
+    except (OSError, EOFError) as exc:
+        raise CacheFormatError(f"{path}: not a readable .npy array ({exc}); {RERUN}") from None
+    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+        raise CacheFormatError(f"{path}: not a plain numeric array; {RERUN}")
+    return value
+
+
 def _check_files(path: Path, manifest: dict, *, verify_sha256: bool) -> None:
     problem = files_manifest.verify_files(path, manifest.get("files", {}), checksums=verify_sha256)
     if problem:
@@ -272,13 +290,13 @@ class LogprobCache:
                 f"{self.path}: covers only samples 0..{self.num_samples - 1} of the {dataset_samples} in the data set "
                 f"(made with --limit-samples); training draws from all of them: {RERUN} without --limit-samples"
             )
-        self.offsets = np.load(self.path / OFFSETS)
+        self.offsets = _load_array(self.path / OFFSETS)
         if self.offsets.shape != (2 * self.num_samples + 1,):
             raise CacheFormatError(
                 f"{self.path / OFFSETS}: shape {self.offsets.shape}, expected ({2 * self.num_samples + 1},); {RERUN}"
             )
         self.roles = tuple(r for r in ROLES if r in self.manifest["roles"] and (r == "reference" or self.need_guidance))
-        self._values = {r: np.load(self.path / self.manifest["roles"][r]["file"], mmap_mode="r") for r in self.roles}
+        self._values = {r: _load_array(self.path / self.manifest["roles"][r]["file"], mmap_mode="r") for r in self.roles}
 
     def _check_fingerprints(self, *, dataset_prefix, ref_load, guidance_load, seed: int, model: Optional[str]) -> None:
         cached_roles = self.manifest.get("roles", {})

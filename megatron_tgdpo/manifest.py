@@ -6,13 +6,18 @@ intact":
 
 * :func:`describe_files` records ``{"bytes": n, "crc32": "xxxxxxxx"}`` per file. CRC-32 (zlib) runs at
   disk speed (~2 GB/s per core here, above SHA-256's 1.4 and BLAKE2's 0.5) and catches bit rot and
-  same-size overwrites; it is not a defence against a crafted file (see ``docs/checkpoints.md``: load
-  only checkpoints you trust). Entries written by earlier versions carry ``sha256``; both are verified.
+  same-size overwrites; it is not a defence against a crafted file (``docs/checkpoints.md``, Trust: the
+  allow-listed unpickler of :mod:`megatron_tgdpo.safe_pickle` is). Entries written by earlier versions
+  carry ``sha256``; both are verified.
 * :func:`verify_files` returns the first reason an artefact cannot be trusted (missing, truncated,
   checksum mismatch), or None. ``share=(rank, world)`` checks only every world-th file, so the ranks of
   a job verify a checkpoint in parallel and exchange the reasons.
 * :func:`check_format` is the one version policy: a reader accepts every version up to the one it
   writes and refuses newer ones with the remedy.
+* :func:`seal` / :func:`seal_problem`: a metadata file's own SHA-256 over its canonical JSON (every field
+  but the digest, the file list included), so an edit of any field, or bit rot in it, is caught like
+  damage to the files it lists. Like the CRC-32s it is recomputable: it detects accidents and hand
+  edits, not a forger. :func:`unlisted_files` finds files a metadata file does not cover.
 * :func:`write_json_atomic` / :func:`publish_directory` write under a temporary name and rename, so a
   reader never sees half an artefact.
 """
@@ -35,11 +40,15 @@ __all__ = [
     "file_checksum",
     "publish_directory",
     "read_json",
+    "seal",
+    "seal_problem",
+    "unlisted_files",
     "verify_files",
     "write_json_atomic",
 ]
 
 CHECKSUM = "crc32"
+DIGEST = "manifest_sha256"
 _BLOCK = 8 << 20
 
 
@@ -141,6 +150,38 @@ def verify_files(
         found = _entry_problem(directory / name, name, files[name], checksums=checksums)
         if found:
             return found
+    return None
+
+
+def unlisted_files(directory: str | os.PathLike, files: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> list[str]:
+    """Regular files directly in ``directory`` that ``files`` does not list (``ignore``: the metadata
+    file itself), sorted."""
+    skip = set(ignore)
+    return sorted(entry.name for entry in os.scandir(directory)
+                  if entry.is_file(follow_symlinks=False) and entry.name not in files and entry.name not in skip)
+
+
+def _canonical_digest(meta: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(meta: Mapping[str, Any]) -> dict:
+    """``meta`` as it reads back from JSON, plus ``DIGEST``: the SHA-256 of its canonical JSON."""
+    plain = json.loads(json.dumps(dict(meta), default=str))
+    plain.pop(DIGEST, None)
+    plain[DIGEST] = _canonical_digest(plain)
+    return plain
+
+
+def seal_problem(meta: Mapping[str, Any], *, path: str | os.PathLike) -> Optional[str]:
+    """Why ``meta`` (read from ``path``) does not match its own digest, or None."""
+    found = meta.get(DIGEST)
+    if not isinstance(found, str):
+        return f"{path}: has no {DIGEST} (its own checksum): damaged or edited"
+    if found != _canonical_digest(meta):
+        return f"{path}: its content does not match its {DIGEST}: the file was edited or is corrupt"
     return None
 
 

@@ -135,7 +135,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     Call on every rank after ``torch.distributed`` is initialised; returns a summary (every rank)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_tgdpo import compat, logprob_cache
+    from megatron_tgdpo import compat, logprob_cache, safe_pickle
     from megatron_tgdpo.data import PreferenceDataset
     from megatron_tgdpo.models.sources import ModelSource
     from megatron_tgdpo.runtime import setup
@@ -143,6 +143,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     from megatron_tgdpo.runtime.metrics import holds_metrics
     from megatron_tgdpo.runtime.schedule import LogprobSettings, context_parallel, score_logps
 
+    safe_pickle.trust_checkpoints(cfg.trust_checkpoint)  # before --ref-load / --guidance-load are read
     output_path = Path(output)
     if output_path.exists() and not overwrite:
         raise ToolError(f"--output {output} already exists; pass --overwrite to replace it, "

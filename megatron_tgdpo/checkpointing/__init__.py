@@ -15,12 +15,15 @@ what conversion and older checkpoints use; any other part ``p`` is stored under 
 
 Writing: ``iter_N.tmp`` on every rank, then per-file checksums computed in parallel (each rank hashes
 its share of the files), the metadata last, one rename, the tracker. Reading: a checkpoint is used only
-if its metadata is readable and every file it lists has its size and checksum (verified in parallel
-across the ranks that load it); otherwise it is skipped with the reason and the next older one is
-tried. See ``docs/checkpoints.md``; torch_dist files are unpickled on load: load only your own.
+if its metadata is readable and matches its own digest, the directory name, the directory's files and
+the progress recorded inside the checkpoint, every file it lists has its size and checksum (verified in
+parallel across the ranks that load it), and its pickles read through the allow-list of
+``megatron_tgdpo.safe_pickle``; otherwise it is skipped with the reason and the next older one is
+tried. See ``docs/checkpoints.md`` (Integrity, Trust).
 
-The package: ``index`` (types, names, metadata, checking and finding checkpoints), ``state`` (the
-sharded state of the parts, RNG state), ``saving`` and ``loading``. Import from the package.
+The package: ``index`` (types, names, metadata, checking and finding checkpoints), ``contents`` (what
+the torch_dist files hold, checked before megatron-core reads them), ``state`` (the sharded state of the
+parts, RNG state), ``saving`` and ``loading``. Import from the package.
 """
 from megatron_tgdpo.checkpointing.index import (
     FORMAT,

@@ -11,14 +11,19 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from megatron_tgdpo import manifest
+from megatron_tgdpo import manifest, safe_pickle
+from megatron_tgdpo.checkpointing.contents import contents_problem
 
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "tgdpo_checkpoint.json"
 FORMAT = "megatron_tgdpo.checkpoint"
-FORMAT_VERSION = 2  # 1: file sizes only; 2: + CRC-32 per file, named parts
+# 1: file sizes only; 2: + CRC-32 per file, named parts; 3: + the manifest's own digest and a copy of
+# the data position inside the checkpoint's state (common.pt). Versions 1-2 are still read (see
+# docs/checkpoints.md, Integrity): their manifest cannot be checked against itself.
+FORMAT_VERSION = 3
+SEALED_SINCE = 3
 POLICY = "policy"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -77,23 +82,50 @@ def _cheap_problem(path: Path) -> Optional[str]:
         meta = read_metadata(path)
     except CheckpointError as exc:
         return str(exc)
+    reason = _manifest_problem(path, meta)
+    if reason:
+        return reason
     found = manifest.verify_files(path, meta["files"], checksums=False)
     return found.describe(listed_in=METADATA, prefix=path) if found else None
 
 
-_VERIFIED: dict[tuple[str, int], Optional[str]] = {}
+def _manifest_problem(path: Path, meta: dict) -> Optional[str]:
+    """The manifest checked against itself (its digest), the directory's name and the directory's files."""
+    if meta.get("format_version", 1) >= SEALED_SINCE:
+        reason = manifest.seal_problem(meta, path=path / METADATA)
+        if reason:
+            return reason
+    named = _ITER_DIR.match(path.name)
+    if named and int(named.group(1)) != meta["iteration"]:
+        return (f"{path / METADATA} says iteration {meta['iteration']}, the directory is {path.name}: "
+                "the manifest was edited or belongs elsewhere")
+    # Every file must be listed (so verified); a list without the torch_dist files is caught before a load
+    # (contents.REQUIRED_FILES), while a metadata-only directory still tells its origin.
+    unlisted = manifest.unlisted_files(path, meta["files"], ignore=(METADATA,))
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        if not meta["files"]:
+            return f"{path / METADATA} lists no files, though the directory holds {shown}: nothing could be verified"
+        return f"{path}: holds files {METADATA} does not list ({shown}): the manifest was edited or the directory changed"
+    return None
+
+
+_VERIFIED: dict[tuple[str, int, bool], Optional[str]] = {}
 
 
 def _checksum_problem(path: Path, *, collective: bool) -> Optional[str]:
     """Full verification. ``collective``: each rank checks a share of the files and the ranks exchange
     reasons (every rank must call it); otherwise this process reads every file. Remembered per
     (directory, metadata mtime)."""
-    key = (str(path.resolve()), (path / METADATA).stat().st_mtime_ns)
+    key = (str(path.resolve()), (path / METADATA).stat().st_mtime_ns, safe_pickle.trusted())
     if key in _VERIFIED:
         return _VERIFIED[key]
     rank, world = _world() if collective else (0, 1)
-    found = manifest.verify_files(path, read_metadata(path)["files"], checksums=True, share=(rank, world))
+    meta = read_metadata(path)
+    found = manifest.verify_files(path, meta["files"], checksums=True, share=(rank, world))
     mine = found.describe(listed_in=METADATA, prefix=path) if found else None
+    if mine is None:  # the files are the listed ones: do they load, without running code?
+        mine = contents_problem(path, meta, share=(rank, world))
     if world > 1:
         reasons: list[Optional[str]] = [None] * world
         dist.all_gather_object(reasons, mine)
@@ -132,7 +164,6 @@ def iteration_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), root / name) for name in os.listdir(root) if (m := _ITER_DIR.match(name)))
 
 
-_REPORTED: set[tuple[str, str]] = set()  # (checkpoint, reason) this process has warned about
 
 
 def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[Path]:
@@ -151,11 +182,29 @@ def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[P
                 log.warning("%s names iteration %s but the newest intact checkpoint is %s; using it",
                             root / TRACKER, tracked, path.name)
             return path
-        if _world()[0] == 0 and (str(path), reason) not in _REPORTED:  # a run looks several times: say it once
-            _REPORTED.add((str(path), reason))
-            log.warning("skipping %s: %s; %s", path, reason,
-                        "trying the next older one" if iteration > first else "no older checkpoint")
+        _warn_once(f"skipping {path}: {reason}; "
+                   f"{'trying the next older one' if iteration > first else 'no older checkpoint'}")
     return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Rank 0 warns, once per process: a run resolves the same checkpoint for several purposes."""
+    if _world()[0] == 0 and message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def _note_format(path: Path) -> Path:
+    """Say once that a checkpoint of an earlier format is used with fewer checks (see FORMAT_VERSION)."""
+    version = read_metadata(path).get("format_version", 1)
+    if version < SEALED_SINCE:
+        _warn_once(f"{path}: written by an earlier megatron_tgdpo (format_version {version}): its "
+                   f"{METADATA} carries no digest of its own, so edits to it (consumed_samples, config) "
+                   "cannot be detected; checkpoints saved from now on carry one")
+    return path
 
 
 def resolve(path: str | os.PathLike, *, verify: str = "sizes") -> Path:
@@ -170,7 +219,7 @@ def resolve(path: str | os.PathLike, *, verify: str = "sizes") -> Path:
         if reason:
             raise CheckpointError(f"{path}: cannot be used: {reason}; pick another iteration, or the save root "
                                   "to use the newest intact one")
-        return path
+        return _note_format(path)
     latest = find_latest(path, verify=verify)
     if latest is None:
         found = iteration_dirs(path)
@@ -178,7 +227,7 @@ def resolve(path: str | os.PathLike, *, verify: str = "sizes") -> Path:
             raise CheckpointError(f"{path}: none of its {len(found)} checkpoints is intact (reasons above); "
                                   "nothing was loaded and nothing was deleted")
         raise CheckpointError(f"{path}: contains no checkpoint (iter_XXXXXXX directories with {METADATA})")
-    return latest
+    return _note_format(latest)
 
 
 def current_layout() -> dict:

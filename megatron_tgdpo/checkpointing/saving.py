@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tgdpo import manifest
+from megatron_tgdpo.checkpointing.contents import PROGRESS, progress_state
 from megatron_tgdpo.checkpointing.index import (
     FORMAT,
     FORMAT_VERSION,
@@ -137,6 +138,8 @@ def save_checkpoint(
     sharded = _sharded_state(parts, is_loading=False, optimizer=True)
     # Per-rank state (RNG) is kept per rank: a resumed run at the same layout continues bit-exactly.
     sharded["rng_state"] = _per_rank_object("rng_state", rng_state())
+    # A second record of the data position, written with the tensors: the manifest is checked against it.
+    sharded[PROGRESS] = progress_state(iteration=iteration, consumed_samples=(state or {}).get("consumed_samples"))
     need = _all_reduce_sum(float(_bytes_to_write(sharded)))
     short = None
     if rank == 0:
@@ -170,7 +173,7 @@ def save_checkpoint(
     if rank == 0:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration,
                 "layout": current_layout(), "parts": sorted(parts), **(state or {}), "files": files}
-        manifest.write_json_atomic(tmp / METADATA, meta)
+        manifest.write_json_atomic(tmp / METADATA, manifest.seal(meta))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -45,6 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = No
     to_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast (default: keep)")
     to_hf.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per safetensors shard (default 5GB)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    to_hf.add_argument("--trust-checkpoint", action="store_true",
+                       help="unpickle a torch_dist --load with no allow-list (only a checkpoint you trust)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +55,9 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 
     quiet_library_warnings()
-    from megatron_tgdpo import convert
+    from megatron_tgdpo import convert, safe_pickle
+
+    safe_pickle.trust_checkpoints(getattr(args, "trust_checkpoint", False))
 
     def progress(message: str) -> None:
         print(message, flush=True)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from megatron_tgdpo import safe_pickle
 from megatron_tgdpo.convert.errors import ConversionError
 from megatron_tgdpo.convert.layout import LAYER_ALIASES, megatron_shapes
 from megatron_tgdpo.convert.views import ConcatRows, Range, TensorView
@@ -87,7 +88,11 @@ class TorchDistCheckpoint:
         self.path = Path(path)
         try:
             self._reader = FileSystemReader(str(self.path))
-            self.metadata = self._reader.read_metadata()
+            # Not the reader's read_metadata (a plain pickle.load): the allow-listed unpickler.
+            with open(self.path / ".metadata", "rb") as handle:
+                self.metadata = safe_pickle.load_pickle(handle, source=str(self.path / ".metadata"))
+        except safe_pickle.UnreadablePickleError as exc:
+            raise ConversionError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - DCP raises assorted errors for a broken directory
             raise ConversionError(f"{self.path}: not a readable torch_dist checkpoint ({exc})") from exc
         self._reader.set_up_storage_reader(self.metadata, True)

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--chat-template", default=None,
                        help="plain | llama3 | auto | a .jinja file; default: the training data's, else as prepare_data.py")
     model.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
+    model.add_argument("--trust-checkpoint", action="store_true",
+                       help="unpickle a torch_dist --load with no allow-list (only a checkpoint you trust)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     sampling.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -261,7 +263,10 @@ def run(plan: Plan) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     """``megatron-tgdpo generate`` (and ``tools/generate.py``): the exit status (0 done, 2 usage error)."""
     args = build_parser().parse_args(argv)
+    from megatron_tgdpo import safe_pickle
     from megatron_tgdpo.runtime.console import quiet_library_warnings
+
+    safe_pickle.trust_checkpoints(args.trust_checkpoint)
 
     quiet_library_warnings()
     launch = distributed.read_launch_env()

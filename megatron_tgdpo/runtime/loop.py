@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch.distributed as dist
 
-from megatron_tgdpo import checkpointing, compat
+from megatron_tgdpo import checkpointing, compat, safe_pickle
 from megatron_tgdpo.config import ConfigError, TrainConfig
 from megatron_tgdpo.convert.origin import run_origin
 from megatron_tgdpo.data.batch import Batch
@@ -110,6 +110,7 @@ def _summary_line(m: dict) -> str:
 def run(cfg: TrainConfig, algorithm_cls: type[Algorithm]) -> int:
     """Train ``cfg`` with ``algorithm_cls`` on every rank; returns the exit code."""
     rank0 = dist.get_rank() == 0
+    safe_pickle.trust_checkpoints(cfg.trust_checkpoint)  # before any checkpoint is read
     # A stop signal only sets a flag (the entry point's, from the command's first line): acted on once
     # --save is claimed, before the first step (exit 75, nothing new to save) and at every step boundary.
     stop = StopRequest.for_run(cfg.exit_duration_in_mins)

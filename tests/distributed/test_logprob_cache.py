@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_tgdpo import manifest
 from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.logprob_cache import CacheFormatError, CacheMismatchError, LogprobCache
 from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
@@ -219,7 +220,8 @@ def test_different_guidance_checkpoint_is_refused(workspace):
     other = ws["tmp"] / "guide-copy" / "iter_0000001"
     shutil.copytree(ws["guide"], other)
     meta = json.loads((other / "tgdpo_checkpoint.json").read_text())
-    (other / "tgdpo_checkpoint.json").write_text(json.dumps({**meta, "iteration": 2}))
+    # Another checkpoint: its manifest differs (and stays consistent with itself, so it is not damaged).
+    manifest.write_json_atomic(other / "tgdpo_checkpoint.json", manifest.seal({**meta, "copied_from": ws["guide"]}))
     with pytest.raises(CacheMismatchError) as info:
         _open(ws, guidance_load=str(other.parent))
     text = str(info.value)
