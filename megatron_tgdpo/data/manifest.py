@@ -118,8 +118,9 @@ def dataset_kind(manifest: dict[str, Any]) -> str:
 
 def kind_problem(manifest: dict[str, Any], *, loss_type: str, prefix: str | Path, flag: str = "--data-path") -> str | None:
     """Why ``--loss-type loss_type`` cannot train on this set, or ``None`` when it can. SFT trains on any
-    set (the chosen responses of pairs); the preference losses need pairs."""
-    if loss_type == "sft" or dataset_kind(manifest) == "preference":
+    set (the chosen responses of pairs); PPO reads only its tokenizer and chat template; the preference
+    losses need pairs."""
+    if loss_type in ("sft", "ppo") or dataset_kind(manifest) == "preference":
         return None
     return (f"{flag} {prefix}: an SFT data set (one response per prompt, kind \"sft\" in "
             f"{manifest_path(prefix).name}); --loss-type {loss_type} needs preference pairs (chosen and rejected). "

@@ -286,3 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         distributed.destroy()
     return 0
+
+
+if __name__ == "__main__":  # megatron's checkpoint code spawns processes that re-import __main__
+    sys.exit(main())

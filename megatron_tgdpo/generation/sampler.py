@@ -42,6 +42,8 @@ def tokenizer_for(load: str | Path, *, tokenizer: Optional[str | Path] = None,
     """``tokenizer`` (default: the one that belongs to ``load``: a model directory's own files, or the
     one its training run used) with ``chat_template`` (default: the training data's, else the
     tokenizer's own choice). Raises :class:`GenerationError` when ``load`` names no tokenizer."""
+    if tokenizer is not None and chat_template is not None:
+        return load_tokenizer(tokenizer, chat_template=chat_template)
     found = model_files.default_tokenizer(load)
     path = tokenizer or found.path
     if path is None:
@@ -69,18 +71,20 @@ class Sampler:
     stop_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, load: str | Path, *, model: str = "tiny", tokenizer: Optional[str | Path] = None,
+    def load(cls, load: str | Path, *, model: str = "tiny", tokenizer: Optional[str | Path | Tokenizer] = None,
              chat_template: Optional[str] = None, layout: Any = None, precision: Any = None,
              chunks: Optional[list] = None) -> "Sampler":
         """``load`` (a torch_dist checkpoint, a converted or a Hugging Face directory) ready to sample:
         built at ``layout`` (or into ``chunks`` of the same architecture, to reuse a model already
         built), weights loaded, tokenizer and stop ids as :func:`tokenizer_for` and :func:`stop_ids`
-        find them. ``model``: the preset for a torch_dist checkpoint that records no architecture."""
+        find them (``tokenizer`` may also be one already loaded). ``model``: the preset for a torch_dist
+        checkpoint that records no architecture."""
         if chunks is None:
             arch, _ = model_files.model_arch(load, model=model)
             chunks = build_chunks(arch, layout=layout, precision=precision)
         model_files.load_weights(load, chunks)
-        found = tokenizer_for(load, tokenizer=tokenizer, chat_template=chat_template)
+        found = (tokenizer if isinstance(tokenizer, Tokenizer)
+                 else tokenizer_for(load, tokenizer=tokenizer, chat_template=chat_template))
         return cls(chunks=chunks, tokenizer=found, stop_ids=tuple(stop_ids(found, model_dir=load)))
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, sampling: SamplingConfig, max_new_tokens: int,

@@ -26,23 +26,27 @@ def run_jobs(jobs: list[dict[str, Any]], *, say=print) -> None:
     """Every job, in order; call inside an initialised process group of one rank."""
     from megatron_tgdpo import distributed
     from megatron_tgdpo.generation import SamplingConfig, model_files, prompts
-    from megatron_tgdpo.generation.sampler import Sampler, build_chunks
+    from megatron_tgdpo.generation.sampler import Sampler, build_chunks, tokenizer_for
 
     distributed.init_model_parallel(seed=0)
     built: dict[Any, list] = {}
+    tokenizers: dict[tuple, Any] = {}
     encoded: dict[tuple, tuple] = {}
     for job in jobs:
         started = time.monotonic()
         arch, _ = model_files.model_arch(job["load"], model=job.get("model", "tiny"))
         if arch not in built:
             built[arch] = build_chunks(arch)
-        sampler = Sampler.load(job["load"], tokenizer=job.get("tokenizer"), chat_template=job.get("chat_template"),
-                               chunks=built[arch])
-        key = (job["input"], job.get("tokenizer") or job["load"], job.get("chat_template"))
-        if key not in encoded:
+        key = (job.get("tokenizer") or job["load"], job.get("chat_template"))  # the default is the checkpoint's
+        if key not in tokenizers:
+            tokenizers[key] = tokenizer_for(job["load"], tokenizer=job.get("tokenizer"),
+                                            chat_template=job.get("chat_template"))
+        sampler = Sampler.load(job["load"], tokenizer=tokenizers[key], chunks=built[arch])
+        if (job["input"], key) not in encoded:
             records = prompts.read_prompt_file(job["input"])
-            encoded[key] = (records, [prompts.encode_prompt(r.messages, sampler.tokenizer) for r in records])
-        records, ids = encoded[key]
+            encoded[(job["input"], key)] = (records, [prompts.encode_prompt(r.messages, sampler.tokenizer)
+                                                      for r in records])
+        records, ids = encoded[(job["input"], key)]
         sampling = SamplingConfig(temperature=float(job["temperature"]), num_samples=int(job["num_samples"]))
         results = sampler.sample(ids, sampling=sampling, max_new_tokens=int(job["max_new_tokens"]),
                                  seed=int(job["seed"]), micro_batch_size=int(job.get("micro_batch_size", 256)))

@@ -4,20 +4,25 @@ DPO on a verifier task, held-out score against the number of sampled responses u
     python -m megatron_tgdpo.ppo.compare --output runs/rto_compare            # defaults: reverse, 3 seeds
     python -m megatron_tgdpo.ppo.compare --output runs/rto_compare --seeds 1 --ppo-iters 20   # a quick look
 
-Stages (each one's outputs are kept; a rerun skips what is done, so an interrupted comparison continues):
+The comparison runs on the pipeline's fingerprinted stages (``pipeline/stages.py``): each stage runs
+once per setting and is skipped while its outputs check out, so an interrupted comparison continues
+and a changed setting reruns exactly what depends on it (markers in ``<output>/stages``). Stages:
 
-1. prompt files (``megatron_tgdpo.tasks``): SFT prompts, RL prompts (train split), held-out prompts;
-2. SFT (``python -m megatron_tgdpo.train --loss-type sft`` on prompt + answer), shared by every seed —
-   deliberately short, so that the model has partial skill and room to improve;
+1. ``prompts``: SFT prompts, RL prompts (train split), held-out prompts (``megatron_tgdpo.tasks``);
+2. ``sft.data``, ``sft``: SFT on prompt + answer (``megatron_tgdpo.train --loss-type sft``), shared by
+   every seed — deliberately short, so that the model has partial skill and room to improve;
 3. per seed:
 
-   * DPO: the SFT model samples ``--samples-per-prompt`` responses to the first ``max(--dpo-prompts)`` RL
-     prompts (``tools/generate.py``), the verifier scores them, best-vs-worst pairs
-     (``tools/build_pairs.py``) from the first *n* prompts train one DPO model per *n* in
-     ``--dpo-prompts`` (budget: *n* x samples-per-prompt responses);
-   * sparse PPO (``--reward sparse``) and RTO (``--reward dense-dpo+sparse`` with the DPO model of
-     ``--reward-model-prompts`` prompts as the token reward), same prompt stream, same seed, same
-     number of rollouts, held-out score every ``--eval-every`` iterations;
+   * ``seed<N>.dpo.samples``: the SFT model samples ``--samples-per-prompt`` responses to the first
+     ``max(--dpo-prompts)`` RL prompts (the pipeline's sampling worker, ``pipeline/sample.py``) and
+     the verifier scores them; ``seed<N>.dpo.n<n>``: best-vs-worst pairs from the first *n* prompts
+     train one DPO model per *n* in ``--dpo-prompts`` (budget: *n* x samples-per-prompt responses);
+   * ``seed<N>.heldout``: greedy held-out scores of the SFT and DPO models (the same worker, scored by
+     the pipeline's evaluator, ``pipeline/evaluate.py``);
+   * ``seed<N>.sparse_ppo`` (``--reward sparse``) and ``seed<N>.rto_rm<n>`` (``--reward
+     dense-dpo+sparse`` with the DPO model of ``--reward-model-prompts`` prompts as the token reward):
+     same prompt stream, same seed, same number of rollouts, held-out score every ``--eval-every``
+     iterations;
 4. the report: a table of held-out score (mean and standard deviation over seeds) at matched sample
    budgets, written to ``<output>/table_rm<n>.md`` and ``results_rm<n>.json``, and the curve
    ``<output>/rto_curve_rm<n>.png`` (``n``: ``--reward-model-prompts``; rerunning with another ``n``
@@ -28,8 +33,8 @@ sampled *N* responses to build its pairs; RTO additionally used the samples of i
 reported separately (its curve is plotted against its own rollouts, and shifted by the reward model's
 samples as a dotted line).
 
-Every training job is a single-process subprocess (CPU or one GPU); logs are in ``<output>/logs``.
-``python -m megatron_tgdpo.ppo.compare evaluate`` is the held-out scorer of checkpoints it uses itself.
+Every training and sampling job is a single-process subprocess (CPU or one GPU); logs are in
+``<output>/logs``.
 """
 from __future__ import annotations
 
@@ -40,13 +45,20 @@ import sys
 import time
 from pathlib import Path
 from statistics import fmean, pstdev
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from megatron_tgdpo.pipeline.launch import run_logged
-from megatron_tgdpo.pipeline.stages import PipelineError
-from megatron_tgdpo.resources import resource_path
+from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner
 
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's
+DPO_SAMPLING_BATCH = 64  # prompts per forward when sampling for DPO (x --samples-per-prompt rows)
+HELDOUT_BATCH = 256  # rows per forward of the held-out (greedy) evaluation
+
+
+def _builtin_tokenizer() -> str:
+    from megatron_tgdpo.data.builtin import SYNTHETIC_DIR
+
+    return str(SYNTHETIC_DIR / "tokenizer.model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/rto_compare", help="working and results directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--task", default="reverse", help="a verifier task of megatron_tgdpo.tasks")
-    p.add_argument("--tokenizer", default=str(resource_path("synthetic", "tokenizer.model")))
+    p.add_argument("--tokenizer", default=None, help="default: the built-in data set's")
     p.add_argument("--sft-prompts", type=int, default=2000)
     p.add_argument("--rl-prompts", type=int, default=2000)
     p.add_argument("--heldout-prompts", type=int, default=200)
@@ -81,12 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------
-# running stages
+# child processes
 # ----------------------------------------------------------------------------------------------
 
 
 def _say(text: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def command(name: str, *args: str) -> list[str]:
+    """The command line of one package command run as a process of its own: the one place that names
+    them (``train``: the trainer; ``ppo``: PPO; ``sample``: the pipeline's sampling worker)."""
+    if name == "sample":  # an internal worker, not a user command
+        return [sys.executable, "-m", "megatron_tgdpo.pipeline.sample", *args]
+    return [sys.executable, "-m", "megatron_tgdpo", name, *args]
 
 
 def _run(cmd: Sequence[str], *, log: Path, what: str) -> None:
@@ -97,17 +117,51 @@ def _run(cmd: Sequence[str], *, log: Path, what: str) -> None:
     _say(f"{what}: done in {time.monotonic() - start:.0f}s")
 
 
-def _done(directory: Path) -> bool:
-    return (directory / "DONE").is_file()
+# ----------------------------------------------------------------------------------------------
+# what the stages check
+# ----------------------------------------------------------------------------------------------
 
 
-def _mark(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+def _checkpoint_problem(save: Path) -> Optional[str]:
+    """Why ``save`` holds no complete checkpoint (its newest iteration), or None."""
+    from megatron_tgdpo import checkpointing
+
+    found = checkpointing.iteration_dirs(save)
+    if not found:
+        return f"{save}: no checkpoint"
+    return checkpointing.problem(found[-1][1])
 
 
-def _py(*args: str) -> list[str]:
-    return [sys.executable, *args]
+def _scored_problem(paths: Sequence[Path]) -> Optional[str]:
+    from megatron_tgdpo.tasks.jsonl import BadLinesError
+    from megatron_tgdpo.tasks.samples import load_sample_records
+
+    for path in paths:
+        try:
+            load_sample_records(path, require_scores=True)
+        except (BadLinesError, OSError) as exc:
+            return str(exc).splitlines()[0]
+    return None
+
+
+def _prepared_files(prefix: Path) -> list[Path]:
+    return [Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "manifest.json")]
+
+
+def _prepared_problem(prefix: Path) -> Optional[str]:
+    from megatron_tgdpo.data.errors import DataFormatError
+    from megatron_tgdpo.data.manifest import check_data_files, read_manifest
+
+    try:
+        check_data_files(prefix, read_manifest(prefix))
+    except DataFormatError as exc:
+        return str(exc)
+    return None
+
+
+def _heldout_problem(run_dir: Path) -> Optional[str]:
+    path = run_dir / "log" / "heldout.jsonl"
+    return None if path.is_file() and path.read_text().strip() else f"{path}: no held-out results"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,125 +169,218 @@ def _py(*args: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _prompts(args, out: Path) -> dict[str, Path]:
-    from megatron_tgdpo.tasks import get_task, make_prompts, write_jsonl_atomic
+class Comparison:
+    """The stages of one output directory (see the module docstring); ``seed(n)`` returns that seed's
+    entry of the results."""
 
-    files = {"sft": out / "prompts" / "sft.jsonl", "rl": out / "prompts" / "rl.jsonl",
-             "heldout": out / "prompts" / "heldout.jsonl"}
-    if not all(f.is_file() for f in files.values()):
-        task = get_task(args.task)
-        write_jsonl_atomic(files["sft"], make_prompts(task, num=args.sft_prompts, seed=101, split="train"))
-        write_jsonl_atomic(files["rl"], make_prompts(task, num=args.rl_prompts, seed=102, split="train"))
-        write_jsonl_atomic(files["heldout"], make_prompts(task, num=args.heldout_prompts, seed=103, split="heldout"))
-        _say(f"prompt files in {out / 'prompts'}")
-    return files
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        self.args = args
+        self.out = out
+        self.runner = StageRunner(out, log=_say)
+        self.fp: dict[str, str] = {}  # stage name -> fingerprint, for the stages that read it
+        self.tokenizer = str(Path(args.tokenizer).resolve()) if args.tokenizer else _builtin_tokenizer()
 
+    def _rel(self, values: Sequence[str]) -> list[str]:
+        """Flags as a spec: paths relative to the output directory, so a moved directory still resumes."""
+        return [str(v).replace(str(self.out), "<output>") for v in values]
 
-def _prepare(args, inputs: Path, prefix: Path, *, fmt: str, log: Path, what: str) -> None:
-    _run(_py("-m", "megatron_tgdpo", "prepare", "--input", str(inputs), "--output-prefix", str(prefix), "--format", fmt,
-             "--tokenizer", args.tokenizer, "--chat-template", CHAT_TEMPLATE, "--max-seq-length", str(args.seq_length),
-             "--min-prompt-tokens", "4", "--workers", "1", "--quiet"), log=log, what=what)
+    def _stage(self, name: str, spec: dict[str, Any], outputs: list[Path], run: Callable[[], None],
+               check: Callable[[], Optional[str]] = lambda: None, *, inputs: Sequence[str] = ()) -> str:
+        spec = {**spec, "inputs": {i: self.fp[i] for i in inputs}}
+        self.fp[name] = self.runner.run(Stage(name, spec, outputs, run, check=check))
+        return self.fp[name]
 
+    def _prepare(self, inputs: Path, prefix: Path, *, fmt: str) -> None:
+        """``prepare_data``'s tokenization of ``inputs`` (plain template, prompts of >= 4 tokens)."""
+        from megatron_tgdpo.data.prepare import PrepareConfig, prepare_preference_data
 
-def _sft(args, out: Path, prompts: dict[str, Path]) -> Path:
-    work = out / "sft"
-    ckpt = work / "checkpoints"
-    if _done(work):
+        prepare_preference_data(PrepareConfig(
+            inputs=(str(inputs),), output_prefix=str(prefix), tokenizer=self.tokenizer, chat_template=CHAT_TEMPLATE,
+            max_seq_length=self.args.seq_length, min_prompt_tokens=4, workers=1, kind=fmt))
+
+    def _sample(self, jobs: list[dict[str, Any]], *, log: Path, what: str) -> None:
+        """Sampling jobs (``pipeline/sample.py``'s format) in one worker process."""
+        spec = log.with_suffix(".jobs.json")
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        spec.write_text(json.dumps(jobs, indent=1))
+        _run(command("sample", str(spec)), log=log, what=what)
+
+    # ---- shared by every seed ----------------------------------------------------------------
+    @property
+    def prompt_files(self) -> dict[str, Path]:
+        return {name: self.out / "prompts" / f"{name}.jsonl" for name in ("sft", "rl", "heldout")}
+
+    def prompts(self) -> None:
+        from megatron_tgdpo.tasks import get_task, make_prompts, write_jsonl_atomic
+
+        args, files = self.args, self.prompt_files
+
+        def write() -> None:
+            task = get_task(args.task)
+            write_jsonl_atomic(files["sft"], make_prompts(task, num=args.sft_prompts, seed=101, split="train"))
+            write_jsonl_atomic(files["rl"], make_prompts(task, num=args.rl_prompts, seed=102, split="train"))
+            write_jsonl_atomic(files["heldout"], make_prompts(task, num=args.heldout_prompts, seed=103,
+                                                              split="heldout"))
+
+        self._stage("prompts", {"task": args.task, "sft": args.sft_prompts, "rl": args.rl_prompts,
+                                "heldout": args.heldout_prompts, "seeds": [101, 102, 103]},
+                    list(files.values()), write)
+
+    def sft(self) -> Path:
+        args, work = self.args, self.out / "sft"
+        data, prefix, ckpt = work / "sft.jsonl", work / "data", work / "checkpoints"
+
+        def prepare() -> None:
+            records = [json.loads(line) for line in self.prompt_files["sft"].read_text().splitlines()]
+            work.mkdir(parents=True, exist_ok=True)
+            data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n"
+                                    for r in records))
+            self._prepare(data, prefix, fmt="sft")
+
+        self._stage("sft.data", {"tokenizer": self.tokenizer, "seq_length": args.seq_length},
+                    [data, *_prepared_files(prefix)], prepare, lambda: _prepared_problem(prefix), inputs=["prompts"])
+        flags = ["--loss-type", "sft", "--data-path", str(prefix), "--model", "tiny", "--micro-batch-size", "32",
+                 "--global-batch-size", "32", "--seq-length", str(args.seq_length), "--lr", "3e-3", "--min-lr", "3e-4",
+                 "--lr-warmup-fraction", "0.05", "--train-iters", str(args.sft_iters), "--seed", "1", "--log-interval",
+                 "50", "--eval-iters", "0", "--no-tensorboard", "--save", str(ckpt), "--log-dir", str(work / "log")]
+        self._stage("sft", {"flags": self._rel(flags)}, [ckpt, work / "log"],
+                    lambda: _run(command("train", *flags), log=self.out / "logs" / "sft.log",
+                                 what=f"SFT ({args.sft_iters} iterations)"),
+                    lambda: _checkpoint_problem(ckpt), inputs=["sft.data"])
         return ckpt
-    records = [json.loads(line) for line in prompts["sft"].read_text().splitlines()]
-    data = work / "sft.jsonl"
-    work.mkdir(parents=True, exist_ok=True)
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in records))
-    _prepare(args, data, work / "data", fmt="sft", log=out / "logs" / "sft_prepare.log", what="SFT data")
-    _run(_py("-m", "megatron_tgdpo.train", "--loss-type", "sft", "--data-path", str(work / "data"), "--model", "tiny",
-             "--micro-batch-size", "32", "--global-batch-size", "32", "--seq-length", str(args.seq_length),
-             "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-fraction", "0.05", "--train-iters", str(args.sft_iters),
-             "--seed", "1", "--log-interval", "50", "--eval-iters", "0", "--no-tensorboard", "--save", str(ckpt),
-             "--log-dir", str(work / "log")), log=out / "logs" / "sft.log", what=f"SFT ({args.sft_iters} iterations)")
-    _mark(work)
-    return ckpt
 
+    # ---- one seed ----------------------------------------------------------------------------
+    def budgets(self) -> list[int]:
+        return sorted(set(self.args.dpo_prompts) | {self.args.reward_model_prompts})
 
-def _dpo(args, out: Path, seed: int, sft: Path, prompts: dict[str, Path]) -> dict[int, Path]:
-    """One DPO model per budget; returns {prompts: checkpoint}."""
-    work = out / f"seed{seed}" / "dpo"
-    logs = out / "logs" / f"seed{seed}"
-    budgets = sorted(set(args.dpo_prompts) | {args.reward_model_prompts})
-    models = {n: work / f"n{n}" / "checkpoints" for n in budgets}
-    if all(_done(work / f"n{n}") for n in budgets):
+    def dpo(self, seed: int, sft: Path) -> dict[int, Path]:
+        """One DPO model per budget; returns {prompts: checkpoint}."""
+        args, tag = self.args, f"seed{seed}"
+        work, logs = self.out / tag / "dpo", self.out / "logs" / tag
+        budgets = self.budgets()
+        subset, samples = work / "prompts.jsonl", work / "samples.jsonl"
+
+        def sample() -> None:
+            lines = self.prompt_files["rl"].read_text().splitlines()[:max(budgets)]
+            work.mkdir(parents=True, exist_ok=True)
+            subset.write_text("\n".join(lines) + "\n")
+            self._sample([{"load": str(sft), "input": str(subset), "output": str(samples), "temperature": 1.0,
+                           "num_samples": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
+                           "seed": seed, "micro_batch_size": DPO_SAMPLING_BATCH * args.samples_per_prompt}],
+                         log=logs / "dpo_sample.log", what=f"seed {seed}: SFT samples for DPO ({len(lines)} prompts)")
+            from megatron_tgdpo.pipeline.evaluate import score_file
+
+            score_file(samples)
+
+        self._stage(f"{tag}.dpo.samples", {"prompts": max(budgets), "k": args.samples_per_prompt,
+                                           "max_new_tokens": args.max_new_tokens, "seed": seed},
+                    [subset, samples], sample, lambda: _scored_problem([samples]), inputs=["prompts", "sft"])
+        models = {}
+        for n in budgets:
+            models[n] = self._dpo_model(seed, n, sft, samples)
         return models
-    samples = work / "samples.jsonl"
-    if not samples.is_file():
-        subset = work / "prompts.jsonl"
-        work.mkdir(parents=True, exist_ok=True)
-        lines = prompts["rl"].read_text().splitlines()[:max(budgets)]
-        subset.write_text("\n".join(lines) + "\n")
-        raw = work / "samples.raw.jsonl"
-        _run(_py("-m", "megatron_tgdpo", "generate", "--load", str(sft), "--input", str(subset), "--output", str(raw),
-                 "--overwrite", "--num-samples", str(args.samples_per_prompt), "--temperature", "1.0",
-                 "--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", "64", "--seed", str(seed)),
-             log=logs / "dpo_sample.log", what=f"seed {seed}: SFT samples for DPO ({len(lines)} prompts)")
-        _run(_py("-m", "megatron_tgdpo.tasks", "score", "--samples", str(raw), "--output", str(samples)),
-             log=logs / "dpo_score.log", what=f"seed {seed}: verifier scores")
-    all_samples = samples.read_text().splitlines()
-    for n in budgets:
-        if _done(work / f"n{n}"):
-            continue
-        d = work / f"n{n}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "samples.jsonl").write_text("\n".join(all_samples[:n]) + "\n")
-        _run(_py("-m", "megatron_tgdpo", "pairs", "--input", str(d / "samples.jsonl"), "--output", str(d / "pairs.jsonl"),
-                 "--stats-output", str(d / "pair_stats.jsonl")), log=logs / f"dpo{n}_pairs.log",
-             what=f"seed {seed}: pairs from {n} prompts")
-        _prepare(args, d / "pairs.jsonl", d / "data", fmt="preference", log=logs / f"dpo{n}_prepare.log",
-                 what=f"seed {seed}: DPO data ({n} prompts)")
-        _run(_py("-m", "megatron_tgdpo.train", "--loss-type", "dpo", "--data-path", str(d / "data"), "--ref-load",
-                 str(sft), "--micro-batch-size", "16", "--global-batch-size", "16", "--seq-length",
-                 str(args.seq_length), "--lr", "3e-4", "--min-lr", "3e-5", "--train-epochs", str(args.dpo_epochs),
-                 "--beta", str(args.beta), "--seed", str(seed), "--log-interval", "10", "--eval-iters", "0",
-                 "--no-tensorboard", "--save", str(d / "checkpoints"), "--log-dir", str(d / "log")),
-             log=logs / f"dpo{n}.log", what=f"seed {seed}: DPO on pairs of {n} prompts ({n * args.samples_per_prompt} samples)")
-        _mark(d)
-    return models
 
+    def _dpo_model(self, seed: int, n: int, sft: Path, samples: Path) -> Path:
+        args, tag = self.args, f"seed{seed}"
+        d, logs = self.out / tag / "dpo" / f"n{n}", self.out / "logs" / tag
+        ckpt = d / "checkpoints"
+        flags = ["--loss-type", "dpo", "--data-path", str(d / "data"), "--ref-load", str(sft), "--micro-batch-size",
+                 "16", "--global-batch-size", "16", "--seq-length", str(args.seq_length), "--lr", "3e-4", "--min-lr",
+                 "3e-5", "--train-epochs", str(args.dpo_epochs), "--beta", str(args.beta), "--seed", str(seed),
+                 "--log-interval", "10", "--eval-iters", "0", "--no-tensorboard", "--save", str(ckpt), "--log-dir",
+                 str(d / "log")]
 
-def _ppo(args, out: Path, seed: int, sft: Path, prompts: dict[str, Path], *, name: str,
-         reward_model: Optional[Path]) -> Path:
-    work = out / f"seed{seed}" / name
-    if _done(work):
+        def run() -> None:
+            from megatron_tgdpo.data.pairs import build_pairs
+            from megatron_tgdpo.tasks.jsonl import write_jsonl_atomic
+            from megatron_tgdpo.tasks.samples import load_sample_records
+
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "samples.jsonl").write_text("\n".join(samples.read_text().splitlines()[:n]) + "\n")
+            pairs, stats = build_pairs(load_sample_records(d / "samples.jsonl", require_scores=True))
+            if not pairs:
+                raise PipelineError(f"seed {seed}: no pairs from the samples of {n} prompts\n{stats.summary()}")
+            write_jsonl_atomic(d / "pairs.jsonl", pairs)
+            write_jsonl_atomic(d / "pair_stats.jsonl", [stats.as_dict()])
+            _say(f"seed {seed}: {len(pairs)} pairs from {n} prompts")
+            self._prepare(d / "pairs.jsonl", d / "data", fmt="preference")
+            _run(command("train", *flags), log=logs / f"dpo{n}.log",
+                 what=f"seed {seed}: DPO on pairs of {n} prompts ({n * args.samples_per_prompt} samples)")
+
+        outputs = [d / "samples.jsonl", d / "pairs.jsonl", d / "pair_stats.jsonl", *_prepared_files(d / "data"),
+                   ckpt, d / "log"]
+        self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": self.tokenizer, "flags": self._rel(flags)}, outputs,
+                    run, lambda: _checkpoint_problem(ckpt), inputs=["sft", f"{tag}.dpo.samples"])
+        return ckpt
+
+    def heldout(self, seed: int, checkpoints: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Greedy held-out scores of ``checkpoints`` (name -> checkpoint), from one sampling worker:
+        {name: {"score", "exact_match", "response_length", "checkpoint"}}."""
+        args, tag = self.args, f"seed{seed}"
+        work = self.out / tag / "dpo"
+        files = {name: work / "heldout" / f"{name}.jsonl" for name in checkpoints}
+        result = work / "heldout.json"
+
+        def run() -> None:
+            from megatron_tgdpo.pipeline.evaluate import score_file
+            from megatron_tgdpo.tasks.samples import load_sample_records
+
+            self._sample([{"load": str(path), "input": str(self.prompt_files["heldout"]), "output": str(files[name]),
+                           "temperature": 0.0, "num_samples": 1, "max_new_tokens": args.max_new_tokens, "seed": 0,
+                           "micro_batch_size": HELDOUT_BATCH} for name, path in checkpoints.items()],
+                         log=self.out / "logs" / tag / "evaluate_dpo.log",
+                         what=f"seed {seed}: held-out scores of SFT and DPO models")
+            scores = {}
+            for name, path in checkpoints.items():
+                summary = score_file(files[name])
+                # Response length counts the stop token, as PPO's held-out evaluation does.
+                lengths = [s["num_tokens"] + (s["finish_reason"] == "eos")
+                           for item in load_sample_records(files[name]) for s in item.samples]
+                scores[name] = {"score": summary["mean_score"], "exact_match": summary["exact_match"],
+                                "response_length": fmean(lengths), "checkpoint": str(path)}
+                _say(f"seed {seed}: {name}: score {scores[name]['score']:.4f} exact {scores[name]['exact_match']:.4f}")
+            result.write_text(json.dumps(scores, indent=2) + "\n")
+
+        models = {name: self.fp["sft" if name == "sft" else f"{tag}.dpo.n{name}"] for name in checkpoints}
+        self._stage(f"{tag}.heldout", {"models": models, "max_new_tokens": args.max_new_tokens},
+                    [work / "heldout", result], run, inputs=["prompts"])
+        return json.loads(result.read_text())
+
+    def ppo(self, seed: int, sft: Path, *, name: str, reward_model: Optional[int]) -> Path:
+        """A PPO run (``reward_model``: the budget of RTO's DPO reward model; None: sparse PPO)."""
+        args, tag = self.args, f"seed{seed}"
+        work = self.out / tag / name
+        rm = None if reward_model is None else self.out / tag / "dpo" / f"n{reward_model}" / "checkpoints"
+        reward = ["--reward", "sparse"] if rm is None else [
+            "--reward", "dense-dpo+sparse", "--reward-model-load", str(rm),
+            "--dense-reward-scale", str(args.dense_reward_scale)]
+        eval_iters = math.ceil(args.heldout_prompts / args.prompts_per_iter)
+        flags = ["--prompts", str(self.prompt_files["rl"]), "--eval-prompts", str(self.prompt_files["heldout"]),
+                 *reward, "--ref-load", str(sft), "--data-path", str(self.out / "sft" / "data"), "--beta",
+                 str(args.beta), "--kl-coef", str(args.kl_coef), "--global-batch-size", str(args.prompts_per_iter),
+                 "--samples-per-prompt", str(args.samples_per_prompt), "--micro-batch-size",
+                 str(args.prompts_per_iter * args.samples_per_prompt // 4), "--ppo-mini-batches", "2",
+                 "--ppo-epochs", "2", "--seq-length", str(args.seq_length), "--max-new-tokens", str(args.max_new_tokens),
+                 "--train-iters", str(args.ppo_iters), "--lr", str(args.ppo_lr), "--lr-decay-style", "constant",
+                 "--critic-lr", str(args.critic_lr), "--eval-iters", str(eval_iters), "--eval-interval",
+                 str(args.eval_every), "--seed", str(seed), "--log-interval", str(args.eval_every), "--no-tensorboard",
+                 "--log-dir", str(work / "log")]
+        inputs = ["prompts", "sft", "sft.data"] + ([f"{tag}.dpo.n{reward_model}"] if rm is not None else [])
+        self._stage(f"{tag}.{name}", {"flags": self._rel(flags)}, [work / "log"],
+                    lambda: _run(command("ppo", *flags), log=self.out / "logs" / tag / f"{name}.log",
+                                 what=f"seed {seed}: {name} ({args.ppo_iters} iterations x "
+                                      f"{args.prompts_per_iter * args.samples_per_prompt} samples)"),
+                    lambda: _heldout_problem(work), inputs=inputs)
         return work
-    reward = ["--reward", "sparse"] if reward_model is None else [
-        "--reward", "dense-dpo+sparse", "--reward-model-load", str(reward_model),
-        "--dense-reward-scale", str(args.dense_reward_scale)]
-    eval_iters = math.ceil(args.heldout_prompts / args.prompts_per_iter)
-    log_dir = work / "log"
-    if log_dir.exists():  # an interrupted run: start it again from scratch (its log would be appended to)
-        import shutil
 
-        shutil.rmtree(log_dir)
-    _run(_py("-m", "megatron_tgdpo.ppo", "--prompts", str(prompts["rl"]), "--eval-prompts", str(prompts["heldout"]),
-             *reward, "--ref-load", str(sft), "--data-path", str(out / "sft" / "data"), "--beta", str(args.beta),
-             "--kl-coef", str(args.kl_coef), "--global-batch-size", str(args.prompts_per_iter),
-             "--samples-per-prompt", str(args.samples_per_prompt), "--micro-batch-size",
-             str(args.prompts_per_iter * args.samples_per_prompt // 4), "--ppo-mini-batches", "2",
-             "--ppo-epochs", "2", "--seq-length", str(args.seq_length), "--max-new-tokens", str(args.max_new_tokens),
-             "--train-iters", str(args.ppo_iters), "--lr", str(args.ppo_lr), "--lr-decay-style", "constant",
-             "--critic-lr", str(args.critic_lr), "--eval-iters", str(eval_iters), "--eval-interval",
-             str(args.eval_every), "--seed", str(seed), "--log-interval", str(args.eval_every), "--no-tensorboard",
-             "--log-dir", str(log_dir)),
-         log=out / "logs" / f"seed{seed}" / f"{name}.log",
-         what=f"seed {seed}: {name} ({args.ppo_iters} iterations x {args.prompts_per_iter * args.samples_per_prompt} samples)")
-    _mark(work)
-    return work
-
-
-def _evaluate_checkpoints(args, out: Path, checkpoints: dict[str, Path], *, result: Path, log: Path,
-                          what: str) -> dict[str, dict]:
-    if not result.is_file():
-        _run(_py("-m", "megatron_tgdpo.ppo.compare", "evaluate", "--prompts", str(out / "prompts" / "heldout.jsonl"),
-                 "--max-new-tokens", str(args.max_new_tokens), "--output", str(result),
-                 *[f"{name}={path}" for name, path in checkpoints.items()]), log=log, what=what)
-    return json.loads(result.read_text())
+    def seed(self, seed: int, sft: Path) -> dict[str, Any]:
+        dpo = self.dpo(seed, sft)
+        scores = self.heldout(seed, {"sft": sft, **{str(n): path for n, path in dpo.items()}})
+        sparse = self.ppo(seed, sft, name="sparse_ppo", reward_model=None)
+        rto = self.ppo(seed, sft, name=f"rto_rm{self.args.reward_model_prompts}",
+                       reward_model=self.args.reward_model_prompts)
+        return {"sft": scores["sft"], "dpo": {k: v for k, v in scores.items() if k != "sft"},
+                "sparse_ppo": str(sparse), "rto": str(rto)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,21 +494,14 @@ def run(args) -> int:
     start = time.monotonic()
     if args.reward_model_prompts not in args.dpo_prompts:
         args.dpo_prompts = sorted(set(args.dpo_prompts) | {args.reward_model_prompts})
-    prompts = _prompts(args, out)
-    sft = _sft(args, out, prompts)
+    comparison = Comparison(args, out)
+    args.tokenizer = comparison.tokenizer  # recorded in the results' settings
+    comparison.prompts()
+    sft = comparison.sft()
     results: dict = {"settings": vars(args), "seeds": {}}
     for seed in args.seeds:
         seed_start = time.monotonic()
-        dpo = _dpo(args, out, seed, sft, prompts)
-        scores = _evaluate_checkpoints(args, out, {"sft": sft, **{str(n): path for n, path in dpo.items()}},
-                                       result=out / f"seed{seed}" / "dpo" / "heldout.json",
-                                       log=out / "logs" / f"seed{seed}" / "evaluate_dpo.log",
-                                       what=f"seed {seed}: held-out scores of SFT and DPO models")
-        sparse = _ppo(args, out, seed, sft, prompts, name="sparse_ppo", reward_model=None)
-        rto = _ppo(args, out, seed, sft, prompts, name=f"rto_rm{args.reward_model_prompts}",
-                   reward_model=dpo[args.reward_model_prompts])
-        results["seeds"][seed] = {"sft": scores["sft"], "dpo": {k: v for k, v in scores.items() if k != "sft"},
-                                  "sparse_ppo": str(sparse), "rto": str(rto)}
+        results["seeds"][seed] = comparison.seed(seed, sft)
         _say(f"seed {seed}: finished in {(time.monotonic() - seed_start) / 60:.1f} min")
     table = report(args, out, results)
     tag = f"rm{args.reward_model_prompts}"  # one report per RTO reward model (the rest is shared)
@@ -376,71 +516,8 @@ def run(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluate: greedy held-out scores of checkpoints, one process
-# ----------------------------------------------------------------------------------------------
-
-
-def evaluate(prompts_path: str, checkpoints: dict[str, str], *, max_new_tokens: int) -> dict[str, dict]:
-    """{name: {"score", "exact_match", "response_length"}}; call inside an initialised process group."""
-    from megatron_tgdpo.data.tokenizer import load_tokenizer
-    from megatron_tgdpo.generation import SamplingConfig, generate, prompts, sources
-    from megatron_tgdpo.models import llama
-    from megatron_tgdpo.tasks import get_task
-
-    out = {}
-    for name, path in checkpoints.items():
-        arch, _ = sources.model_arch(path, model="tiny")
-        found = sources.default_tokenizer(path)
-        tokenizer = load_tokenizer(found.path, chat_template=found.chat_template)
-        records = prompts.read_prompt_file(prompts_path)
-        ids = [prompts.encode_prompt(r.messages, tokenizer) for r in records]
-        chunks = llama.build_model(arch, llama.transformer_config(arch, llama.ParallelLayout()))
-        sources.load_weights(path, chunks)
-        generated = generate(chunks, ids, sampling=SamplingConfig(temperature=0.0),
-                             eos_ids=prompts.stop_token_ids(tokenizer), max_new_tokens=max_new_tokens, seed=0,
-                             micro_batch_size=256, vocab_limit=tokenizer.vocab_size)
-        scores, exact, lengths = [], [], []
-        for g in generated:
-            fields = records[g.prompt_index].fields
-            text = tokenizer.decode(g.tokens[:-1] if g.finish_reason == "eos" else g.tokens)
-            task = get_task(fields["task"])
-            scores.append(task.score(text, fields["answer"]))
-            exact.append(float(task.exact_match(text, fields["answer"])))
-            lengths.append(len(g.tokens))
-        out[name] = {"score": fmean(scores), "exact_match": fmean(exact), "response_length": fmean(lengths),
-                     "checkpoint": str(path)}
-        print(f"{name}: score {out[name]['score']:.4f} exact {out[name]['exact_match']:.4f}", flush=True)
-    return out
-
-
-def _evaluate_main(argv: Sequence[str]) -> int:
-    from megatron_tgdpo import distributed
-    from megatron_tgdpo.runtime.console import quiet_library_warnings
-
-    p = argparse.ArgumentParser(prog="python -m megatron_tgdpo.ppo.compare evaluate")
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("checkpoints", nargs="+", help="name=path")
-    args = p.parse_args(argv)
-    quiet_library_warnings()
-    distributed.init_process_group(distributed.read_launch_env())
-    try:
-        distributed.init_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=0)
-        named = dict(item.split("=", 1) for item in args.checkpoints)
-        result = evaluate(args.prompts, named, max_new_tokens=args.max_new_tokens)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    finally:
-        distributed.destroy()
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["evaluate"]:
-        return _evaluate_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return run(args)
     except PipelineError as exc:
