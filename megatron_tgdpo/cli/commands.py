@@ -15,6 +15,9 @@ class Command:
     name: str
     module: str
     summary: str
+    #: a trainer: SIGTERM/SIGUSR1 from the first statement on only ask it to save and exit 75
+    #: (runtime.signals.install_stop_handler, installed before the command's module is imported)
+    saves_on_stop: bool = False
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -22,8 +25,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("demo", "megatron_tgdpo.cli.demo", "SFT -> on-policy pairs -> DPO -> TGDPO -> held-out scores, ~2 CPU-minutes"),
     Command("replicate", "megatron_tgdpo.cli.replicate", "the full comparison (SFT, DPO, TGDPO, SimPO, IPO), seeds and alphas"),
     # training
-    Command("train", "megatron_tgdpo.cli.train", "DPO / TGDPO / IPO / SimPO / SFT training (torchrun -m megatron_tgdpo train)"),
-    Command("ppo", "megatron_tgdpo.cli.ppo", "PPO with DPO's dense token reward (RTO) and/or a sparse score"),
+    Command("train", "megatron_tgdpo.cli.train", "DPO / TGDPO / IPO / SimPO / SFT training (torchrun -m megatron_tgdpo train)",
+            saves_on_stop=True),
+    Command("ppo", "megatron_tgdpo.cli.ppo", "PPO with DPO's dense token reward (RTO) and/or a sparse score",
+            saves_on_stop=True),
     Command("precompute", "megatron_tgdpo.cli.precompute", "the frozen models' log-probs once, for --logprob-cache"),
     # data
     Command("prepare", "megatron_tgdpo.cli.prepare", "JSONL pairs or SFT records -> indexed .bin/.idx + manifest"),

@@ -48,6 +48,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean `{close[0]}`?" if close else ""
         print(f"{PROG}: error: unknown command {name!r}{hint} (`{PROG} --help` lists them)", file=sys.stderr)
         return 2
+    if command.saves_on_stop:  # before the command's (heavy) imports: a stop signal now only sets a flag
+        from megatron_tgdpo.runtime.signals import install_stop_handler
+
+        install_stop_handler()
     module = importlib.import_module(command.module)
     code = module.main(rest, prog=f"{PROG} {name}")
     return 0 if code is None else int(code)
