@@ -148,3 +148,15 @@ def test_export_after_dpo_loads_in_transformers_tied_with_the_files_tokenizer(sm
     start = transformers.AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, dtype=torch.float32)
     moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters()))
     assert 0 < moved < 1e-4  # one step at lr 1e-6 away from the start model
+
+
+def test_a_layout_the_model_cannot_split_is_named_once(smollm2, dpo_run):
+    """TP2 cannot split SmolLM2's 9 heads: refused before compute, exit 2, the heads problem said once
+    (the flag check and the model's layout check both find it)."""
+    workspace, data, _ = dpo_run
+    argv = _argv(workspace, "tp2", smollm2.gguf, data, "dpo") + ["--tensor-model-parallel-size", "2"]
+    run = subprocess.run([sys.executable, "-m", "megatron_tgdpo.train", *argv],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count("heads") == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
