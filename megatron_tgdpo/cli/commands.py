@@ -41,6 +41,8 @@ COMMANDS: tuple[Command, ...] = (
     # models and runs
     Command("convert", "megatron_tgdpo.cli.convert", "Llama checkpoints between Hugging Face and megatron_tgdpo"),
     Command("estimate-memory", "megatron_tgdpo.cli.estimate_memory", "per-GPU memory of a training job before you queue it"),
+    Command("fetch-model", "megatron_tgdpo.cli.fetch_model",
+            "a real model (SmolLM2-135M-Instruct) into the user cache: .gguf + fp32 Hugging Face directory"),
     Command("plot", "megatron_tgdpo.cli.plot", "training curves from metrics.jsonl files (needs matplotlib)"),
 )
 

@@ -41,6 +41,9 @@ def build_parser(*, prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="plain | llama3 | auto (tokenizer_config.json's Jinja template) | path to a .jinja file; "
         "default: auto if the tokenizer has a Jinja template, else llama3 if it has the Llama-3 chat tokens, else plain",
     )
+    tok.add_argument("--response-suffix", choices=("eos", "template"), default="eos",
+                     help="eos: a response ends at the token closing the assistant turn (<|im_end|>); template: "
+                          "keep what the chat template renders after it (ChatML's newline), as TRL does")
     length = parser.add_argument_group("length policy")
     length.add_argument("--max-seq-length", type=int, default=4096, help="limit on prompt + response, per side")
     length.add_argument("--truncation", choices=("truncate_prompt", "drop"), default="truncate_prompt")
@@ -64,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
         output_prefix=args.output_prefix,
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
+        response_suffix=args.response_suffix,
         max_seq_length=args.max_seq_length,
         truncation=args.truncation,
         min_response_tokens=args.min_response_tokens,

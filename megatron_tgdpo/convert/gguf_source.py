@@ -204,13 +204,15 @@ class GGUFModel:
         )
 
     def _views(self) -> dict[str, TensorView]:
-        arch, views, unknown = self.arch, {}, []
+        arch, views, unknown, checked = self.arch, {}, [], set()
         for name, info in self.file.tensors.items():
             hf = _hf_name(name)
             if hf is None:
                 unknown.append(name)
                 continue
-            _check_dequantizable(info, where=str(self.path))
+            if info.ggml_type not in checked:
+                _check_dequantizable(info, where=str(self.path))
+                checked.add(info.ggml_type)
             heads = (arch.num_attention_heads if name.endswith("attn_q.weight")
                      else arch.num_query_groups if name.endswith("attn_k.weight") else None)
             views[hf] = GGUFTensorView(self.path, info, rope_heads=heads)

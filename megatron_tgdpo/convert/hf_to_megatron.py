@@ -14,9 +14,21 @@ from megatron_tgdpo.convert.files import copy_tokenizer_files, staged_output, wr
 from megatron_tgdpo.convert.hf_source import megatron_views_from_hf, open_hf
 from megatron_tgdpo.convert.layout import megatron_groups
 from megatron_tgdpo.convert.safetensors_io import SafetensorsWriter
+from megatron_tgdpo.data.errors import TokenizerError
 from megatron_tgdpo.data.gguf_tokenizer import gguf_tokenizer_dir, is_gguf_file
 
 Progress = Optional[Callable[[str], None]]
+
+
+def _tokenizer_source(path: Path, say: Callable[[str], None]) -> Optional[Path]:
+    """Where the tokenizer files come from: the directory itself, or those rebuilt from a GGUF file."""
+    if not is_gguf_file(path):
+        return path
+    try:
+        return gguf_tokenizer_dir(path)
+    except TokenizerError as exc:
+        say(f"no tokenizer files written: {exc}")
+        return None
 
 
 def hf_to_megatron(
@@ -40,7 +52,7 @@ def hf_to_megatron(
             files[file] = list(shapes)
             say(f"[{k}/{len(groups)}] {group}: {len(shapes)} tensors, {nbytes / 2**20:.1f} MiB, "
                 f"{time.monotonic() - start:.1f}s")
-        copied = copy_tokenizer_files(gguf_tokenizer_dir(hf_dir) if is_gguf_file(hf_dir) else hf_dir, tmp)
+        copied = copy_tokenizer_files(_tokenizer_source(hf_dir, say), tmp)
         if copied:
             say(f"copied {', '.join(copied)}")
         write_json(tmp / METADATA, metadata(arch=arch, hf_config=config, files=files, source=str(hf_dir.resolve())))

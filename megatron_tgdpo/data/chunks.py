@@ -71,8 +71,9 @@ _STATE: dict[str, object] = {}
 
 
 def init_worker(tokenizer_path: str, chat_template: str | None, policy: LengthPolicy,
-                kind: str = "preference") -> None:
-    use_tokenizer(load_tokenizer(tokenizer_path, chat_template=chat_template), policy, kind=kind)
+                kind: str = "preference", response_suffix: str = "eos") -> None:
+    tokenizer = load_tokenizer(tokenizer_path, chat_template=chat_template, response_suffix=response_suffix)
+    use_tokenizer(tokenizer, policy, kind=kind)
 
 
 def use_tokenizer(tokenizer: Tokenizer, policy: LengthPolicy, *, kind: str = "preference") -> None:

@@ -79,7 +79,11 @@ def _ids(text: str, tokenizer: Tokenizer, *, field: str) -> list[int]:
 def _response_ids(text: str, tokenizer: Tokenizer, *, field: str) -> list[int]:
     ids = _ids(text, tokenizer, field=field)
     rule = tokenizer.chat_template.eos_rule
-    if rule == "append" or not ids or not tokenizer.is_special(ids[-1]):
+    end = len(ids)
+    if tokenizer.chat_template.response_suffix == "template":  # the kept suffix is whitespace after the end
+        while end and not tokenizer.is_special(ids[end - 1]) and not tokenizer.decode([ids[end - 1]]).strip():
+            end -= 1
+    if rule == "append" or not end or not tokenizer.is_special(ids[end - 1]):
         ids.append(tokenizer.eos_id)
     return ids
 

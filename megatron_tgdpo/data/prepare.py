@@ -49,6 +49,7 @@ class PrepareConfig:
     output_prefix: str
     tokenizer: str
     chat_template: str | None = None
+    response_suffix: Literal["eos", "template"] = "eos"  # "template": keep ChatML's "\n" after <|im_end|> (TRL)
     max_seq_length: int = 4096
     truncation: Literal["truncate_prompt", "drop"] = "truncate_prompt"
     min_response_tokens: int = 1
@@ -95,7 +96,8 @@ def _ordered_results(config: PrepareConfig, policy: LengthPolicy, tokenizer: Tok
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     context = mp.get_context(method)
     window = 2 * config.workers  # bounded read-ahead: memory stays flat however large the input
-    with context.Pool(config.workers, init_worker, (config.tokenizer, config.chat_template, policy, config.kind)) as pool:
+    with context.Pool(config.workers, init_worker,
+                      (config.tokenizer, config.chat_template, policy, config.kind, config.response_suffix)) as pool:
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.apply_async(process_chunk, (task,)))
@@ -140,7 +142,8 @@ def prepare_preference_data(config: PrepareConfig, *, log: Callable[[str], None]
     if config.kind not in RECORD_KINDS:
         raise ValueError(f"kind must be one of {', '.join(RECORD_KINDS)}, got {config.kind!r}")
     policy = config.length_policy()
-    tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
+    tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template,
+                               response_suffix=config.response_suffix)
     tokenizer_sha256 = tokenizer_content_hash(tokenizer.path)
     say(f"tokenizer: {tokenizer}")
     inputs = _input_entries(config.inputs)
@@ -266,6 +269,7 @@ def build_manifest(
         "chat_template": {
             "name": tokenizer.chat_template.name,
             "end_of_response": tokenizer.chat_template.end_of_response,
+            "response_suffix": tokenizer.chat_template.response_suffix,
         },
         "length_policy": asdict(policy),
         "records": {

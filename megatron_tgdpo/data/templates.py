@@ -70,6 +70,7 @@ class ChatTemplate(ABC):
     eos_rule: EosRule
     prepend_bos: bool  # True when the template leaves BOS to be added as an id (it renders no BOS text)
     end_of_response: str  # what "EOS" means for this template, in words, for the manifest and docs
+    response_suffix: str = "eos"  # "template": the text the template renders after the turn's end is kept
 
     @abstractmethod
     def render_prompt(self, prompt: Sequence[Message]) -> str:
@@ -212,12 +213,22 @@ class JinjaTemplate(ChatTemplate):
             )
         tail = full[len(head):]
         stripped = tail.rstrip()
-        if stripped != tail and any(stripped.endswith(s) for s in self._all_special):
+        if self.response_suffix == "eos" and stripped != tail and any(stripped.endswith(s) for s in self._all_special):
             tail = stripped
         return tail
 
+    def keeping_response_suffix(self) -> "JinjaTemplate":
+        """This template, keeping the whitespace rendered after the turn's closing token (TRL's choice)."""
+        import copy
+
+        out = copy.copy(self)
+        out.response_suffix = "template"
+        out.end_of_response = ("the special token closing the assistant turn, followed by the whitespace the "
+                               "Jinja template renders after it; EOS is appended if the turn ends in no special token")
+        return out
+
     def identity(self) -> str:
-        return "jinja:v1:" + self.source
+        return "jinja:v1:" + self.source if self.response_suffix == "eos" else "jinja:v1:suffix=template:" + self.source
 
 
 def read_jinja_file(path: Path) -> str:

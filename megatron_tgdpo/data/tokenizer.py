@@ -126,6 +126,9 @@ class Tokenizer(ABC):
             # not start a sequence, so plain text gets none (as transformers' tokenizer(text) adds none).
             self.add_bos = False
         self.chat_template = self._resolve_template(chat_template, jinja)
+        self._compute_fingerprint()
+
+    def _compute_fingerprint(self) -> None:
         digest = hashlib.sha256()
         for part in (
             "megatron_tgdpo.tokenizer.v1",
@@ -136,6 +139,19 @@ class Tokenizer(ABC):
         ):
             digest.update(part.encode("utf-8") + b"\0")
         self._fingerprint = digest.hexdigest()
+
+    def use_response_suffix(self, suffix: str) -> None:
+        """``"eos"`` (default): a response ends at the token closing the assistant turn. ``"template"``:
+        it keeps what the Jinja template renders after that token (ChatML's ``\\n``), as TRL does."""
+        if suffix == "eos":
+            return
+        if suffix != "template":
+            raise TokenizerError(f"--response-suffix {suffix!r}: expected 'eos' or 'template'")
+        if not isinstance(self.chat_template, JinjaTemplate):
+            raise TokenizerError(f"--response-suffix template needs a Jinja chat template (auto or a .jinja file); "
+                                 f"{self.chat_template.name!r} renders nothing after the end of a response")
+        self.chat_template = self.chat_template.keeping_response_suffix()
+        self._compute_fingerprint()
 
     def _resolve(self, key: str, text: str | None, default: int | None, *, required: bool) -> int | None:
         if text is not None:
@@ -391,13 +407,15 @@ def tokenizer_content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str | Path, *, chat_template: str | None = None, response_suffix: str = "eos") -> Tokenizer:
     """Load a tokenizer and attach its chat template.
 
     ``path``: a sentencepiece ``.model`` file, a Hugging Face ``tokenizer.json``, a directory holding
     one of them (``tokenizer.json`` is preferred), or a GGUF model file (its stored tokenizer and chat
     template, see :mod:`.gguf_tokenizer`). A ``tokenizer_config.json`` in the same directory, if
     any, supplies the special tokens (bos/eos/pad, ``add_bos_token``) and the Jinja ``chat_template``.
+
+    ``response_suffix``: ``"eos"`` or ``"template"`` (:meth:`Tokenizer.use_response_suffix`).
 
     ``chat_template``: ``"plain"``, ``"llama3"``, ``"auto"`` (the Jinja template of
     tokenizer_config.json / chat_template.jinja), or a path to a ``.jinja`` file. ``None`` picks
@@ -414,11 +432,15 @@ def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tok
         except (OSError, ValueError) as exc:
             raise TokenizerError(f"{config_file}: cannot read ({exc})") from exc
     jinja = _jinja_source(config, directory)
+    tokenizer: Tokenizer
     if file.suffix == ".model":
-        return SentencePieceTokenizer(path=file, config=config, chat_template=chat_template, jinja=jinja)
-    if file.suffix == ".json":
-        return HFTokenizer(path=file, config=config, chat_template=chat_template, jinja=jinja)
-    raise TokenizerError(f"{file}: expected a sentencepiece .model or a Hugging Face tokenizer.json")
+        tokenizer = SentencePieceTokenizer(path=file, config=config, chat_template=chat_template, jinja=jinja)
+    elif file.suffix == ".json":
+        tokenizer = HFTokenizer(path=file, config=config, chat_template=chat_template, jinja=jinja)
+    else:
+        raise TokenizerError(f"{file}: expected a sentencepiece .model or a Hugging Face tokenizer.json")
+    tokenizer.use_response_suffix(response_suffix)
+    return tokenizer
 
 
 def _short(digest: object) -> str:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", required=True, help="samples JSONL to write (atomically)")
     io.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     model = parser.add_argument_group("model and tokenizer")
-    model.add_argument("--load", required=True, help="torch_dist checkpoint (root or iter_*), converted or HF directory")
+    model.add_argument("--load", required=True, help="torch_dist checkpoint (root or iter_*), converted or HF directory, or a .gguf file")
     model.add_argument("--model", default="tiny", help="preset, only for a torch_dist checkpoint that records no architecture")
     model.add_argument("--tokenizer", default=None, help="default: the checkpoint's own (model directory or training run)")
     model.add_argument("--chat-template", default=None,

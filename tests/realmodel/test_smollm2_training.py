@@ -88,11 +88,19 @@ def float64_model(hf_model):
     return copy.deepcopy(hf_model).double()
 
 
-def test_dpo_first_step_matches_float64_and_tp3_sequence_parallel_trains(smollm2, hf_tokenizer, float64_model, tmp_path):
-    data = _prepare(tmp_path, smollm2.gguf, "preference")
-    single = _argv(tmp_path, "tp1", smollm2.gguf, data, "dpo")
+@pytest.fixture(scope="module")
+def dpo_run(smollm2, tmp_path_factory):
+    """One DPO step at TP1 from the GGUF file, saved: (workspace, prepared data, first-step metrics)."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = _prepare(tmp, smollm2.gguf, "preference")
+    single = _argv(tmp, "tp1", smollm2.gguf, data, "dpo") + ["--save", str(tmp / "save")]
     assert run_on_ranks(1, _train, single, model_parallel=False, timeout=900) == [0]
-    step = _first_step(tmp_path / "tp1")
+    return tmp, data, _first_step(tmp / "tp1")
+
+
+def test_dpo_first_step_matches_float64_and_tp3_sequence_parallel_trains(smollm2, hf_tokenizer, float64_model,
+                                                                          dpo_run):
+    tmp_path, data, step = dpo_run
     chosen = [_response_logps(float64_model, hf_tokenizer, p, c)[0] for p, c, _ in PAIRS]
     rejected = [_response_logps(float64_model, hf_tokenizer, p, r)[0] for p, _, r in PAIRS]
     assert step["logps/chosen"] == pytest.approx(sum(chosen) / len(PAIRS), abs=2e-3)
@@ -116,3 +124,39 @@ def test_sft_first_loss_is_the_float64_masked_cross_entropy(smollm2, hf_tokenize
     tokens = torch.cat([_response_logps(float64_model, hf_tokenizer, p, c)[1] for p, c, _ in PAIRS])
     want = -tokens.sum().item() / tokens.numel()
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_export_after_dpo_loads_in_transformers_tied_with_the_files_tokenizer(smollm2, dpo_run, tmp_path):
+    """megatron-to-hf of the DPO checkpoint: config, generation config, tokenizer and template as the
+    fetched directory's; transformers loads it tied with no missing or unexpected keys."""
+    workspace, _, _ = dpo_run
+    out = tmp_path / "export"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "megatron-to-hf",
+                          "--load", str(workspace / "save"), "--output", str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (smollm2.hf_dir / name).read_bytes(), name
+    exported, fetched = (json.loads((d / "config.json").read_text()) for d in (out, smollm2.hf_dir))
+    assert {k: v for k, v in exported.items() if k not in ("torch_dtype", "dtype")} == \
+        {k: v for k, v in fetched.items() if k not in ("torch_dtype", "dtype")}
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    start = transformers.AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, dtype=torch.float32)
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters()))
+    assert 0 < moved < 1e-4  # one step at lr 1e-6 away from the start model
+
+
+def test_a_layout_the_model_cannot_split_is_named_once(smollm2, dpo_run):
+    """TP2 cannot split SmolLM2's 9 heads: refused before compute, exit 2, the heads problem said once
+    (the flag check and the model's layout check both find it)."""
+    workspace, data, _ = dpo_run
+    argv = _argv(workspace, "tp2", smollm2.gguf, data, "dpo") + ["--tensor-model-parallel-size", "2"]
+    run = subprocess.run([sys.executable, "-m", "megatron_tgdpo.train", *argv],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert sum("heads" in line for line in run.stderr.splitlines()) == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
