@@ -3,7 +3,7 @@
 Every ``megatron_tgdpo`` import is counted, at module level and inside functions (a lazy import is
 still a dependency). Layers, low to high (``docs/architecture.md``)::
 
-    0 foundation   compat, manifest, monitoring, distributed, tasks/, data/, ops/
+    0 foundation   compat, manifest, monitoring, distributed, flag_checks, tasks/, data/, ops/
     1 model        models/llama, layers, state_dict, fused_head, losses/, memory, config
     2 storage      checkpointing, convert/
     3 sources      models/sources
@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_tgdpo"
 
 LAYERS = [
-    ("compat", "manifest", "monitoring", "distributed", "tasks", "data", "ops"),
+    ("compat", "manifest", "monitoring", "distributed", "flag_checks", "tasks", "data", "ops"),
     ("models.llama", "models.layers", "models.state_dict", "models.fused_head", "models", "losses", "memory", "config"),
     ("checkpointing", "convert"),
     ("models.sources",),
