@@ -198,12 +198,12 @@ def without_repeats(first: list[str], rest: list[str]) -> list[str]:
     return first + [line for line in rest if line.split(" ", 1)[0].rstrip(":") not in named]
 
 
-def checked_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def checked_parser(parser: argparse.ArgumentParser, *, bounds: Mapping[str, Bound] = BOUNDS) -> argparse.ArgumentParser:
     """``parser`` with each bounded flag's range in its help, and a bad flag (an unknown one, or a value
     of the wrong type) reported in one line with exit 2 instead of after the whole usage (dozens of
     lines for the trainer)."""
     for action in parser._actions:  # noqa: SLF001 - argparse has no public list of a parser's actions
-        bound = next((BOUNDS[s] for s in action.option_strings if s in BOUNDS), None)
+        bound = next((bounds[s] for s in action.option_strings if s in bounds), None)
         if bound is not None and action.help not in (None, argparse.SUPPRESS) and "expected:" not in action.help:
             action.help = f"{action.help.strip()} (expected: {bound.describe()})".lstrip()
 

@@ -20,8 +20,20 @@ import argparse
 import os
 import sys
 
+from megatron_tgdpo import flag_checks
 from megatron_tgdpo.data.errors import BadRecordsError, TokenizerError
 from megatron_tgdpo.data.prepare import PrepareConfig, prepare_preference_data
+from megatron_tgdpo.data.records import MAX_RECORD_BYTES
+
+#: the allowed values of this tool's numeric flags (see megatron_tgdpo.flag_checks)
+BOUNDS = {
+    "--max-seq-length": flag_checks.Bound(2, 2**22, integer=True),
+    "--min-response-tokens": flag_checks.Bound(1, 2**22, integer=True),
+    "--min-prompt-tokens": flag_checks.Bound(1, 2**22, integer=True),
+    "--max-errors-shown": flag_checks.Bound(0, 10**6, integer=True),
+    "--workers": flag_checks.Bound(1, 1024, integer=True),
+    "--max-record-bytes": flag_checks.Bound(1, 2**31, integer=True),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     bad = parser.add_argument_group("bad records")
     bad.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     bad.add_argument("--max-errors-shown", type=int, default=20)
+    bad.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES, metavar="BYTES",
+                     help="a longer line is a bad record (record_too_large, with its line number) and is never read "
+                          "whole: parsing and tokenizing a record takes about 70x its size in memory")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     run.add_argument("--quiet", action="store_true", help="print only errors")
@@ -57,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = flag_checks.checked_parser(build_parser(), bounds=BOUNDS).parse_args(argv)
+    for problem in flag_checks.config_problems(args, bounds=BOUNDS):
+        print(f"error: {problem}", file=sys.stderr)
+    if flag_checks.config_problems(args, bounds=BOUNDS):
+        return 2
     config = PrepareConfig(
         inputs=tuple(args.input),
         output_prefix=args.output_prefix,
@@ -69,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         min_prompt_tokens=args.min_prompt_tokens,
         on_bad_record=args.on_bad_record,
         max_errors_shown=args.max_errors_shown,
+        max_record_bytes=args.max_record_bytes,
         workers=args.workers,
         kind=args.format,
     )
