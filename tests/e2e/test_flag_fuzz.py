@@ -1,5 +1,5 @@
 """Bad flags through the real command lines (``python -m megatron_tgdpo.train`` / ``megatron_tgdpo.ppo``):
-exit 2, every bad flag named, no traceback, no hang.
+exit 2, every bad flag named, no traceback, no hang (at most 20 s of CPU per case).
 
 Every numeric flag goes bad in the same invocation (non-finite, negative, huge, 2**70), so a handful of
 processes covers them all; each value of each flag is also tried alone, in-process, by
@@ -11,6 +11,7 @@ marked ``slow``.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,16 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 from test_flag_checks import PPO_FLAGS, TRAIN_FLAGS  # noqa: E402 - the flags, read from the dataclasses
 from test_path_checks import wrong_kinds  # noqa: E402
 
-#: a case that parses flags only; one that builds the process group and imports megatron first
-FAST_TIMEOUT_S = 20
-SLOW_TIMEOUT_S = 60
+#: Each case may use 20 s of CPU (a process that computes instead of refusing is killed by the kernel,
+#: and its exit status is then not 2) and gets a wall-clock timeout for a process that blocks instead:
+#: the CPU limit is what a case costs, the wall-clock one leaves room for a machine shared with other work.
+CPU_LIMIT_S = 20
+FAST_TIMEOUT_S = 90  # a case that parses flags only (a few seconds on an idle machine)
+SLOW_TIMEOUT_S = 180  # one that builds the process group and imports megatron first
+
+
+def _limit_cpu() -> None:
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
 
 
 def _run(module: str, argv: list[str], *, timeout: int = FAST_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -35,7 +43,7 @@ def _run(module: str, argv: list[str], *, timeout: int = FAST_TIMEOUT_S) -> subp
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+                          timeout=timeout, start_new_session=True, preexec_fn=_limit_cpu)
 
 
 def _assert_refused(result: subprocess.CompletedProcess, flags: list[str]) -> None:
