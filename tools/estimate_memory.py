@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_tgdpo.config import TrainConfig, parse_tool_args  # noqa: E402
+from megatron_tgdpo.config import ConfigError, TrainConfig, parse_tool_args  # noqa: E402
 from megatron_tgdpo.memory import GIB, estimate, format_table  # noqa: E402
 from megatron_tgdpo.models import llama  # noqa: E402
 
@@ -68,7 +68,11 @@ def describe(name: str, arch: llama.LlamaArch, cfg: TrainConfig, *, num_gpus: in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, cfg = parse(argv)
+    try:
+        args, cfg = parse(argv)
+    except ConfigError as exc:  # a flag out of range or a bad --config: exit 2 like every configuration error
+        print(f"estimate_memory: {exc}", file=sys.stderr)
+        return 2
     try:
         name, arch = model_of(args, cfg)
         est = estimate(

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_tgdpo import distributed  # noqa: E402
+from megatron_tgdpo import distributed, flag_checks  # noqa: E402
 from megatron_tgdpo.generation.config import SamplingConfig  # noqa: E402
 
 
@@ -87,7 +87,23 @@ class Plan:
     eos_ids: list[int]
 
 
+#: the allowed values of this tool's numeric flags: the trainer's where they mean the same, sampling's own
+#: (a temperature of 0 is greedy here)
+BOUNDS = {
+    **{flag: flag_checks.BOUNDS[flag] for flag in (
+        "--max-new-tokens", "--seed", "--micro-batch-size", "--tensor-model-parallel-size",
+        "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size", "--context-parallel-size")},
+    "--num-samples": flag_checks.Bound(1, 4096, integer=True),
+    "--temperature": flag_checks.Bound(0.0, 1e2),
+    "--top-p": flag_checks.Bound(0.0, 1.0, low_open=True),
+    "--top-k": flag_checks.Bound(0, 2**24, integer=True),
+}
+
+
 def _flag_problems(args: argparse.Namespace, sampling: SamplingConfig, world_size: int) -> list[str]:
+    in_range = flag_checks.config_problems(args, bounds=BOUNDS)
+    if in_range:  # the checks below assume sane numbers
+        return in_range
     problems = sampling.problems()
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -259,7 +275,7 @@ def run(plan: Plan) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = flag_checks.checked_parser(build_parser(), bounds=BOUNDS).parse_args(argv)
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 
     quiet_library_warnings()
