@@ -192,8 +192,8 @@ def config_problems(config: Any, *, bounds: Mapping[str, Bound] = BOUNDS) -> lis
 
 
 def without_repeats(first: list[str], rest: list[str]) -> list[str]:
-    """``first`` then the lines of ``rest`` about flags that ``first`` does not already name: range
-    problems come first, and a later check of the same flag would only say the same thing again."""
+    """``first`` then the lines of ``rest`` about flags that ``first`` does not already name: where a
+    command's own checks already explain a flag, a range line about it would only say it again."""
     named = {line.split(" ", 1)[0].rstrip(":") for line in first}
     return first + [line for line in rest if line.split(" ", 1)[0].rstrip(":") not in named]
 

@@ -101,9 +101,6 @@ BOUNDS = {
 
 
 def _flag_problems(args: argparse.Namespace, sampling: SamplingConfig, world_size: int) -> list[str]:
-    in_range = flag_checks.config_problems(args, bounds=BOUNDS)
-    if in_range:  # the checks below assume sane numbers
-        return in_range
     problems = sampling.problems()
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -124,7 +121,8 @@ def _flag_problems(args: argparse.Namespace, sampling: SamplingConfig, world_siz
         problems.append(f"--output {args.output}: already exists; pass --overwrite to replace it")
     if not Path(args.load).exists():
         problems.append(f"--load {args.load}: no such checkpoint or model directory")
-    return problems
+    # Then what the checks above let through: non-finite, huge (a flag they named is not repeated).
+    return flag_checks.without_repeats(problems, flag_checks.config_problems(args, bounds=BOUNDS))
 
 
 def prepare(args: argparse.Namespace, *, world_size: int) -> Plan:

@@ -103,23 +103,21 @@ def _untokenizable(records: list[dict[str, str]], tokenizer_path: str) -> list[s
     return bad
 
 
-#: the allowed values of make-prompts' numeric flags (see megatron_tgdpo.flag_checks)
+#: the allowed values of make-prompts' numeric flags (see megatron_tgdpo.flag_checks); the difficulty
+#: flags (--num-digits, --min-length, --max-length) are checked by their task, which knows its limits
 MAKE_BOUNDS = {
     "--num": flag_checks.Bound(1, 10**8, integer=True),
     "--seed": flag_checks.BOUNDS["--seed"],
     "--split-seed": flag_checks.BOUNDS["--seed"],
-    "--num-digits": flag_checks.Bound(1, 10**3, integer=True),
-    "--min-length": flag_checks.Bound(1, 10**4, integer=True),
-    "--max-length": flag_checks.Bound(1, 10**4, integer=True),
     "--heldout-fraction": flag_checks.Bound(0.0, 1.0),
 }
 
 
 def _make_prompts(args: argparse.Namespace) -> int:
+    task = _task_from_args(args)
     in_range = flag_checks.config_problems(args, bounds=MAKE_BOUNDS)
     if in_range:
         raise _UsageError("; ".join(in_range))
-    task = _task_from_args(args)
     records = make_prompts(task, num=args.num, seed=args.seed, split=args.split,
                            heldout_fraction=args.heldout_fraction, split_seed=args.split_seed)
     if args.check_tokenizer:

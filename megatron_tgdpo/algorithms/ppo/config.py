@@ -129,7 +129,6 @@ def _model_dir_problems(ppo: PPOConfig) -> list[str]:
 
 def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
     """Every problem with the PPO flags (and the training flags as PPO reads them), before any compute."""
-    in_range = flag_checks.config_problems(ppo)  # first: the checks below assume sane numbers
     p = []
     if not ppo.prompts or not os.path.isfile(ppo.prompts):
         p.append(f"--prompts {ppo.prompts or '(missing)'}: no such file")
@@ -180,7 +179,8 @@ def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
             p.append(f"a rollout of --global-batch-size {cfg.global_batch_size} x --samples-per-prompt "
                      f"{ppo.samples_per_prompt} = {rows} sequences does not split into --ppo-mini-batches "
                      f"{ppo.ppo_mini_batches} x --micro-batch-size {cfg.micro_batch_size} (per data-parallel rank)")
-    return flag_checks.without_repeats(in_range, p + _model_dir_problems(ppo))
+    # Then what the checks above let through (non-finite, huge), for flags they do not name already.
+    return flag_checks.without_repeats(p + _model_dir_problems(ppo), flag_checks.config_problems(ppo))
 
 
 def layout_problems(ppo: PPOConfig, cfg: TrainConfig, *, dp: int) -> list[str]:
