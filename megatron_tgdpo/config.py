@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from megatron_tgdpo import flag_checks
 from megatron_tgdpo.losses import LOSS_TYPES as PREFERENCE_LOSS_TYPES
 from megatron_tgdpo.models.llama import PRESETS
 
@@ -208,13 +209,15 @@ def load_yaml(path: str) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    parser = build_parser()
+    parser = flag_checks.checked_parser(build_parser())
     args = vars(parser.parse_args(argv))
     values = load_yaml(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
     cfg = TrainConfig(**values)
     _coerce_types(cfg)
+    if flag_checks.config_problems(cfg):  # every number in range before anything else looks at it
+        raise ConfigError(flag_checks.config_problems(cfg))
     return cfg
 
 
@@ -226,10 +229,11 @@ def parse_tool_args(
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    tool_parser = flag_checks.checked_parser(tool_parser)
     if "-h" in argv or "--help" in argv:
         tool_parser.print_help()
         print(f"\ntraining flags ({applies} apply):\n")
-        build_parser().print_help()
+        flag_checks.checked_parser(build_parser()).print_help()
         raise SystemExit(0)
     tool_args, rest = tool_parser.parse_known_args(argv)
     return tool_args, parse_args(rest)

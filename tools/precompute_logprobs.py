@@ -249,7 +249,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_tgdpo.data.errors import DataFormatError
     from megatron_tgdpo.logprob_cache import LogprobCacheError
 
-    tool_args, cfg = parse(argv)
+    try:
+        tool_args, cfg = parse(argv)
+    except ConfigError as exc:  # a flag out of range or a bad --config: exit 2 like every configuration error
+        if distributed.launch_rank() == 0:
+            print(f"precompute_logprobs: {exc}", file=sys.stderr, flush=True)
+        return 2
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 
     quiet_library_warnings(verbose=cfg.verbose)

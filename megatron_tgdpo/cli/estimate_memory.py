@@ -18,7 +18,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_tgdpo.config import TrainConfig, parse_tool_args
+from megatron_tgdpo.config import ConfigError, TrainConfig, parse_tool_args
 from megatron_tgdpo.memory import GIB, estimate, format_table
 from megatron_tgdpo.models import llama
 
@@ -67,7 +67,11 @@ def describe(name: str, arch: llama.LlamaArch, cfg: TrainConfig, *, num_gpus: in
 
 
 def main(argv: Optional[Sequence[str]] = None, *, prog: str = "megatron-tgdpo estimate-memory") -> int:
-    args, cfg = parse(argv, prog=prog)
+    try:
+        args, cfg = parse(argv, prog=prog)
+    except ConfigError as exc:  # a flag out of range or a bad --config: exit 2 like every configuration error
+        print(f"estimate-memory: {exc}", file=sys.stderr)
+        return 2
     try:
         name, arch = model_of(args, cfg)
         est = estimate(

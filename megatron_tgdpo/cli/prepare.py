@@ -21,8 +21,20 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megatron_tgdpo import flag_checks
 from megatron_tgdpo.data.errors import BadRecordsError, TokenizerError
 from megatron_tgdpo.data.prepare import PrepareConfig, prepare_preference_data
+from megatron_tgdpo.data.records import MAX_RECORD_BYTES
+
+#: the allowed values of this command's numeric flags (see megatron_tgdpo.flag_checks)
+BOUNDS = {
+    "--max-seq-length": flag_checks.Bound(2, 2**22, integer=True),
+    "--min-response-tokens": flag_checks.Bound(1, 2**22, integer=True),
+    "--min-prompt-tokens": flag_checks.Bound(1, 2**22, integer=True),
+    "--max-errors-shown": flag_checks.Bound(0, 10**6, integer=True),
+    "--workers": flag_checks.Bound(1, 1024, integer=True),
+    "--max-record-bytes": flag_checks.Bound(1, 2**31, integer=True),
+}
 
 
 def build_parser(*, prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -54,6 +66,9 @@ def build_parser(*, prog: Optional[str] = None) -> argparse.ArgumentParser:
     bad = parser.add_argument_group("bad records")
     bad.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     bad.add_argument("--max-errors-shown", type=int, default=20)
+    bad.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES, metavar="BYTES",
+                     help="a longer line is a bad record (record_too_large, with its line number) and is never read "
+                          "whole: parsing and tokenizing a record takes about 70x its size in memory")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     run.add_argument("--quiet", action="store_true", help="print only errors")
@@ -61,13 +76,19 @@ def build_parser(*, prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) -> int:
-    args = build_parser(prog=prog).parse_args(argv)
+    args = flag_checks.checked_parser(build_parser(prog=prog), bounds=BOUNDS).parse_args(argv)
+    problems = flag_checks.config_problems(args, bounds=BOUNDS)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     config = PrepareConfig(
         inputs=tuple(args.input),
         output_prefix=args.output_prefix,
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
         response_suffix=args.response_suffix,
+        max_record_bytes=args.max_record_bytes,
         max_seq_length=args.max_seq_length,
         truncation=args.truncation,
         min_response_tokens=args.min_response_tokens,

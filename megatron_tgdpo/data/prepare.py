@@ -34,7 +34,7 @@ from megatron_tgdpo.data.manifest import (
     write_manifest,
 )
 from megatron_tgdpo.data.publish import StagedOutput
-from megatron_tgdpo.data.records import RECORD_KINDS, Problem
+from megatron_tgdpo.data.records import MAX_RECORD_BYTES, RECORD_KINDS, Problem, read_lines
 from megatron_tgdpo.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_content_hash
 from megatron_tgdpo.data.truncation import LengthPolicy
 
@@ -58,6 +58,7 @@ class PrepareConfig:
     max_errors_shown: int = 20
     workers: int = 1
     chunk_lines: int = 2000  # lines per task sent to a worker
+    max_record_bytes: int = MAX_RECORD_BYTES  # a longer line is a bad record (record_too_large), never read whole
     kind: Literal["preference", "sft"] = "preference"  # what the records are (and the manifest's "kind")
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest as "extra"
 
@@ -70,12 +71,12 @@ class PrepareConfig:
         )
 
 
-def _chunks(paths: Iterable[str], *, chunk_lines: int) -> Iterator[Chunk]:
+def _chunks(paths: Iterable[str], *, chunk_lines: int, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[Chunk]:
     for input_index, source in enumerate(paths):
         with open(source, "rb") as handle:
-            lines: list[bytes] = []
+            lines: list = []
             first = 1
-            for number, raw in enumerate(handle, start=1):
+            for number, raw in enumerate(read_lines(handle, max_bytes=max_record_bytes), start=1):
                 lines.append(raw)
                 if len(lines) == chunk_lines:
                     yield Chunk(input_index, source, first, lines)
@@ -85,7 +86,7 @@ def _chunks(paths: Iterable[str], *, chunk_lines: int) -> Iterator[Chunk]:
 
 
 def _ordered_results(config: PrepareConfig, policy: LengthPolicy, tokenizer: Tokenizer) -> Iterator[ChunkResult]:
-    tasks = _chunks(config.inputs, chunk_lines=config.chunk_lines)
+    tasks = _chunks(config.inputs, chunk_lines=config.chunk_lines, max_record_bytes=config.max_record_bytes)
     if config.workers <= 1:
         use_tokenizer(tokenizer, policy, kind=config.kind)
         yield from map(process_chunk, tasks)

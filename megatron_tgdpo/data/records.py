@@ -39,10 +39,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "MAX_RECORD_BYTES",
+    "OversizeLine",
     "PROBLEM_CODES",
     "ROLES",
     "InvalidField",
@@ -55,6 +57,7 @@ __all__ = [
     "parse_record",
     "parse_sft_record",
     "printable",
+    "read_lines",
 ]
 
 # What a prepared data set holds (its manifest's "kind"): pairs, or one response per prompt.
@@ -66,6 +69,16 @@ ROLES = ("system", "user", "assistant")
 # room for metadata under ignored keys, and being far below Python's recursion limit it makes the
 # verdict the same in every process (the parser's own RecursionError depends on the caller's stack).
 MAX_JSON_DEPTH = 100
+
+# Longest JSONL line (bytes, without its newline) data preparation accepts; a longer one is refused as
+# ``record_too_large`` with its line number and never held in memory whole (:func:`read_lines`). Parsing
+# and tokenizing a record takes about 70 times its size at the peak (a 50 MB line: over 3 GB), so the
+# limit bounds the memory of preparation; 8 MiB is some two million tokens of text, far beyond any
+# sequence length a record is cut to. ``tools/prepare_data.py --max-record-bytes`` changes it.
+MAX_RECORD_BYTES = 8 * 2**20
+
+# What :func:`read_lines` reads past at a time while skipping a line over the limit.
+_SKIP_BLOCK = 2**20
 
 # Every reason code a bad record can be counted under in the manifest, with what it means.
 PROBLEM_CODES: dict[str, str] = {
@@ -92,6 +105,7 @@ PROBLEM_CODES: dict[str, str] = {
     "template_mismatch": "the rendered prompt is not a prefix of the rendered conversation",
     "tokenizer_error": "the tokenizer raised an error on the rendered text of the record",
     "wrong_format": "the record is of the other format (preference pair vs SFT response): check --format",
+    "record_too_large": "the line is longer than the record-size limit (--max-record-bytes)",
 }
 
 # Characters that would make a report line unreadable or unwritable (newlines split it, surrogates
@@ -152,6 +166,42 @@ class InvalidField(Exception):
     def __init__(self, field: str, reason: str, code: str, hint: str = "") -> None:
         super().__init__(reason)
         self.field, self.reason, self.code, self.hint = field, reason, code, hint
+
+
+@dataclass(frozen=True, slots=True)
+class OversizeLine:
+    """Stands in for a line longer than the record-size limit (its bytes were skipped, never kept)."""
+
+    size: int  # bytes of the line, its newline excluded
+    limit: int
+
+    def problem(self) -> InvalidField:
+        return InvalidField("<record>", f"record of {_mib(self.size)} exceeds the limit of {_mib(self.limit)}",
+                            "record_too_large", "--max-record-bytes raises the limit")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
+
+
+def read_lines(handle: BinaryIO, *, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[bytes | OversizeLine]:
+    """The lines of a binary file (newline included, as iterating the file gives them), except that a line
+    longer than ``max_bytes`` comes as an :class:`OversizeLine`: it is read past in 1 MiB blocks, so memory
+    stays about ``max_bytes`` whatever the input holds."""
+    while True:
+        line = handle.readline(max_bytes + 1)
+        if not line:
+            return
+        if line.endswith(b"\n") or len(line) <= max_bytes:
+            yield line
+            continue
+        size = len(line)
+        while True:
+            block = handle.readline(_SKIP_BLOCK)
+            size += len(block)
+            if not block or block.endswith(b"\n"):
+                break
+        yield OversizeLine(size - (1 if block.endswith(b"\n") else 0), max_bytes)
 
 
 def _json_type(value: Any) -> str:
@@ -364,8 +414,10 @@ def _shared_prefix(obj: dict) -> PreferenceRecord:
 _SFT_KEYS = frozenset(("response", "completion", "messages"))
 
 
-def _object(raw: bytes | str, *, line: int) -> dict | None:
+def _object(raw: bytes | str | OversizeLine, *, line: int) -> dict | None:
     """The JSON object of one line (``None`` for a blank line); InvalidField when it is not one."""
+    if isinstance(raw, OversizeLine):
+        raise raw.problem()
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8")
@@ -383,7 +435,7 @@ def _object(raw: bytes | str, *, line: int) -> dict | None:
     return obj
 
 
-def parse_record(raw: bytes | str, *, source: str, line: int) -> PreferenceRecord | Problem | None:
+def parse_record(raw: bytes | str | OversizeLine, *, source: str, line: int) -> PreferenceRecord | Problem | None:
     """Parse one JSONL line. Returns the record, the first :class:`Problem` found, or ``None`` for a blank line."""
     try:
         obj = _object(raw, line=line)
@@ -445,7 +497,7 @@ def _sft_with_prompt(obj: dict) -> SFTRecord:
     return SFTRecord(prompt, response)
 
 
-def parse_sft_record(raw: bytes | str, *, source: str, line: int) -> SFTRecord | Problem | None:
+def parse_sft_record(raw: bytes | str | OversizeLine, *, source: str, line: int) -> SFTRecord | Problem | None:
     """Parse one JSONL line of SFT data (forms in the module docstring). Returns the record, the first
     :class:`Problem` found, or ``None`` for a blank line. A preference pair is refused (``wrong_format``),
     not silently trained on its chosen side: prepare pairs as pairs, SFT trains on their chosen responses."""

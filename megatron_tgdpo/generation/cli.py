@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_tgdpo import distributed
+from megatron_tgdpo import distributed, flag_checks
 from megatron_tgdpo.generation.config import SamplingConfig
 
 
@@ -88,6 +88,19 @@ class Plan:
     eos_ids: list[int]
 
 
+#: the allowed values of this command's numeric flags: the trainer's where they mean the same, sampling's
+#: own (a temperature of 0 is greedy here)
+BOUNDS = {
+    **{flag: flag_checks.BOUNDS[flag] for flag in (
+        "--max-new-tokens", "--seed", "--micro-batch-size", "--tensor-model-parallel-size",
+        "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size", "--context-parallel-size")},
+    "--num-samples": flag_checks.Bound(1, 4096, integer=True),
+    "--temperature": flag_checks.Bound(0.0, 1e2),
+    "--top-p": flag_checks.Bound(0.0, 1.0, low_open=True),
+    "--top-k": flag_checks.Bound(0, 2**24, integer=True),
+}
+
+
 def _flag_problems(args: argparse.Namespace, sampling: SamplingConfig, world_size: int) -> list[str]:
     problems = sampling.problems()
     if args.max_new_tokens < 1:
@@ -109,7 +122,8 @@ def _flag_problems(args: argparse.Namespace, sampling: SamplingConfig, world_siz
         problems.append(f"--output {args.output}: already exists; pass --overwrite to replace it")
     if not Path(args.load).exists():
         problems.append(f"--load {args.load}: no such checkpoint or model directory")
-    return problems
+    # Then what the checks above let through: non-finite, huge (a flag they named is not repeated).
+    return flag_checks.without_repeats(problems, flag_checks.config_problems(args, bounds=BOUNDS))
 
 
 def prepare(args: argparse.Namespace, *, world_size: int) -> Plan:
@@ -262,7 +276,7 @@ def run(plan: Plan) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``megatron-tgdpo generate`` (and ``tools/generate.py``): the exit status (0 done, 2 usage error)."""
-    args = build_parser().parse_args(argv)
+    args = flag_checks.checked_parser(build_parser(), bounds=BOUNDS).parse_args(argv)
     from megatron_tgdpo import safe_pickle
     from megatron_tgdpo.runtime.console import quiet_library_warnings
 

@@ -17,8 +17,10 @@ import torch.distributed as dist
 from megatron_tgdpo import distributed
 from megatron_tgdpo.checkpointing import CheckpointError, CheckpointPart
 from megatron_tgdpo.config import ConfigError, TrainConfig, validate
+from megatron_tgdpo.convert import ConversionError
 from megatron_tgdpo.models import llama
 from megatron_tgdpo.models.sources import ModelSource, resolve_arch
+from megatron_tgdpo.runtime import path_checks
 
 __all__ = [
     "DataSpec",
@@ -64,6 +66,7 @@ def resolve_data(cfg: TrainConfig) -> DataSpec:
         from megatron_tgdpo.data.tokenizer import resolve_dataset_tokenizer
 
         train, evaluation = cfg.data_path, cfg.eval_data_path
+        named = f"--data-path {train}"  # which flag an unreadable data set or tokenizer came from
         try:
             train_manifest = PreferenceDataset(train).manifest  # opened now: a broken set fails before compute
             tok_path = resolve_dataset_tokenizer(train_manifest, override=cfg.tokenizer,
@@ -71,13 +74,14 @@ def resolve_data(cfg: TrainConfig) -> DataSpec:
             # A preference loss on an SFT set would train on empty rejected responses: refuse before compute.
             manifests = [("--data-path", train, train_manifest)]
             if evaluation:
+                named = f"--eval-data-path {evaluation}"
                 manifests.append(("--eval-data-path", evaluation, read_manifest(evaluation)))
             for flag, prefix, manifest in manifests:
                 problem = kind_problem(manifest, loss_type=cfg.loss_type, prefix=prefix, flag=flag)
                 if problem:
                     raise ConfigError(problem)
         except (TokenizerError, DataFormatError) as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{named}: {exc}") from None
     tokenizer = load_tokenizer(tok_path)
     return DataSpec(str(train), str(evaluation) if evaluation else None, str(tok_path), tokenizer.vocab_size,
                     tokenizer.pad_id, tokenizer.eos_id)
@@ -87,9 +91,13 @@ def _arch_sources(cfg: TrainConfig) -> list[ModelSource]:
     """Where the architecture can come from, in order: the reference, then ``--load`` (a model
     directory, or the checkpoint being resumed)."""
     sources = []
-    if cfg.ref_load is not None and os.path.exists(cfg.ref_load):  # a missing path: validate() says so
+
+    def usable(path: Optional[str], **kind) -> bool:  # missing: validate() says so; wrong kind: path_checks
+        return path is not None and os.path.exists(path) and not path_checks.model_dir_problem("", path, **kind)
+
+    if usable(cfg.ref_load):
         sources.append(ModelSource.of(cfg.ref_load, seed=cfg.seed))
-    if cfg.load is not None and os.path.exists(cfg.load):
+    if usable(cfg.load, checkpoint_root_ok=False):
         load = ModelSource.of(cfg.load, seed=cfg.seed)
         from megatron_tgdpo import checkpointing
 
@@ -102,7 +110,7 @@ def resolve_architecture(cfg: TrainConfig, *, tokenizer_vocab: Optional[int]) ->
     """(architecture, its name): what ``--ref-load`` / ``--load`` record, else the ``--model`` preset."""
     try:
         return resolve_arch(model=cfg.model, sources=_arch_sources(cfg), tokenizer_vocab=tokenizer_vocab)
-    except (CheckpointError, ValueError, OSError) as exc:
+    except (CheckpointError, ConversionError, ValueError, OSError) as exc:
         raise ConfigError(f"cannot determine the model architecture: {exc}") from None
 
 
@@ -127,6 +135,7 @@ def check_config(cfg: TrainConfig, arch: llama.LlamaArch, *, name: str) -> None:
     """Every configuration problem, before data or models are touched; raises ConfigError."""
     problems = validate(cfg, world_size=dist.get_world_size(), num_heads=arch.num_attention_heads,
                         num_query_groups=arch.num_query_groups, num_layers=arch.num_layers)
+    problems.extend(path_checks.config_problems(cfg))
     try:
         llama.check_layout(arch, layout_of(cfg))
     except ValueError as exc:

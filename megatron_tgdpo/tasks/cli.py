@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_tgdpo import flag_checks
 from megatron_tgdpo.tasks.base import Task
 from megatron_tgdpo.tasks.evaluate import format_head_to_head, format_table, head_to_head, summarize
 from megatron_tgdpo.tasks.jsonl import BadLinesError, write_jsonl_atomic
@@ -102,8 +103,21 @@ def _untokenizable(records: list[dict[str, str]], tokenizer_path: str) -> list[s
     return bad
 
 
+#: the allowed values of make-prompts' numeric flags (see megatron_tgdpo.flag_checks); the difficulty
+#: flags (--num-digits, --min-length, --max-length) are checked by their task, which knows its limits
+MAKE_BOUNDS = {
+    "--num": flag_checks.Bound(1, 10**8, integer=True),
+    "--seed": flag_checks.BOUNDS["--seed"],
+    "--split-seed": flag_checks.BOUNDS["--seed"],
+    "--heldout-fraction": flag_checks.Bound(0.0, 1.0),
+}
+
+
 def _make_prompts(args: argparse.Namespace) -> int:
     task = _task_from_args(args)
+    in_range = flag_checks.config_problems(args, bounds=MAKE_BOUNDS)
+    if in_range:
+        raise _UsageError("; ".join(in_range))
     records = make_prompts(task, num=args.num, seed=args.seed, split=args.split,
                            heldout_fraction=args.heldout_fraction, split_seed=args.split_seed)
     if args.check_tokenizer:

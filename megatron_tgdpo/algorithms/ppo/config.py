@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_tgdpo import flag_checks
 from megatron_tgdpo.config import TrainConfig
 
 __all__ = ["REWARDS", "PPOConfig", "build_parser", "problems"]
@@ -119,6 +120,13 @@ _NOT_FOR_PPO = {
 }
 
 
+def _model_dir_problems(ppo: PPOConfig) -> list[str]:
+    from megatron_tgdpo.runtime.path_checks import model_dir_problem
+
+    lines = [model_dir_problem(_flag(name), getattr(ppo, name)) for name in ("reward_model_load", "critic_load")]
+    return [line for line in lines if line]
+
+
 def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
     """Every problem with the PPO flags (and the training flags as PPO reads them), before any compute."""
     p = []
@@ -171,7 +179,8 @@ def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
             p.append(f"a rollout of --global-batch-size {cfg.global_batch_size} x --samples-per-prompt "
                      f"{ppo.samples_per_prompt} = {rows} sequences does not split into --ppo-mini-batches "
                      f"{ppo.ppo_mini_batches} x --micro-batch-size {cfg.micro_batch_size} (per data-parallel rank)")
-    return p
+    # Then what the checks above let through (non-finite, huge), for flags they do not name already.
+    return flag_checks.without_repeats(p + _model_dir_problems(ppo), flag_checks.config_problems(ppo))
 
 
 def layout_problems(ppo: PPOConfig, cfg: TrainConfig, *, dp: int) -> list[str]:
