@@ -9,7 +9,7 @@ still a dependency). Layers, low to high (``docs/architecture.md``)::
     3 sources      models/sources
     4 runtime      runtime/
     5 methods      logprob_cache, generation/, algorithms/, pipeline/
-    6 entry points train, demo, replicate, ppo; testing (the multi-rank harness preloads everything)
+    6 entry points train, demo, replicate, ppo, precompute; testing (the multi-rank harness preloads everything)
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ LAYERS = [
     ("models.sources",),
     ("runtime",),
     ("logprob_cache", "generation", "algorithms", "pipeline"),
-    ("train", "demo", "replicate", "ppo", "testing"),
+    ("train", "demo", "replicate", "ppo", "precompute", "testing"),
 ]
 
 
