@@ -375,9 +375,13 @@ def _coerce_types(values: Mapping[str, Any], known: Mapping[str, dataclasses.Fie
 
 
 def flag_values(cfg: TrainConfig) -> dict[str, Any]:
-    """Every core and preference setting by its flag name (``--alpha`` -> value), for checks by flag."""
+    """Every setting by its flag name (``--alpha`` -> value): the core ones and those of every section the
+    run holds, for checks keyed by flag."""
     out = {_flag(f.name): getattr(cfg, f.name) for f in core_fields()}
-    out.update({_flag(f.name): getattr(cfg.preference, f.name) for f in fields(PreferenceConfig)})
+    for f in fields(TrainConfig):
+        section = getattr(cfg, f.name)
+        if f.metadata.get("section") and dataclasses.is_dataclass(section):
+            out.update({_flag(g.name): getattr(section, g.name) for g in fields(section)})
     return out
 
 
@@ -446,7 +450,8 @@ def _path_problems(cfg: TrainConfig) -> list[str]:
 
 
 def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_groups: int, num_layers: int) -> list[str]:
-    """Every problem that can be found before any compute, each naming the flag(s) to change."""
+    """Every problem that can be found before any compute, each naming the flag(s) to change: the one
+    place parsed values are checked (``flag_values`` gives them by flag name, sections included)."""
     p = _number_problems(cfg)
     pref = cfg.preference
     if cfg.model not in PRESET_NAMES:

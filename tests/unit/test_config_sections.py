@@ -52,6 +52,8 @@ def test_ppo_reads_its_section_and_refuses_preference_flags_by_name(tmp_path):
 
     ppo, cfg = parse(_ppo_argv(tmp_path, "--kl-coef", "0.1", "--no-whiten-advantages"))
     assert cfg.ppo is ppo and ppo.kl_coef == 0.1 and ppo.whiten_advantages is False and cfg.loss_type == "ppo"
+    ppo, cfg = parse(_ppo_argv(tmp_path, "--config", _yaml(tmp_path, "lr: 0.001\nppo: {kl_coef: 0.2, ppo_epochs: 3}\n")))
+    assert (ppo.kl_coef, ppo.ppo_epochs, cfg.lr) == (0.2, 3, 0.001)
     with pytest.raises(ConfigError) as err:
         parse(_ppo_argv(tmp_path, "--alpha", "1", "--weight-clamp-max=2", "--logprob-cache", "c", "--loss-type", "dpo"))
     text = str(err.value)
