@@ -212,9 +212,10 @@ def build_parser(*, sections: Optional[Mapping[str, type]] = None, prog: str = "
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    groups = {section: parser.add_argument_group(f"{section} settings") for section in sections}
     for key, f in _option_fields(sections).items():
         section = key.partition(".")[0] if "." in key else None
-        target = parser if section is None else _group(parser, section)
+        target = parser if section is None else groups[section]
         typ = _field_type(f)
         text = f.metadata.get("help", " ")
         if section is not None:  # a section's defaults are its own: say them
@@ -231,14 +232,6 @@ def build_parser(*, sections: Optional[Mapping[str, type]] = None, prog: str = "
                 kwargs["choices"] = f.metadata["choices"]
             target.add_argument(_flag(f.name), type=typ, required=bool(f.metadata.get("required")), **kwargs)
     return parser
-
-
-def _group(parser: argparse.ArgumentParser, section: str):
-    title = f"{section} settings"
-    for group in parser._action_groups:  # noqa: SLF001 - argparse keeps its groups only here
-        if group.title == title:
-            return group
-    return parser.add_argument_group(title)
 
 
 def _foreign_names(sections: Mapping[str, type], *, refused: Mapping[str, str]) -> dict[str, str]:
