@@ -1,8 +1,12 @@
-"""Training configuration: one dataclass, a YAML file, Megatron-style flags that override it.
+"""Training configuration: a core dataclass plus one section per method, a YAML file, Megatron-style flags.
 
-Every field is a flag: ``tensor_model_parallel_size`` <-> ``--tensor-model-parallel-size``. A YAML file
-(``--config run.yaml``) may set the same names (with dashes or underscores); the command line wins.
-:func:`validate` checks everything that can be checked before any compute and names the flag to change;
+Every field is a flag: ``tensor_model_parallel_size`` <-> ``--tensor-model-parallel-size``, and a
+section's fields too (``PreferenceConfig.alpha`` <-> ``--alpha``): flags keep their Megatron names.
+:func:`build_parser` is the one builder from dataclasses to flags; a command passes the sections its
+method reads (``train``: ``preference``; ``ppo``: ``ppo``), and a flag of any other section is refused
+by name. A YAML file (``--config run.yaml``) may set the same names (with dashes or underscores), flat or
+under the section's name (``preference: {alpha: 0.5}``); the command line wins. :func:`validate` is the
+one place parsed values are checked before any compute, each problem naming the flag to change;
 :class:`ConfigError` carries those lines to the entry point, which prints them on rank 0 and exits 2.
 """
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -44,6 +48,24 @@ class ConfigError(SystemExit):
 
 
 @dataclass
+class PreferenceConfig:
+    """The ``preference`` section: what DPO / TGDPO / IPO / SimPO (and SFT's refusals) read."""
+
+    alpha: float = 0.5
+    label_smoothing: float = 0.0
+    weight_clamp_min: Optional[float] = None
+    weight_clamp_max: Optional[float] = None
+    simpo_gamma: float = 0.5
+    guidance_load: Optional[str] = field(default=None, metadata={"help": "guidance model for tgdpo"})
+    logprob_cache: Optional[str] = field(default=None, metadata={"help": "offline ref/guidance log-prob cache"})
+
+    def weight_clamp(self) -> Optional[tuple[Optional[float], Optional[float]]]:
+        if self.weight_clamp_min is None and self.weight_clamp_max is None:
+            return None
+        return (self.weight_clamp_min, self.weight_clamp_max)
+
+
+@dataclass
 class TrainConfig:
     # --- model --------------------------------------------------------------------------------
     model: str = field(default="tiny", metadata={"help": "preset: " + ", ".join(PRESET_NAMES)})
@@ -70,13 +92,8 @@ class TrainConfig:
                 "between them; attention and RoPE stay within each sequence)"})
     data_cache_dir: str = "runs/data"
     # --- loss ---------------------------------------------------------------------------------
-    loss_type: str = "tgdpo"
+    loss_type: str = field(default="tgdpo", metadata={"choices": LOSS_TYPES})
     beta: float = 0.1
-    alpha: float = 0.5
-    label_smoothing: float = 0.0
-    weight_clamp_min: Optional[float] = None
-    weight_clamp_max: Optional[float] = None
-    simpo_gamma: float = 0.5
     # --- optimisation -------------------------------------------------------------------------
     lr: float = 1e-5
     min_lr: float = 0.0
@@ -97,8 +114,6 @@ class TrainConfig:
         "help": "resume from this checkpoint root (newest intact iteration) or one iter_* directory; a model "
                 "directory (Hugging Face or converted) starts the policy from it"})
     ref_load: Optional[str] = field(default=None, metadata={"help": "reference (and initial policy); default: seeded init"})
-    guidance_load: Optional[str] = field(default=None, metadata={"help": "guidance model for tgdpo"})
-    logprob_cache: Optional[str] = field(default=None, metadata={"help": "offline ref/guidance log-prob cache"})
     # --- checkpoints --------------------------------------------------------------------------
     load_optim: bool = field(default=True, metadata={"help": "restore optimizer state on resume (--no-load-optim)"})
     load_rng: bool = field(default=True, metadata={"help": "restore RNG state on resume (--no-load-rng)"})
@@ -130,14 +145,31 @@ class TrainConfig:
     logits_chunk_size: Optional[int] = field(default=None, metadata={
         "help": "tokens per log-prob chunk; default: chunks whose fp32 work buffer is 128 MiB"})
 
-    # ------------------------------------------------------------------------------------------
-    def weight_clamp(self) -> Optional[tuple[Optional[float], Optional[float]]]:
-        if self.weight_clamp_min is None and self.weight_clamp_max is None:
-            return None
-        return (self.weight_clamp_min, self.weight_clamp_max)
+    # --- the chosen method's own settings (sections) ------------------------------------------
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={"section": True})
+    #: PPO's section (``algorithms.ppo.config.PPOConfig``) on a ``python -m megatron_tgdpo.ppo`` run
+    ppo: Optional[Any] = field(default=None, metadata={"section": True})
+
+    def __getattr__(self, name: str) -> Any:
+        # Flat names of the preference section keep reading as before (``cfg.alpha`` is
+        # ``cfg.preference.alpha``); only reached when ``name`` is not a core field.
+        if not name.startswith("__") and name in PREFERENCE_NAMES:
+            section = self.__dict__.get("preference")
+            if section is not None:
+                return getattr(section, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PREFERENCE_NAMES = frozenset(f.name for f in fields(PreferenceConfig)) | {"weight_clamp"}
+
+
+#: the sections ``python -m megatron_tgdpo.train`` reads (its --loss-type values are preference methods and SFT)
+TRAIN_SECTIONS: dict[str, type] = {"preference": PreferenceConfig}
+#: what each section is for, in messages refusing its flags elsewhere
+SECTION_USES = {"preference": "preference training: python -m megatron_tgdpo.train --loss-type dpo/tgdpo/ipo/simpo"}
 
 
 def _flag(name: str) -> str:
@@ -161,30 +193,81 @@ def _field_type(f: dataclasses.Field) -> type:
     return str
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron-tgdpo-train",
-        description="DPO / TGDPO / SFT training on megatron-core (launch with torchrun or srun).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def core_fields() -> list[dataclasses.Field]:
+    """TrainConfig's own settings (every method's), without the sections."""
+    return [f for f in fields(TrainConfig) if not f.metadata.get("section")]
+
+
+def _option_fields(sections: Mapping[str, type]) -> dict[str, dataclasses.Field]:
+    """Every option of a command by its key: ``name`` for core settings, ``section.name`` for a section's."""
+    out = {f.name: f for f in core_fields()}
+    for section, cls in sections.items():
+        out.update({f"{section}.{f.name}": f for f in fields(cls)})
+    return out
+
+
+def build_parser(*, sections: Optional[Mapping[str, type]] = None, prog: str = "megatron-tgdpo-train",
+                 description: str = "DPO / TGDPO / SFT training on megatron-core (launch with torchrun or srun).",
+                 ) -> argparse.ArgumentParser:
+    """The flags of the core settings and of ``sections`` (default: the training command's), one per field.
+
+    Defaults stay unset (``argparse.SUPPRESS``) so that a flag overrides the YAML file only when given."""
+    sections = TRAIN_SECTIONS if sections is None else sections
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    for f in fields(TrainConfig):
+    groups = {section: parser.add_argument_group(f"{section} settings") for section in sections}
+    for key, f in _option_fields(sections).items():
+        section = key.partition(".")[0] if "." in key else None
+        target = parser if section is None else groups[section]
         typ = _field_type(f)
-        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", " "))
+        text = f.metadata.get("help", " ")
+        if section is not None:  # a section's defaults are its own: say them
+            text = f"{text} (default: {f.default})" if text.strip() else f"default: {f.default}"
+        kwargs: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=text, metavar=f.name.upper())
         if typ is bool:
             # --sequence-parallel, --sequence-parallel true/false, --no-sequence-parallel
-            kwargs.update(nargs="?", const=True, type=_parse_bool)
-            parser.add_argument(_flag(f.name), **kwargs)
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+            target.add_argument(_flag(f.name), **kwargs)
+            target.add_argument("--no-" + f.name.replace("_", "-"), dest=key, action="store_false",
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
-            if f.name == "loss_type":
-                kwargs["choices"] = LOSS_TYPES
-            parser.add_argument(_flag(f.name), type=typ, **kwargs)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            target.add_argument(_flag(f.name), type=typ, required=bool(f.metadata.get("required")), **kwargs)
     return parser
 
 
-def load_yaml(path: str) -> dict:
+def _foreign_names(sections: Mapping[str, type], *, refused: Mapping[str, str]) -> dict[str, str]:
+    """Option name -> why it does not apply, for the sections this command does not read."""
+    out = {}
+    for section, cls in TRAIN_SECTIONS.items():
+        if section not in sections:
+            out.update({f.name: f"a setting of {SECTION_USES[section]}" for f in fields(cls)})
+    out.update(refused)
+    return out
+
+
+def _foreign_flag_problems(argv: Sequence[str], foreign: Mapping[str, str], *, method: str) -> list[str]:
+    problems = []
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in foreign and name.startswith("no_") and name[3:] in foreign:
+            name = name[3:]
+        if name in foreign:
+            problems.append(f"{_flag(name)} does not apply to {method} ({foreign[name]})")
+    return problems
+
+
+def load_yaml(path: str, *, sections: Optional[Mapping[str, type]] = None, method: str = "this command",
+              refused: Mapping[str, str] = {}) -> dict:
+    """The options a YAML file sets, by key (``name``, or ``section.name`` for a section's settings).
+
+    A section's settings may be given flat (``alpha: 0.5``) or under the section (``preference:
+    {alpha: 0.5}``)."""
+    sections = TRAIN_SECTIONS if sections is None else sections
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh) or {}
@@ -196,26 +279,60 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    known = {f.name: f for f in fields(TrainConfig)}
-    out, unknown = {}, []
+    known = _option_fields(sections)
+    flat = {key.rpartition(".")[2]: key for key in known}
+    foreign = _foreign_names(sections, refused=refused)
+    out, problems = {}, []
+
+    def put(key: Any, value: Any, *, section: Optional[str]) -> None:
+        name = str(key).lstrip("-").replace("-", "_")
+        full = f"{section}.{name}" if section else flat.get(name, name)
+        if name in foreign and section is None:
+            problems.append(f"--config {path}: {key!r} does not apply to {method} ({foreign[name]})")
+        elif full in known:
+            out[full] = value
+        else:
+            problems.append(f"--config {path}: unknown option {key!r}{f' in {section}' if section else ''}; see "
+                            "--help for the names")
+
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
-        if name not in known:
-            unknown.append(f"--config {path}: unknown option {key!r}; see --help for the names")
-        out[name] = value
-    if unknown:
-        raise ConfigError(unknown if len(unknown) > 1 else unknown[0])
+        if name in sections and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                put(inner, inner_value, section=name)
+        elif name in TRAIN_SECTIONS and name not in sections:
+            problems.append(f"--config {path}: the {name!r} section does not apply to {method} (it holds the "
+                            f"settings of {SECTION_USES[name]})")
+        else:
+            put(key, value, section=None)
+    if problems:
+        raise ConfigError(problems if len(problems) > 1 else problems[0])
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    parser = flag_checks.checked_parser(build_parser())
+def parse_args(argv: Optional[Sequence[str]] = None, *, sections: Optional[Mapping[str, type]] = None,
+               method: str = "this command", refused: Mapping[str, str] = {}, **parser_args: str) -> TrainConfig:
+    """The configuration from ``argv`` (and ``--config``): core settings plus ``sections`` (default: the
+    training command's). A flag of a section this command does not read, or named in ``refused``
+    (option name -> why), is refused by name."""
+    import sys
+
+    sections = TRAIN_SECTIONS if sections is None else sections
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = flag_checks.checked_parser(build_parser(sections=sections, **parser_args))
+    if "-h" not in argv and "--help" not in argv:
+        foreign = _foreign_flag_problems(argv, _foreign_names(sections, refused=refused), method=method)
+        if foreign:
+            raise ConfigError(foreign)
     args = vars(parser.parse_args(argv))
-    values = load_yaml(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
+    config_path = args.pop("config", None)
+    values = load_yaml(config_path, sections=sections, method=method, refused=refused) if config_path else {}
     values.update(args)
-    cfg = TrainConfig(**values)
-    _coerce_types(cfg)
+    values = _coerce_types(values, _option_fields(sections))
+    core = {k: v for k, v in values.items() if "." not in k}
+    parts = {name: cls(**{k.partition(".")[2]: v for k, v in values.items() if k.startswith(name + ".")})
+             for name, cls in sections.items()}
+    cfg = TrainConfig(**core, **parts)
     if flag_checks.config_problems(cfg):  # every number in range before anything else looks at it
         raise ConfigError(flag_checks.config_problems(cfg))
     return cfg
@@ -239,22 +356,34 @@ def parse_tool_args(
     return tool_args, parse_args(rest)
 
 
-def _coerce_types(cfg: TrainConfig) -> None:
+def _coerce_types(values: Mapping[str, Any], known: Mapping[str, dataclasses.Field]) -> dict[str, Any]:
     """YAML may give ints for floats etc.; normalise so equality and arithmetic behave."""
-    problems = []
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
+    out, problems = dict(values), []
+    for key, value in values.items():
+        f = known[key]
         typ = _field_type(f)
         if value is None or typ is str:
             continue
         try:
             if typ is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            setattr(cfg, f.name, _parse_bool(value) if typ is bool else typ(value))
+            out[key] = _parse_bool(value) if typ is bool else typ(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             problems.append(f"{_flag(f.name)}: expected {typ.__name__}, got {value!r}")
     if problems:
         raise ConfigError(problems)
+    return out
+
+
+def flag_values(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting by its flag name (``--alpha`` -> value): the core ones and those of every section the
+    run holds, for checks keyed by flag."""
+    out = {_flag(f.name): getattr(cfg, f.name) for f in core_fields()}
+    for f in fields(TrainConfig):
+        section = getattr(cfg, f.name)
+        if f.metadata.get("section") and dataclasses.is_dataclass(section):
+            out.update({_flag(g.name): getattr(section, g.name) for g in fields(section)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,10 +404,9 @@ _POSITIVE = ("lr", "beta", "train_epochs", "exit_duration_in_mins")
 
 def _number_problems(cfg: TrainConfig) -> list[str]:
     p = []
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
+    for flag, value in flag_values(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
-            p.append(f"{_flag(f.name)} {value} is not a finite number")
+            p.append(f"{flag} {value} is not a finite number")
     bad = {line.split()[0] for line in p}
     for name, low in _AT_LEAST:
         value = getattr(cfg, name)
@@ -302,7 +430,7 @@ def _number_problems(cfg: TrainConfig) -> list[str]:
 def _path_problems(cfg: TrainConfig) -> list[str]:
     p = []
     for name in ("ref_load", "guidance_load", "data_path", "eval_data_path", "logprob_cache", "tokenizer"):
-        path = getattr(cfg, name)
+        path = getattr(cfg.preference if name in PREFERENCE_NAMES else cfg, name)
         if path is None:
             continue
         probe = path + ".idx" if name in ("data_path", "eval_data_path") else path
@@ -323,8 +451,10 @@ def _path_problems(cfg: TrainConfig) -> list[str]:
 
 
 def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_groups: int, num_layers: int) -> list[str]:
-    """Every problem that can be found before any compute, each naming the flag(s) to change."""
+    """Every problem that can be found before any compute, each naming the flag(s) to change: the one
+    place parsed values are checked (``flag_values`` gives them by flag name, sections included)."""
     p = _number_problems(cfg)
+    pref = cfg.preference
     if cfg.model not in PRESET_NAMES:
         close = [n for n in PRESET_NAMES if n.split("-")[0] in cfg.model or cfg.model in n]
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -377,26 +507,26 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
         p.append("set --train-iters or --train-epochs")
     if cfg.train_iters is not None and cfg.train_epochs is not None:
         p.append("set only one of --train-iters and --train-epochs")
-    if cfg.loss_type == "tgdpo" and cfg.guidance_load is None and cfg.logprob_cache is None and cfg.alpha != 0:
+    if cfg.loss_type == "tgdpo" and pref.guidance_load is None and pref.logprob_cache is None and pref.alpha != 0:
         p.append("--loss-type tgdpo needs --guidance-load (a DPO-trained checkpoint) or --logprob-cache; "
                  "or use --loss-type dpo")
-    if cfg.loss_type in ("simpo", "sft") and cfg.logprob_cache is not None:
+    if cfg.loss_type in ("simpo", "sft") and pref.logprob_cache is not None:
         p.append(f"--logprob-cache does not apply to --loss-type {cfg.loss_type} (it uses no reference model)")
-    if cfg.loss_type == "sft" and cfg.guidance_load is not None:
+    if cfg.loss_type == "sft" and pref.guidance_load is not None:
         p.append("--guidance-load does not apply to --loss-type sft")
     p.extend(_path_problems(cfg))
     if not 0.0 <= cfg.lr_warmup_fraction <= 1.0:
         p.append("--lr-warmup-fraction must be in [0, 1]")
     if cfg.min_lr > cfg.lr:
         p.append(f"--min-lr {cfg.min_lr} exceeds --lr {cfg.lr}")
-    clamp = cfg.weight_clamp()
+    clamp = pref.weight_clamp()
     if clamp is not None and cfg.loss_type != "tgdpo":
         p.append("--weight-clamp-min/--weight-clamp-max apply to TGDPO token weights; drop them or use --loss-type tgdpo")
     if clamp is not None and None not in clamp and clamp[0] > clamp[1]:
         p.append(f"--weight-clamp-min {clamp[0]} is above --weight-clamp-max {clamp[1]}")
-    if cfg.label_smoothing and cfg.loss_type in ("ipo", "sft"):
+    if pref.label_smoothing and cfg.loss_type in ("ipo", "sft"):
         p.append(f"--label-smoothing does not apply to --loss-type {cfg.loss_type}")
-    if not 0.0 <= cfg.label_smoothing <= 0.5:
+    if not 0.0 <= pref.label_smoothing <= 0.5:
         p.append("--label-smoothing must be in [0, 0.5]")
     if cfg.fp8_format is not None and cfg.fp8_format not in ("hybrid", "e4m3"):
         p.append("--fp8-format must be hybrid or e4m3")

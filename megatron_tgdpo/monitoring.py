@@ -358,6 +358,18 @@ class MetricsLogger:
             except OSError:
                 self.jsonl = None
 
+    def append_jsonl(self, name: str, row: dict) -> None:
+        """One JSON line appended to ``<log-dir>/<name>`` (the enabled rank, when there is a log directory);
+        a failure (full disk) is a logging failure: warned once, never raised."""
+        if not (self.enabled and self.log_dir):
+            return
+        path = os.path.join(self.log_dir, name)
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except (OSError, ValueError) as exc:
+            self._warn_once(path, exc)
+
     def write_json(self, name: str, value: Any) -> None:
         """``<log-dir>/<name>`` (the enabled rank, when there is a log directory), replaced atomically; a
         failure (full disk) is a logging failure: warned once, never raised."""

@@ -2,7 +2,8 @@
 
 Launch with ``torchrun --nproc-per-node N -m megatron_tgdpo.train ...`` or ``srun python -m
 megatron_tgdpo.train ...``. This module is the entry point: it parses the flags, picks the algorithm
-for ``--loss-type`` and hands both to the shared runtime loop (``megatron_tgdpo.runtime.loop``).
+for ``--loss-type`` and hands both to the shared runtime loop (``megatron_tgdpo.runtime.loop``), which
+schedules a ``runtime.trainer.Trainer``.
 
 Exit codes: 0 finished; 2 configuration error (nothing was run); 75 stopped on SIGTERM/SIGUSR1 or the
 time budget after saving, or before the first step with nothing new to save (requeue; ``<save>/REQUEUE``
@@ -33,11 +34,12 @@ def run(cfg: TrainConfig) -> int:
     return loop.run(cfg, algorithm_for(cfg.loss_type))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv`` (default: the command line), train, and return the exit code."""
     from megatron_tgdpo.runtime.entry import launch
 
-    sys.exit(launch(lambda: parse_args(argv), run, verbose=lambda cfg: cfg.verbose))
+    return launch(lambda: parse_args(argv), run, verbose=lambda cfg: cfg.verbose)
 
 
 if __name__ == "__main__":  # megatron's checkpoint code spawns processes that re-import __main__
-    main()
+    sys.exit(main())

@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -232,10 +231,11 @@ def plan_variants(compare: Sequence[str], base_loss: str = "tgdpo") -> list[Vari
 def variant_config(cfg: TrainConfig, variant: Variant, *, data_path: str, guidance: str, cache: Optional[str],
                    iterations: int) -> TrainConfig:
     tgdpo = variant.loss_type == "tgdpo"
+    preference = dataclasses.replace(cfg.preference, logprob_cache=cache if variant.cached else None,
+                                     guidance_load=guidance if tgdpo else None)
     return dataclasses.replace(
         cfg, loss_type=variant.loss_type, pack_sequences=variant.packed, fused_logprobs=variant.fused,
-        logprob_cache=cache if variant.cached else None, guidance_load=guidance if tgdpo else None,
-        data_path=data_path, eval_data_path=None, eval_iters=0, eval_interval=None, train_iters=iterations,
+        preference=preference, data_path=data_path, eval_data_path=None, eval_iters=0, eval_interval=None, train_iters=iterations,
         train_epochs=None, load=None, save=None, save_interval=None, keep_last=None, log_dir=None,
         tensorboard=False, wandb_project=None, exit_duration_in_mins=None,
     )
@@ -450,27 +450,20 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
     from megatron_tgdpo.data import PreferenceDataset
     from megatron_tgdpo.distributed import current_device
     from megatron_tgdpo.memory import estimate
-    from megatron_tgdpo.monitoring import FlopModel, attention_span
-    from megatron_tgdpo.runtime import setup
-    from megatron_tgdpo.runtime.algorithm import RunContext
+    from megatron_tgdpo.monitoring import FlopModel
+    from megatron_tgdpo.runtime.trainer import Trainer
 
     if threads:
         torch.set_num_threads(threads)
     device = current_device()
     meter = Meter(device)
     meter.begin_variant()
-    arch, name = setup.declared_architecture(cfg)
-    setup.check_config(cfg, arch, name=name)
-    data = setup.resolve_data(cfg)
-    arch, arch_name = setup.resolve_architecture(cfg, tokenizer_vocab=data.vocab_size)
-    setup.init_parallel(cfg)
-    setup.seed_everything(cfg.seed)
-    built = time.perf_counter()
-    algorithm = PreferenceAlgorithm(RunContext(cfg=cfg, arch=arch, arch_name=arch_name, data=data,
-                                               train_iters=warmup + steps))
-    algorithm.build()
+    Trainer.check(cfg)
+    trainer = Trainer(cfg, PreferenceAlgorithm)
+    built = time.perf_counter()  # the set-up before the build (data, parallel groups) is counted too
+    algorithm = trainer.setup(iterations=warmup + steps)
     build_s = time.perf_counter() - built
-    source = algorithm.batch_source(data.train_prefix, consumed_samples=0, shuffle=True)
+    data, arch, arch_name = trainer.run.data, trainer.run.arch, trainer.run.arch_name
     lengths = PreferenceDataset(data.train_prefix).lengths
     flops = FlopModel(arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
                       arch.num_query_groups, arch.vocab_size)
@@ -484,8 +477,8 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
         _sync(device)
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
-        batches = source.next_global_batch()
-        result = algorithm.train_step(batches)
+        result = trainer.step()
+        batches = trainer.batches
         reduced = result.metrics.reduce(means=algorithm.means, maxima=algorithm.maxima)
         _sync(device)
         dist.barrier()
@@ -501,13 +494,13 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
             for sample in batch["sample_idx"].tolist():
                 p, c, r = (int(x) for x in lengths[sample])
                 useful += sum(n * flops.forward_flops_per_token(n) for n in (p + c, p + r))
-        computed = sum(b.num_tokens for b in batches)
+        computed = result.tokens
         records.append({
-            "elapsed_s": elapsed, "cpu_s": cpu, "computed_tokens": computed, "real_tokens": sum(b.real_tokens for b in batches),
+            "elapsed_s": elapsed, "cpu_s": cpu, "computed_tokens": computed, "real_tokens": result.real_tokens,
             "micro_batches": len(batches), "longest_row": max(b.shape[1] for b in batches),
             "max_tokens_per_micro_batch": max(b.num_tokens for b in batches), "sequence_padding": seq_pad,
             "row_padding": row_pad, "updated": bool(result.updated),
-            "loop_flops": flops.step_flops(tokens=computed, seq_length=attention_span(batches),
+            "loop_flops": flops.step_flops(tokens=computed, seq_length=result.attention_span,
                                            frozen_models=passes - 3.0),
             "useful_flops": useful * passes,
         })
@@ -533,7 +526,7 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
         "build_s": build_s, "steps": records, "losses": losses, "memory": memory, "estimates": estimates,
         "te": compat.te_available(),
     }
-    del algorithm, source
+    del algorithm, trainer
     release_free_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -608,23 +601,14 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
 # --------------------------------------------------------------------------------------------
 
 
-def _precompute_module():
-    name = "bench_step_precompute_logprobs"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("precompute_logprobs.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_cache(cfg: TrainConfig, output: str) -> dict:
-    """Every rank: the reference + guidance log-probs of the whole benchmark set (tools/precompute_logprobs)."""
+    """Every rank: the reference + guidance log-probs of the whole benchmark set (``megatron_tgdpo.precompute``)."""
     import torch.distributed as dist
 
+    from megatron_tgdpo import precompute
+
     start = time.perf_counter()
-    summary = _precompute_module().run(cfg, output=output, overwrite=True)
+    summary = precompute.run(cfg, output=output, overwrite=True)
     dist.barrier()
     return {"seconds": time.perf_counter() - start, "pairs": summary["num_samples"], "roles": summary["roles"]}
 

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_tgdpo.checkpointing import POLICY, CheckpointPart
+from megatron_tgdpo.config import PreferenceConfig
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.losses import preference_loss_sums
 from megatron_tgdpo.models.sources import ModelSource
@@ -31,30 +32,35 @@ TGDPO_METRICS = ("weights/chosen_mean", "weights/rejected_mean", "weights/negati
 
 class PreferenceAlgorithm(Algorithm):
     name = "preference"
+    config_section = ("preference", PreferenceConfig)
+    heldout_summary = (("loss", "loss", "+.4f"), ("rewards/chosen", "chosen", "+.4f"),
+                       ("rewards/rejected", "rejected", "+.4f"), ("rewards/accuracy", "reward accuracy", ".3f"),
+                       ("rewards/margin", "margin", "+.4f"))
+    no_evaluation = "it needs the reference model, which this run does not build"
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        cfg = self.cfg
+        cfg, pref = self.cfg, self.section
         self.cache = None
         self.frozen: dict[str, list] = {}
         self.policy: Optional[CheckpointPart] = None
         self.uses_reference = cfg.loss_type != "simpo"
-        self.guided = cfg.loss_type == "tgdpo" and cfg.alpha != 0 and (
-            cfg.guidance_load is not None or cfg.logprob_cache is not None)
+        self.guided = cfg.loss_type == "tgdpo" and pref.alpha != 0 and (
+            pref.guidance_load is not None or pref.logprob_cache is not None)
         means = BASE_METRICS + (TGDPO_METRICS if self.guided else ())
-        if self.guided and cfg.weight_clamp() is not None:
+        if self.guided and pref.weight_clamp() is not None:
             means += ("weights/clamped_fraction",)
         self.means = means
         self.maxima = ("logratio/abs_max",) if self.uses_reference else ()
         self.eval_means = BASE_METRICS
         self.logprobs = LogprobSettings.of(cfg)
-        frozen = 0 if cfg.logprob_cache else int(self.uses_reference) + int(self.guided)
+        frozen = 0 if pref.logprob_cache else int(self.uses_reference) + int(self.guided)
         self.passes_per_token = 3.0 + frozen
 
     # ---- models -------------------------------------------------------------------------------
     def build(self) -> None:
-        cfg, arch = self.cfg, self.ctx.arch
-        online = cfg.logprob_cache is None
+        cfg, pref, arch = self.cfg, self.section, self.ctx.arch
+        online = pref.logprob_cache is None
         if self.uses_reference and online:
             self.frozen["reference"] = setup.build_frozen(arch, cfg, ModelSource.of(cfg.ref_load, seed=cfg.seed))
         policy = setup.build_chunks(arch, cfg)
@@ -66,13 +72,13 @@ class PreferenceAlgorithm(Algorithm):
         else:
             start.load_into(policy)
         if self.guided and online:
-            self.frozen["guidance"] = setup.build_frozen(arch, cfg, ModelSource.of(cfg.guidance_load, seed=cfg.seed))
+            self.frozen["guidance"] = setup.build_frozen(arch, cfg, ModelSource.of(pref.guidance_load, seed=cfg.seed))
         if not online:
             from megatron_tgdpo.logprob_cache import LogprobCache
 
             self.cache = LogprobCache(
-                cfg.logprob_cache, dataset_prefix=self.ctx.data.train_prefix, ref_load=cfg.ref_load,
-                guidance_load=cfg.guidance_load, seed=cfg.seed, need_guidance=self.guided, model=cfg.model,
+                pref.logprob_cache, dataset_prefix=self.ctx.data.train_prefix, ref_load=cfg.ref_load,
+                guidance_load=pref.guidance_load, seed=cfg.seed, need_guidance=self.guided, model=cfg.model,
             )
         self.policy = setup.wrap_trained(cfg, policy, train_iters=self.ctx.train_iters)
 
@@ -92,14 +98,14 @@ class PreferenceAlgorithm(Algorithm):
         return {role: score_logps(chunks, batches, logprobs=self.logprobs) for role, chunks in self.frozen.items()}
 
     def _loss_options(self) -> dict:
-        cfg = self.cfg
-        options = dict(beta=cfg.beta, alpha=cfg.alpha, loss_type=cfg.loss_type)
-        if cfg.label_smoothing:
-            options["label_smoothing"] = cfg.label_smoothing
-        if cfg.weight_clamp() is not None:
-            options["weight_clamp"] = cfg.weight_clamp()
+        cfg, pref = self.cfg, self.section
+        options = dict(beta=cfg.beta, alpha=pref.alpha, loss_type=cfg.loss_type)
+        if pref.label_smoothing:
+            options["label_smoothing"] = pref.label_smoothing
+        if pref.weight_clamp() is not None:
+            options["weight_clamp"] = pref.weight_clamp()
         if cfg.loss_type == "simpo":
-            options["simpo_gamma"] = cfg.simpo_gamma
+            options["simpo_gamma"] = pref.simpo_gamma
         return options
 
     def _pair_loss(self, batch: Batch, logps: torch.Tensor, ref: Optional[torch.Tensor],

@@ -25,6 +25,7 @@ class SFTAlgorithm(Algorithm):
     name = "sft"
     means = ("loss",)
     eval_means = ("loss",)
+    heldout_summary = (("loss", "loss", "+.4f"),)
     passes_per_token = 3.0
 
     def __init__(self, ctx: RunContext):

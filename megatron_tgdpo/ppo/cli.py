@@ -19,60 +19,36 @@ or the time budget after saving (requeue), 1 anything else.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from typing import Optional, Sequence
 
-
 from megatron_tgdpo.algorithms.ppo import config as ppo_config
 from megatron_tgdpo.algorithms.ppo.config import PPOConfig
-from megatron_tgdpo.config import ConfigError, TrainConfig, parse_tool_args
+from megatron_tgdpo.config import ConfigError, TrainConfig, parse_args
 
 __all__ = ["main", "parse", "run"]
 
 
-def _given(argv: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[PPOConfig, TrainConfig]:
-    """PPO and training settings from the command line; ConfigError lists every problem."""
+    """PPO and training settings from the command line (``cfg.ppo`` is the PPO section, also returned
+    first); ConfigError lists every problem."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, cfg = parse_tool_args(ppo_config.build_parser(), argv, applies="all but --loss-type, --guidance-load, "
-                                "--logprob-cache, --pack-sequences, --alpha and the TGDPO weight clamps")
-    ppo = ppo_config.from_namespace(args)
-    problems = ppo_config.problems(ppo, cfg)
-    if _given(argv, "--loss-type"):
-        problems.append("--loss-type does not apply to PPO (--reward chooses the reward)")
+    cfg = parse_args(argv, sections={"ppo": PPOConfig}, method="PPO", refused=ppo_config.NOT_FOR_PPO,
+                     prog="python -m megatron_tgdpo.ppo",
+                     description="PPO with dense DPO token rewards (RTO) and/or a sparse sequence score, on "
+                                 "megatron-core.")
+    problems = ppo_config.problems(cfg.ppo, cfg)
     if problems:
         raise ConfigError(problems)
-    return ppo, training_config(ppo, cfg)
-
-
-def training_config(ppo: PPOConfig, cfg: TrainConfig) -> TrainConfig:
-    """The training configuration as the shared loop should read it for a PPO run."""
-    changes: dict = {"loss_type": "ppo"}  # recorded in checkpoints and summary.json
-    if cfg.train_iters is None and cfg.train_epochs is not None:  # epochs over the prompt file
-        from megatron_tgdpo.tasks.jsonl import read_jsonl
-
-        lines, _ = read_jsonl(ppo.prompts)
-        changes.update(train_iters=max(1, math.ceil(cfg.train_epochs * len(lines) / cfg.global_batch_size)),
-                       train_epochs=None)
-    if ppo.eval_prompts is None:
-        changes["eval_iters"] = 0
-    elif cfg.data_path is not None and cfg.eval_data_path is None:
-        # The loop evaluates when it knows an evaluation data prefix; PPO's held-out set is --eval-prompts,
-        # so any prefix will do (the built-in data set has one).
-        changes["eval_data_path"] = cfg.data_path
-    return dataclasses.replace(cfg, **changes)
+    return cfg.ppo, dataclasses.replace(cfg, loss_type="ppo")  # the method, recorded in checkpoints and summary.json
 
 
 def run(ppo: PPOConfig, cfg: TrainConfig) -> int:
     """Train on every rank of an initialised process group; returns the exit code."""
-    from megatron_tgdpo.algorithms.ppo.algorithm import ppo_algorithm
+    from megatron_tgdpo.algorithms.ppo.algorithm import PPOAlgorithm
     from megatron_tgdpo.runtime import loop
 
-    return loop.run(cfg, ppo_algorithm(ppo))
+    return loop.run(dataclasses.replace(cfg, ppo=ppo), PPOAlgorithm)
 
 
 def _scorer_errors() -> tuple[type[BaseException], ...]:

@@ -71,13 +71,12 @@ def _argv(assets: Path, log_dir: Path, *extra: str, iters: int = 2) -> list[str]
 def _algorithm(argv, stop_at=None, capture=False):
     import torch.distributed as dist
 
-    from megatron_tgdpo.algorithms.ppo.algorithm import ppo_algorithm
+    from megatron_tgdpo.algorithms.ppo.algorithm import PPOAlgorithm
     from megatron_tgdpo.ppo.cli import parse
 
-    ppo, cfg = parse(argv)
-    base = ppo_algorithm(ppo)
+    _, cfg = parse(argv)  # cfg.ppo: the PPO section
 
-    class Instrumented(base):
+    class Instrumented(PPOAlgorithm):
         captured = None
 
         def train_step(self, batches):

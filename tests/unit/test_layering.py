@@ -11,7 +11,7 @@ still a dependency). Layers, low to high (``docs/architecture.md``)::
     3 sources      models/sources
     4 runtime      runtime/
     5 methods      logprob_cache, generation/, algorithms/, pipeline/
-    6 entry points train, demo, replicate, ppo, cli/, __main__; testing (the multi-rank harness preloads everything)
+    6 entry points train, demo, replicate, ppo, precompute, cli/, __main__; testing (the multi-rank harness preloads everything)
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ LAYERS = [
     ("models.sources",),
     ("runtime",),
     ("logprob_cache", "generation", "algorithms", "pipeline"),
-    ("train", "demo", "replicate", "ppo", "testing", "cli", "__main__"),
+    ("train", "demo", "replicate", "ppo", "precompute", "testing", "cli", "__main__"),
 ]
 
 

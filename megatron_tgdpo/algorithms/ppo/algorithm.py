@@ -16,20 +16,19 @@ rewards only). A checkpoint holds both trained parts with their optimizers and s
 state and the prompt-stream position; sampling is keyed by the seed and the prompts' stream positions,
 so a resumed run is bit-identical to an uninterrupted one.
 
-Held-out evaluation (``--eval-prompts``): greedy responses of the actor, scored by the verifier: the
-loop calls it before training, every ``--eval-interval`` iterations and after training; each result is
-also appended to ``<log-dir>/heldout.jsonl`` with the number of rollout samples used so far.
+Iterations: ``--train-iters``, or ``--train-epochs`` over the prompt file. Held-out evaluation
+(``--eval-prompts``): greedy responses of the actor, scored by the verifier: the loop calls it before
+training, every ``--eval-interval`` iterations and after training; the Trainer appends each result to
+``<log-dir>/heldout.jsonl`` (:meth:`PPOAlgorithm.heldout_record`: with the number of rollout samples
+used so far).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_tgdpo.algorithms.ppo import advantages as adv
 from megatron_tgdpo.algorithms.ppo import rollout as ro
@@ -39,41 +38,54 @@ from megatron_tgdpo.algorithms.ppo.prompts import PromptBatch, PromptSet, Prompt
 from megatron_tgdpo.algorithms.ppo.rewards import SequenceScorer, decode_response, scores_on_last_stage
 from megatron_tgdpo.algorithms.ppo.step import TRAIN_MEANS, ppo_update
 from megatron_tgdpo.checkpointing import POLICY, CheckpointPart
-from megatron_tgdpo.config import ConfigError
+from megatron_tgdpo.config import ConfigError, TrainConfig
 from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.runtime import setup
 from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext, StepResult
 from megatron_tgdpo.runtime.metrics import StepMetrics
 from megatron_tgdpo.runtime.schedule import LogprobSettings
+from megatron_tgdpo.runtime.setup import DataSpec
 
-__all__ = ["EVAL_MEANS", "HELDOUT_FILE", "PPOAlgorithm", "ppo_algorithm"]
+__all__ = ["EVAL_MEANS", "PPOAlgorithm"]
 
 EVAL_MEANS = ("heldout/score", "heldout/exact_match", "heldout/response_length")
 TIME_MEANS = ("rollout/samples", "rollout/tokens_per_s", "time/rollout_s", "time/score_s", "time/update_s")
-HELDOUT_FILE = "heldout.jsonl"
-
-
-def ppo_algorithm(ppo: PPOConfig) -> type["PPOAlgorithm"]:
-    """The algorithm class the shared loop instantiates, bound to these PPO settings."""
-    return type("PPOAlgorithm", (PPOAlgorithm,), {"ppo": ppo})
 
 
 class PPOAlgorithm(Algorithm):
     name = "ppo"
-    ppo: PPOConfig = PPOConfig()  # bound by ppo_algorithm()
+    config_section = ("ppo", PPOConfig)
     means = adv.ROLLOUT_MEANS + TRAIN_MEANS + TIME_MEANS
     maxima = adv.ROLLOUT_MAXIMA
     eval_means = EVAL_MEANS
+    heldout_summary = (("heldout/score", "score", ".4f"), ("heldout/exact_match", "exact match", ".4f"),
+                       ("heldout/response_length", "response length", ".2f"))
+    #: the PPO line printed under the logger's for every logged step
+    step_summary = (("score", "score", ".3f"), ("reward/total", "reward", "+.3f"), ("reward/dense", "dense", "+.3f"),
+                    ("reward/sparse", "sparse", "+.3f"), ("kl", "kl", "+.4f"), ("entropy", "entropy", ".3f"),
+                    ("ppo/clip_fraction", "clip", ".3f"), ("ppo/value_loss", "value loss", ".4f"),
+                    ("ppo/explained_variance", "EV", "+.3f"), ("response_length", "length", ".2f"),
+                    ("rollout/tokens_per_s", "rollout tok/s", ".0f"))
+
+    @classmethod
+    def iterations(cls, cfg: TrainConfig, data: DataSpec) -> int:
+        """``--train-iters``, or ``--train-epochs`` over the prompt file."""
+        if cfg.train_iters is not None:
+            return cfg.train_iters
+        from megatron_tgdpo.tasks.jsonl import read_jsonl
+
+        lines, _ = read_jsonl(cfg.ppo.prompts)
+        return max(1, math.ceil(cfg.train_epochs * len(lines) / cfg.global_batch_size))
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        ppo = self.ppo
+        self.ppo = ppo = self.section
         self.actor: Optional[CheckpointPart] = None
         self.critic: Optional[CheckpointPart] = None
         self.frozen: dict[str, list] = {}
         self.logprobs = LogprobSettings.of(self.cfg)
         self.scorer = SequenceScorer(ppo.sparse_reward_command)
-        self.iteration = 0  # the last iteration trained (for held-out records)
+        self.iteration = 0  # the last iteration trained (for the rollout-samples metric)
         self.last_rollout: Optional[ro.Rollout] = None
         # FLOPs per rollout token: sampling ~1 forward, scoring 3-4 forwards, each epoch 3 (actor) + 3 (critic)
         self.passes_per_token = 1.0 + (4.0 if ppo.dense else 3.0) + 6.0 * ppo.ppo_epochs
@@ -149,18 +161,21 @@ class PPOAlgorithm(Algorithm):
                 f"mini-batches | frozen: {', '.join(self.frozen)} | critic from "
                 f"{ppo.critic_load or self.cfg.ref_load or 'the seeded init'}")
 
-    def batch_source(self, prefix: str, *, consumed_samples: int, shuffle: bool):
-        """Training (``shuffle``): the prompt stream from ``consumed_samples``. Held-out: --eval-prompts
-        in file order (the loop passes its eval prefix; PPO's held-out set is the prompt file)."""
-        held_out = not shuffle
-        prompts = self.eval_prompts if held_out else self.train_prompts
-        if prompts is None:
-            raise RuntimeError("no --eval-prompts")
-        if not held_out:
-            self.iteration = consumed_samples // self.cfg.global_batch_size
+    def _prompt_source(self, prompts: PromptSet, *, consumed_samples: int, held_out: bool) -> PromptSource:
         return PromptSource(prompts, global_batch_size=self.cfg.global_batch_size, dp_rank=self.dp_rank,
                             dp_size=self.dp_size, consumed_samples=consumed_samples, seed=self.cfg.seed,
                             held_out=held_out)
+
+    def train_source(self, *, consumed_samples: int) -> PromptSource:
+        """The prompt stream from ``consumed_samples`` (its position)."""
+        return self._prompt_source(self.train_prompts, consumed_samples=consumed_samples, held_out=False)
+
+    def eval_batches(self) -> Optional[Iterator[list[PromptBatch]]]:
+        """``--eval-iters`` global batches of --eval-prompts in file order; None without --eval-prompts."""
+        if self.eval_prompts is None or self.cfg.eval_iters <= 0:
+            return None
+        source = self._prompt_source(self.eval_prompts, consumed_samples=0, held_out=True)
+        return (source.next_global_batch() for _ in range(self.cfg.eval_iters))
 
     # ---- one iteration -----------------------------------------------------------------------
     def _fixed_length(self) -> Optional[int]:
@@ -213,26 +228,12 @@ class PPOAlgorithm(Algorithm):
                      "rollout/tokens_per_s": (value(new_tokens * self.dp_size), value(max(t1 - t0, 1e-9))),
                      "time/rollout_s": (value(t1 - t0), one), "time/score_s": (value(t2 - t1), one),
                      "time/update_s": (value(t3 - t2), one)})
-        # What the loop's throughput figures count: the rollout's rows (computed) and tokens (real).
-        batch.shape = tuple(rollout.mask.shape)
-        batch.num_tokens = rollout.mask.numel()
-        batch.real_tokens = sum(len(p) + len(r) for p, r in zip(rollout.prompts, rollout.responses))
-        if self.iteration % cfg.log_interval == 0 or self.iteration == self.ctx.train_iters:
-            self._console(metrics)
-        return StepResult(metrics=metrics, grad_norm=result.grad_norm, updated=result.updated)
-
-    #: (metric, label, format) of the PPO line printed under the loop's own (collective: every rank)
-    CONSOLE = (("score", "score", ".3f"), ("reward/total", "reward", "+.3f"), ("reward/dense", "dense", "+.3f"),
-               ("reward/sparse", "sparse", "+.3f"), ("kl", "kl", "+.4f"), ("entropy", "entropy", ".3f"),
-               ("ppo/clip_fraction", "clip", ".3f"), ("ppo/value_loss", "value loss", ".4f"),
-               ("ppo/explained_variance", "EV", "+.3f"), ("response_length", "length", ".2f"),
-               ("rollout/tokens_per_s", "rollout tok/s", ".0f"))
-
-    def _console(self, metrics: StepMetrics) -> None:
-        values = metrics.reduce(means=[k for k, _, _ in self.CONSOLE])
-        if dist.get_rank() == 0:
-            parts = [f"{label} {values[k]:{fmt}}" for k, label, fmt in self.CONSOLE if not math.isnan(values[k])]
-            print(f"  ppo {self.iteration:>6} | " + " | ".join(parts), flush=True)
+        # What the loop's throughput figures count: the rollout's rows (computed) and tokens (real); a
+        # row attends over its whole width.
+        rows, width = rollout.mask.shape
+        return StepResult(metrics=metrics, grad_norm=result.grad_norm, updated=result.updated,
+                          tokens=rows * width, attention_span=float(width) if rows * width else 0.0,
+                          real_tokens=sum(len(p) + len(r) for p, r in zip(rollout.prompts, rollout.responses)))
 
     # ---- held-out ----------------------------------------------------------------------------
     def evaluate(self, batches: Iterator[list[PromptBatch]]) -> Optional[StepMetrics]:
@@ -264,21 +265,10 @@ class PPOAlgorithm(Algorithm):
                 sums["heldout/exact_match"] = (torch.tensor(float(sum(exact)), device=device),
                                                torch.tensor(float(len(exact)), device=device))
             metrics.add(sums)
-        self._record_heldout(metrics)
         return metrics
 
-    def _record_heldout(self, metrics: StepMetrics) -> None:
-        """Print and append the held-out result to <log-dir>/heldout.jsonl (collective: every rank calls)."""
-        values = metrics.reduce(means=self.eval_means)
-        if dist.get_rank() != 0:
-            return
-        samples = self.iteration * self.cfg.global_batch_size * self.ppo.samples_per_prompt
-        row = {"iteration": self.iteration, "rollout_samples": samples,
-               **{k.split("/", 1)[1]: v for k, v in values.items()}}
-        print(f"held-out (iteration {self.iteration}, {samples} rollout samples): score {values['heldout/score']:.4f}"
-              f" | exact match {values['heldout/exact_match']:.4f} | response length "
-              f"{values['heldout/response_length']:.2f}", flush=True)
-        if self.cfg.log_dir:
-            os.makedirs(self.cfg.log_dir, exist_ok=True)
-            with open(os.path.join(self.cfg.log_dir, HELDOUT_FILE), "a") as fh:
-                fh.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+    def heldout_record(self, *, iteration: int, values: dict[str, float]) -> dict:
+        """``heldout.jsonl``'s row: the iteration, the rollout samples used so far, the held-out values."""
+        samples = iteration * self.cfg.global_batch_size * self.ppo.samples_per_prompt
+        return {"iteration": iteration, "rollout_samples": samples,
+                **{k.split("/", 1)[1]: v for k, v in values.items()}}

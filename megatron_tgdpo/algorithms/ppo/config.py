@@ -1,5 +1,6 @@
-"""PPO's own flags (the training flags — layout, optimiser, ``--ref-load``, ``--save`` … — are
-:class:`~megatron_tgdpo.config.TrainConfig`'s), their validation, and what they mean for the run's sizes.
+"""PPO's config section (``TrainConfig.ppo``; its flags and YAML keys come from the one builder in
+:mod:`megatron_tgdpo.config`, the training flags — layout, optimiser, ``--ref-load``, ``--save`` … — are
+the core :class:`~megatron_tgdpo.config.TrainConfig`'s), its validation, and what it means for the sizes.
 
 Sizes: an iteration takes ``--global-batch-size`` prompts (G, all data-parallel ranks together) and
 samples ``--samples-per-prompt`` responses (k) to each: a rollout of G*k sequences. It then runs
@@ -9,7 +10,6 @@ sequences (rows). So a data-parallel rank holds G/DP*k sequences, a mini-batch G
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from typing import Optional
 from megatron_tgdpo import flag_checks
 from megatron_tgdpo.config import TrainConfig
 
-__all__ = ["REWARDS", "PPOConfig", "build_parser", "problems"]
+__all__ = ["NOT_FOR_PPO", "REWARDS", "PPOConfig", "problems"]
 
 REWARDS = ("dense-dpo", "sparse", "dense-dpo+sparse")
 
@@ -26,13 +26,13 @@ REWARDS = ("dense-dpo", "sparse", "dense-dpo+sparse")
 @dataclass(frozen=True)
 class PPOConfig:
     # --- prompts ------------------------------------------------------------------------------
-    prompts: str = field(default="", metadata={"help": "training prompt JSONL ({\"id\", \"prompt\", ...}; a task "
+    prompts: str = field(default="", metadata={"required": True, "help": "training prompt JSONL ({\"id\", \"prompt\", ...}; a task "
                                                          "file from `python -m megatron_tgdpo.tasks make-prompts`)"})
     eval_prompts: Optional[str] = field(default=None, metadata={
         "help": "held-out prompt JSONL: greedy responses scored by the verifier at --eval-interval (and before and "
                 "after training); --eval-iters x --global-batch-size prompts at most"})
     # --- reward -------------------------------------------------------------------------------
-    reward: str = field(default="dense-dpo+sparse", metadata={"help": " | ".join(REWARDS)})
+    reward: str = field(default="dense-dpo+sparse", metadata={"help": " | ".join(REWARDS), "choices": REWARDS})
     reward_model_load: Optional[str] = field(default=None, metadata={
         "help": "the DPO-trained model whose implicit token reward --beta*(log pi_dpo - log pi_ref) is the dense "
                 "reward (needed by dense-dpo)"})
@@ -86,37 +86,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_tgdpo.config import _field_type, _parse_bool
-
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_tgdpo.ppo",
-        description="PPO with dense DPO token rewards (RTO) and/or a sparse sequence score, on megatron-core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
-    )
-    group = parser.add_argument_group("PPO")
-    for f in dataclasses.fields(PPOConfig):
-        typ = _field_type(f)
-        kwargs = dict(dest=f.name, default=f.default, help=f.metadata.get("help", " "))
-        if typ is bool:
-            group.add_argument(_flag(f.name), nargs="?", const=True, type=_parse_bool, **kwargs)
-            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                               help=argparse.SUPPRESS)
-        else:
-            if f.name == "reward":
-                kwargs["choices"] = REWARDS
-            group.add_argument(_flag(f.name), type=typ, required=f.name == "prompts", **kwargs)
-    return parser
-
-
-def from_namespace(args: argparse.Namespace) -> PPOConfig:
-    return PPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PPOConfig)})
-
-
-#: training flags that mean nothing (or something else) for PPO
-_NOT_FOR_PPO = {
-    "guidance_load": "--guidance-load (TGDPO's guidance model)",
-    "logprob_cache": "--logprob-cache (rollouts are new every iteration; there is nothing to precompute)",
+#: training settings that mean nothing (or something else) for PPO, refused by name with the reason
+NOT_FOR_PPO = {
+    "loss_type": "--reward chooses the reward",
+    "guidance_load": "TGDPO's guidance model",
+    "logprob_cache": "rollouts are new every iteration; there is nothing to precompute",
 }
 
 
@@ -162,9 +136,6 @@ def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
         p.append(f"--temperature must be > 0 (PPO samples; greedy rollouts have no exploration), got {ppo.temperature}")
     if ppo.critic_lr is not None and not ppo.critic_lr > 0:
         p.append(f"--critic-lr must be > 0, got {ppo.critic_lr}")
-    for name, what in _NOT_FOR_PPO.items():
-        if getattr(cfg, name) is not None:
-            p.append(f"{what} does not apply to PPO")
     if cfg.pack_sequences:
         p.append("--pack-sequences does not apply to PPO (rollouts are rows of one prompt and one response)")
     if cfg.context_parallel_size > 1:

@@ -10,9 +10,8 @@ later gets fresh samples, and a rollout is the same at any layout or data-parall
 
 Held-out prompts are read in file order, ``G`` per global batch, without wrapping.
 
-A :class:`PromptBatch` is what the shared loop hands to ``train_step`` / ``evaluate``. After the step it
-reports the rollout's token counts (``num_tokens``: computed positions, ``real_tokens``: prompt and
-response tokens), which the loop turns into its tokens/s figures.
+A :class:`PromptBatch` is what the Trainer hands to ``train_step`` / ``evaluate``: input only (the
+step reports the rollout's token counts in its ``StepResult``).
 """
 from __future__ import annotations
 
@@ -43,10 +42,6 @@ class PromptBatch:
     keys: list[int]  # stream positions (training) or file indices (held-out): the sampling keys
     iteration: int  # the training iteration this batch is for (held-out: -1)
     prompt_set: PromptSet = field(repr=False)
-    #: filled in by the step: positions computed and real tokens of the rollout (the loop reads them)
-    num_tokens: int = 0
-    real_tokens: int = 0
-    shape: tuple[int, int] = (0, 0)
 
     @property
     def token_ids(self) -> list[list[int]]:
@@ -103,11 +98,7 @@ class PromptSource:
         else:
             indices = [self.prompt_at(p) for p in mine]
             iteration = start // self.global_batch_size
-        batch = PromptBatch(indices=indices, keys=list(mine), iteration=iteration, prompt_set=self.prompts)
-        lengths = [len(self.prompts.token_ids[i]) for i in indices]
-        batch.num_tokens = batch.real_tokens = sum(lengths)
-        batch.shape = (len(indices), max(lengths, default=0))
-        return [batch]
+        return [PromptBatch(indices=indices, keys=list(mine), iteration=iteration, prompt_set=self.prompts)]
 
 
 def encode_prompt_file(path: str, tokenizer, *, what: str) -> PromptSet:
