@@ -45,7 +45,7 @@ def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -74,7 +74,7 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def _cheap_problem(path: Path) -> Optional[str]:
+def cheap_problem(path: Path) -> Optional[str]:
     """Why ``path`` is not a usable checkpoint judging by metadata and file sizes (no data read)."""
     if not (path / METADATA).is_file():
         return f"no {METADATA} (the save was interrupted before it was published)"
@@ -120,7 +120,7 @@ def _checksum_problem(path: Path, *, collective: bool) -> Optional[str]:
     key = (str(path.resolve()), (path / METADATA).stat().st_mtime_ns, safe_pickle.trusted())
     if key in _VERIFIED:
         return _VERIFIED[key]
-    rank, world = _world() if collective else (0, 1)
+    rank, world = rank_and_world() if collective else (0, 1)
     meta = read_metadata(path)
     found = manifest.verify_files(path, meta["files"], checksums=True, share=(rank, world))
     mine = found.describe(listed_in=METADATA, prefix=path) if found else None
@@ -145,7 +145,7 @@ def problem(path: Path, *, verify: str = "sizes") -> Optional[str]:
     """Why checkpoint directory ``path`` cannot be used, or None (see ``VERIFY_LEVELS``)."""
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
-    reason = _cheap_problem(path)
+    reason = cheap_problem(path)
     if reason is None and verify != "sizes":
         reason = _checksum_problem(path, collective=verify == "collective")
     return reason
@@ -178,7 +178,7 @@ def find_latest(root: str | os.PathLike, *, verify: str = "sizes") -> Optional[P
     for iteration, path in reversed(found):
         reason = problem(path, verify=verify)
         if reason is None:
-            if tracked is not None and iteration != tracked and _world()[0] == 0:
+            if tracked is not None and iteration != tracked and rank_and_world()[0] == 0:
                 log.warning("%s names iteration %s but the newest intact checkpoint is %s; using it",
                             root / TRACKER, tracked, path.name)
             return path
@@ -192,7 +192,7 @@ _WARNED: set[str] = set()
 
 def _warn_once(message: str) -> None:
     """Rank 0 warns, once per process: a run resolves the same checkpoint for several purposes."""
-    if _world()[0] == 0 and message not in _WARNED:
+    if rank_and_world()[0] == 0 and message not in _WARNED:
         _WARNED.add(message)
         log.warning("%s", message)
 
@@ -235,7 +235,7 @@ def current_layout() -> dict:
     from megatron.core import parallel_state as ps
 
     return {
-        "world_size": _world()[1],
+        "world_size": rank_and_world()[1],
         "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),

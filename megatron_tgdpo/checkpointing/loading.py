@@ -11,16 +11,16 @@ from megatron_tgdpo.checkpointing.index import (
     POLICY,
     CheckpointError,
     CheckpointPart,
-    _world,
+    rank_and_world,
     current_layout,
     read_metadata,
     resolve,
 )
 from megatron_tgdpo.checkpointing.state import (
-    _assign,
-    _model_state,
-    _per_rank_object,
-    _sharded_state,
+    assign_state,
+    model_state,
+    per_rank_object,
+    sharded_state,
     set_rng_state,
 )
 
@@ -38,14 +38,14 @@ def load_model_weights(path: str | os.PathLike, chunks: list[torch.nn.Module], *
     from megatron.core import dist_checkpointing
 
     ckpt = resolve(path, verify="collective")
-    sharded = _model_state(part, chunks)
+    sharded = model_state(part, chunks)
     requested = set(sharded)
     try:
         loaded = dist_checkpointing.load(sharded, str(ckpt))
     except Exception as exc:  # noqa: BLE001 - re-raised with the path and what to check
         raise CheckpointError(f"{ckpt}: could not load model weights into this model ({exc}); "
                               "check that --model/preset and vocab size match the checkpoint") from exc
-    _assign({part: CheckpointPart(chunks)}, loaded, requested)
+    assign_state({part: CheckpointPart(chunks)}, loaded, requested)
     return ckpt
 
 
@@ -79,11 +79,11 @@ def load_checkpoint(
     missing = [name for name in parts if name not in meta.get("parts", [POLICY])]
     if missing:
         raise CheckpointError(f"{ckpt}: holds no {', '.join(missing)} (parts: {meta.get('parts', [POLICY])})")
-    sharded = _sharded_state(parts, is_loading=True, optimizer=load_optimizer)
+    sharded = sharded_state(parts, is_loading=True, optimizer=load_optimizer)
     restore_rng = load_rng and saved == now
     if restore_rng:
-        sharded["rng_state"] = _per_rank_object("rng_state", None)
-    elif load_rng and _world()[0] == 0:
+        sharded["rng_state"] = per_rank_object("rng_state", None)
+    elif load_rng and rank_and_world()[0] == 0:
         log.warning("%s: saved at layout %s, now %s: RNG state is not restored (it is per rank)", ckpt, saved, now)
     requested = set(sharded)
     try:
@@ -91,7 +91,7 @@ def load_checkpoint(
     except Exception as exc:  # noqa: BLE001 - the files passed their checksums: the model does not fit
         raise CheckpointError(f"{ckpt}: could not be loaded into this run ({type(exc).__name__}: {exc}); "
                               "check --model / --ref-load and the parallel layout") from exc
-    _assign(parts, loaded, requested)
+    assign_state(parts, loaded, requested)
     if restore_rng:
         set_rng_state(loaded["rng_state"])
     meta["path"] = str(ckpt)

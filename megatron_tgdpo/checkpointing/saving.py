@@ -20,15 +20,15 @@ from megatron_tgdpo.checkpointing.index import (
     TRACKER,
     CheckpointError,
     CheckpointPart,
-    _cheap_problem,
-    _world,
+    cheap_problem,
+    rank_and_world,
     current_layout,
     iteration_dir,
     iteration_dirs,
 )
 from megatron_tgdpo.checkpointing.state import (
-    _per_rank_object,
-    _sharded_state,
+    per_rank_object,
+    sharded_state,
     rng_state,
 )
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def _all_reduce_max(value: float) -> float:
-    if _world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64,
                           device="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +50,7 @@ def _all_reduce_max(value: float) -> float:
 
 
 def _all_reduce_sum(value: float) -> float:
-    if _world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64,
                           device="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +96,7 @@ def _size(nbytes: float) -> str:
 
 def _from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a decision only rank 0 can take, such as the space check)."""
-    if _world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -104,7 +104,7 @@ def _from_rank0(value: Any) -> Any:
 
 
 def _describe_in_parallel(directory: Path) -> dict:
-    rank, world = _world()
+    rank, world = rank_and_world()
     names = sorted(f.name for f in directory.iterdir() if f.is_file())
     mine = manifest.describe_files(directory, names[rank::world])
     if world > 1:
@@ -129,15 +129,15 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    rank, _ = _world()
+    rank, _ = rank_and_world()
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if not _all_finite(parts):
         raise CheckpointError(f"refusing to save {final}: the model holds NaN/Inf weights; the previous "
                               "checkpoint is kept")
-    sharded = _sharded_state(parts, is_loading=False, optimizer=True)
+    sharded = sharded_state(parts, is_loading=False, optimizer=True)
     # Per-rank state (RNG) is kept per rank: a resumed run at the same layout continues bit-exactly.
-    sharded["rng_state"] = _per_rank_object("rng_state", rng_state())
+    sharded["rng_state"] = per_rank_object("rng_state", rng_state())
     # A second record of the data position, written with the tensors: the manifest is checked against it.
     sharded[PROGRESS] = progress_state(iteration=iteration, consumed_samples=(state or {}).get("consumed_samples"))
     need = _all_reduce_sum(float(_bytes_to_write(sharded)))
@@ -158,7 +158,7 @@ def save_checkpoint(
 
     try:
         dist_checkpointing.save(sharded, str(tmp))
-        if _world()[1] > 1:
+        if rank_and_world()[1] > 1:
             dist.barrier()
         files = _describe_in_parallel(tmp)
     except Exception as exc:  # noqa: BLE001 - reported with the disk state, partial output removed
@@ -180,7 +180,7 @@ def save_checkpoint(
         _write_tracker(root, iteration)
         if keep_last:
             _prune(root, keep_last, newest=iteration)
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.barrier()
     return final
 
@@ -211,7 +211,7 @@ def _prune(root: Path, keep_last: int, *, newest: int) -> None:
     finishes the removal."""
     for leftover in root.glob(f"iter_*{_DELETING}"):
         shutil.rmtree(leftover, ignore_errors=True)
-    done = [path for it, path in iteration_dirs(root) if it <= newest and _cheap_problem(path) is None]
+    done = [path for it, path in iteration_dirs(root) if it <= newest and cheap_problem(path) is None]
     for old in done[:-keep_last]:
         trash = old.with_name(old.name + _DELETING)
         try:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_tgdpo.checkpointing.index import POLICY, CheckpointPart, _world
+from megatron_tgdpo.checkpointing.index import POLICY, CheckpointPart, rank_and_world
 
 # ----------------------------------------------------------------------------------------------
 # sharded state dicts
@@ -20,7 +20,7 @@ def _keys(name: str) -> tuple[str, str]:
     return ("", "") if name == POLICY else (f"{name}.", f"{name}.")
 
 
-def _model_state(name: str, chunks: list) -> dict:
+def model_state(name: str, chunks: list) -> dict:
     from megatron_tgdpo.models.state_dict import unwrap
 
     dict_prefix, key_prefix = _keys(name)
@@ -29,13 +29,13 @@ def _model_state(name: str, chunks: list) -> dict:
     return {f"{dict_prefix}model{i}": unwrap(c).sharded_state_dict(prefix=key_prefix) for i, c in enumerate(chunks)}
 
 
-def _sharded_state(parts: dict[str, CheckpointPart], *, is_loading: bool, optimizer: bool) -> dict:
+def sharded_state(parts: dict[str, CheckpointPart], *, is_loading: bool, optimizer: bool) -> dict:
     from megatron_tgdpo import compat
 
     sharded: dict = {}
     for name, part in parts.items():
         dict_prefix, _ = _keys(name)
-        models = _model_state(name, part.chunks)
+        models = model_state(name, part.chunks)
         sharded.update(models)
         if optimizer and part.optimizer is not None:
             state = compat.optimizer_sharded_state_dict(part.optimizer, models, is_loading=is_loading)
@@ -53,7 +53,7 @@ def _sharded_state(parts: dict[str, CheckpointPart], *, is_loading: bool, optimi
     return sharded
 
 
-def _assign(parts: dict[str, CheckpointPart], loaded: dict, requested: set) -> None:
+def assign_state(parts: dict[str, CheckpointPart], loaded: dict, requested: set) -> None:
     """Copy what was ``requested`` (the sharded state dict handed to the load) into the parts; the
     common state dist_checkpointing returns besides is ignored unless requested."""
     from megatron_tgdpo import compat
@@ -93,9 +93,9 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _per_rank_object(key: str, obj: Any):
+def per_rank_object(key: str, obj: Any):
     """A ShardedObject holding ``obj`` for this global rank (one entry per rank in the checkpoint)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    rank, world = _world()
+    rank, world = rank_and_world()
     return ShardedObject(key, obj, (world,), (rank,), replica_id=0)
