@@ -98,7 +98,8 @@ def load_tool(name: str) -> ModuleType:
     return sys.modules[name]
 
 
-def _matches(entry: str, nodeid: str) -> bool:
+def slow_entry_matches(entry: str, nodeid: str) -> bool:
+    """Whether the SLOW entry names test ``nodeid``: the same id, a test's case, or a file's test."""
     return nodeid == entry or nodeid.startswith(entry + ("[" if "::" in entry else "::"))
 
 
@@ -112,14 +113,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if marker:
                 item.add_marker(marker)
         collected_files.add(item.nodeid.split("::")[0])
-        if any(_matches(entry, item.nodeid) for entry in SLOW):
+        if any(slow_entry_matches(entry, item.nodeid) for entry in SLOW):
             item.add_marker(pytest.mark.slow)
     # An entry whose file was collected whole but that matches no test names a renamed or removed test:
     # the fast subset would silently grow by it.
     if any("::" in arg for arg in config.args):
         return
     stale = [entry for entry in SLOW if entry.split("::")[0] in collected_files
-             and not any(_matches(entry, item.nodeid) for item in items)]
+             and not any(slow_entry_matches(entry, item.nodeid) for item in items)]
     if stale:
         raise pytest.UsageError(f"tests/conftest.py: SLOW names no collected test: {', '.join(stale)}; "
                                 "update the list")
