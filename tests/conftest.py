@@ -28,9 +28,10 @@ DIRECTORY_MARKERS = {"distributed": "multirank", "e2e": "e2e", "gpu": "gpu"}
 #: The longest tests, as node ids: a file, a test (all its cases) or one case. The figure after each is
 #: its CPU seconds (the test process and every process it waited for; module fixtures counted in the
 #: first test that uses them), measured one directory at a time with ``-p no:randomly``: on 2 idle cores
-#: a test takes about as long as its CPU time. The whole suite is ~710 CPU s; what is left here is ~140 s
-#: and still runs every subsystem (README, Testing). A case whose module fixture is shared stays fast
-#: when the fixture is: listing it would only move the fixture's cost to the next test.
+#: a test takes about as long as its CPU time (forked ranks share the two cores). The whole suite took
+#: ~880 CPU s; ``pytest -m "not slow"`` took 119 CPU s, collection included (about 2 minutes on 2 idle
+#: cores) and still runs every subsystem (README, Testing). A case whose module fixture is shared stays
+#: fast when the fixture is: listing it would only move the fixture's cost to the next test.
 SLOW: tuple[str, ...] = (
     # unit: the data-preparation CLI in worker processes
     "tests/unit/test_data_sft.py::test_cli_format_sft",  # 17.7
@@ -98,8 +99,8 @@ SLOW: tuple[str, ...] = (
     "tests/e2e/test_reliability.py::test_nan_on_every_step_stops_with_exit_1_and_no_checkpoint_after_the_last_good_step",
     "tests/e2e/test_reliability.py::test_load_on_a_file_is_refused",  # 8.5 + 8.7: two one-process jobs
     "tests/e2e/test_reliability.py::test_unwritable_save_and_log_dir_are_refused_before_any_compute",
-    "tests/e2e/test_replicate.py",  # REPLICATE_CPU: the whole smoke pipeline, twice
-    "tests/e2e/test_sft_data_training.py",  # SFT_CPU
+    "tests/e2e/test_replicate.py",  # 64.6: the whole smoke pipeline, then its resume
+    "tests/e2e/test_sft_data_training.py",  # 34.8: prepare, train and refuse through the CLI
 )
 
 
