@@ -29,8 +29,8 @@ DIRECTORY_MARKERS = {"distributed": "multirank", "e2e": "e2e", "gpu": "gpu"}
 #: its CPU seconds (the test process and every process it waited for; module fixtures counted in the
 #: first test that uses them), measured one directory at a time with ``-p no:randomly``: on 2 idle cores
 #: a test takes about as long as its CPU time (forked ranks share the two cores). The whole suite took
-#: ~880 CPU s; ``pytest -m "not slow"`` took 119 CPU s, collection included (about 2 minutes on 2 idle
-#: cores) and still runs every subsystem (README, Testing). A case whose module fixture is shared stays
+#: ~880 CPU s; ``pytest -m "not slow"`` took 114-119 CPU s, collection included, and 2 min 5 s of wall
+#: time on 2 nearly idle cores (load ~1); it still runs every subsystem (README, Testing). A case whose module fixture is shared stays
 #: fast when the fixture is: listing it would only move the fixture's cost to the next test.
 SLOW: tuple[str, ...] = (
     # unit: the data-preparation CLI in worker processes
