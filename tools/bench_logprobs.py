@@ -382,10 +382,7 @@ def _rank_main(args: argparse.Namespace) -> list:
 
 def _single_process(args: argparse.Namespace) -> list[Result]:
     """TP=1 in this process: megatron-core's op needs parallel state, so start a 1-rank group."""
-    from megatron_tgdpo.testing import free_port
-
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    distributed.init_process_group(distributed.read_launch_env())
+    distributed.init_process_group(distributed.read_launch_env({}))  # a world of one: no port to bind
     distributed.init_model_parallel(tensor_model_parallel_size=1)
     try:
         return run_head_benchmark(args) if args.head else run_benchmark(args)
