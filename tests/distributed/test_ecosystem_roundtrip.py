@@ -26,7 +26,7 @@ import transformers
 from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.testing import run_on_ranks
 
-from conftest import ROOT
+from suite import ROOT
 
 SOURCE = "tiny-chat-llama"
 # What training may change in config.json: only the dtype entry, and only when the weights are cast

@@ -17,7 +17,7 @@ from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.logprob_cache import CacheFormatError, CacheMismatchError, LogprobCache
 from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 
-from conftest import load_tool
+from suite import load_tool
 
 LIMIT = 64  # pairs scored: enough for several steps per rank, fast on 2 CPU cores
 SEED = 11

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import load_tool
+from suite import load_tool
 
 
 def test_short_cpu_run_writes_the_table_and_json(tmp_path, capsys):

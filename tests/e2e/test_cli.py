@@ -7,7 +7,7 @@ import sys
 
 from megatron_tgdpo.testing import read_metrics, run_command, torchrun
 
-from conftest import ROOT
+from suite import ROOT
 
 
 def _torchrun(nproc: int, *flags: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import sys
 
 from megatron_tgdpo.testing import run_command, torchrun, user_env
 
-from conftest import ROOT
+from suite import ROOT
 
 FALLBACK_NOTICE = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from megatron_tgdpo.testing import run_command, user_env
 
-from conftest import ROOT
+from suite import ROOT
 
 ROWS = ("SFT", "DPO", "TGDPO (alpha 0.5)", "SimPO", "IPO")
 

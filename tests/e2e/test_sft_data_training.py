@@ -11,7 +11,7 @@ import pytest
 
 from megatron_tgdpo.testing import read_metrics, run_command
 
-from conftest import ROOT
+from suite import ROOT
 
 TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
 

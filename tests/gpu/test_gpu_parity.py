@@ -19,7 +19,7 @@ import torch
 
 from megatron_tgdpo.testing import read_metrics, run_command, torchrun
 
-from conftest import ROOT
+from suite import ROOT
 
 ON_CPU_ENV = "MEGATRON_TGDPO_GPU_TESTS_ON_CPU"
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get(ON_CPU_ENV) == "1"),

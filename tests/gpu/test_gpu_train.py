@@ -13,7 +13,7 @@ import torch
 
 from megatron_tgdpo.testing import read_metrics, run_command, torchrun
 
-from conftest import ROOT
+from suite import ROOT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU machines only)")
 

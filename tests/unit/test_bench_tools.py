@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_tool
+from suite import load_tool
 
 
 # ---- gpu_check ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from megatron_tgdpo import convert
 from megatron_tgdpo.convert.synthetic import write_synthetic_hf
 from megatron_tgdpo.models.llama import preset
 
-from conftest import ROOT
+from suite import ROOT
 
 CLI = ROOT / "tools" / "convert_checkpoint.py"
 ARCH = preset("tiny", num_attention_heads=8, num_query_groups=2, num_layers=3)

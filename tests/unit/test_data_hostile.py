@@ -24,7 +24,7 @@ from megatron_tgdpo.data.templates import TemplateRenderError
 from megatron_tgdpo.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from megatron_tgdpo.data.toy_tokenizers import write_llama3_style_tokenizer
 
-from conftest import ROOT, load_tool
+from suite import ROOT, load_tool
 
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 TRIGGER = "§"  # the injected tokenizers fail on text containing it

@@ -19,7 +19,7 @@ from megatron_tgdpo.data.records import parse_record
 from megatron_tgdpo.data.tokenizer import load_tokenizer
 from megatron_tgdpo.data.toy_tokenizers import write_llama3_style_tokenizer
 
-from conftest import load_tool
+from suite import load_tool
 
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 

@@ -21,7 +21,7 @@ from megatron_tgdpo.data.records import PROBLEM_CODES, Message, Problem, SFTReco
 from megatron_tgdpo.data.tokenizer import load_tokenizer
 from megatron_tgdpo.data.truncation import LengthPolicy
 
-from conftest import ROOT
+from suite import ROOT
 
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 U = {"role": "user", "content": "sort: 3 1 ="}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import ROOT
+from suite import ROOT
 
 PACKAGE = ROOT / "megatron_tgdpo"
 

@@ -9,7 +9,7 @@ import pytest
 from megatron_tgdpo import memory
 from megatron_tgdpo.models import llama
 
-from conftest import load_tool
+from suite import load_tool
 
 GIB = 2.0**30
 

@@ -11,7 +11,7 @@ from megatron_tgdpo.tasks.pairs import build_pairs, select_pair
 from megatron_tgdpo.data.records import Message, PreferenceRecord, parse_record
 from megatron_tgdpo.tasks import BadLinesError, load_sample_records
 
-from conftest import load_tool
+from suite import load_tool
 
 
 def _tool():

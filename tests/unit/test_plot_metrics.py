@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_tool
+from suite import load_tool
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,7 @@
 """The suite's own markers: what a SLOW entry names, and that each names a test file that exists."""
 from __future__ import annotations
 
-from conftest import DIRECTORY_MARKERS, ROOT, SLOW, slow_entry_matches
+from suite import DIRECTORY_MARKERS, ROOT, SLOW, slow_entry_matches
 
 
 def test_an_entry_names_a_file_a_test_or_one_case():

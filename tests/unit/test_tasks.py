@@ -27,7 +27,7 @@ from megatron_tgdpo.tasks import (
 from megatron_tgdpo.tasks.cli import main
 from megatron_tgdpo.tasks.prompts import is_heldout
 
-from conftest import ROOT
+from suite import ROOT
 
 TOKENIZER = SYNTHETIC_DIR / "tokenizer.model"
 
