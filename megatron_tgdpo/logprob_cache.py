@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_tgdpo import manifest as files_manifest
+from megatron_tgdpo import integrity
 from megatron_tgdpo.data.batch import Batch
 
 __all__ = [
@@ -75,7 +75,7 @@ class CacheMismatchError(LogprobCacheError):
 
 
 def _sha256(path: Path) -> str:
-    return files_manifest.file_checksum(path, algorithm="sha256")
+    return integrity.file_checksum(path, algorithm="sha256")
 
 
 def fingerprint_dataset(prefix: str | os.PathLike) -> str:
@@ -192,14 +192,14 @@ def publish_cache(
     del outputs
     np.save(staging / OFFSETS, offsets)
     shutil.rmtree(staging / SHARDS)
-    files = files_manifest.describe_files(staging, [OFFSETS] + [f"{role}.npy" for role in roles], algorithm="sha256")
+    files = integrity.describe_files(staging, [OFFSETS] + [f"{role}.npy" for role in roles], algorithm="sha256")
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "num_samples": num_samples,
             "num_tokens": total, "roles": {role: {**manifest["roles"][role], "file": f"{role}.npy"} for role in roles},
             "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    files_manifest.write_json_atomic(staging / MANIFEST, full)
+    integrity.write_json_atomic(staging / MANIFEST, full)
     if output.exists() and not overwrite:
         raise CacheFormatError(f"{output} already exists; pass --overwrite or choose another --output")
-    return files_manifest.publish_directory(staging, output, overwrite=overwrite)
+    return integrity.publish_directory(staging, output, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,10 +218,10 @@ def read_cache_manifest(path: Path) -> dict:
             f"this is its staging directory); {RERUN} --output {path}"
         )
     try:
-        manifest = files_manifest.read_json(file)
-        files_manifest.check_format(manifest, path=file, name=FORMAT, version=FORMAT_VERSION,
-                                    remedy=f"not a log-prob cache manifest; {RERUN}")
-    except files_manifest.FormatError as exc:
+        manifest = integrity.read_json(file)
+        integrity.check_format(manifest, path=file, name=FORMAT, version=FORMAT_VERSION,
+                               remedy=f"not a log-prob cache manifest; {RERUN}")
+    except integrity.FormatError as exc:
         raise CacheFormatError(f"{file}: unreadable ({exc}); {RERUN}") from None
     missing = [key for key in ("dataset", "roles", "num_samples", "files") if key not in manifest]
     if missing or "reference" not in manifest["roles"]:
@@ -247,7 +247,7 @@ def _load_array(path: Path, *, mmap_mode: Optional[str] = None) -> np.ndarray:
 
 
 def _check_files(path: Path, manifest: dict, *, verify_sha256: bool) -> None:
-    problem = files_manifest.verify_files(path, manifest.get("files", {}), checksums=verify_sha256)
+    problem = integrity.verify_files(path, manifest.get("files", {}), checksums=verify_sha256)
     if problem:
         raise CacheFormatError(f"{problem.describe(listed_in=MANIFEST, prefix=path)}; {RERUN}")
 

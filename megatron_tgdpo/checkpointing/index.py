@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from megatron_tgdpo import manifest, safe_pickle
+from megatron_tgdpo import integrity, safe_pickle
 from megatron_tgdpo.checkpointing.contents import contents_problem
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,16 @@ def rank_and_world() -> tuple[int, int]:
 def read_metadata(path: Path) -> dict:
     """The metadata of checkpoint directory ``path``; CheckpointError when it is unreadable."""
     try:
-        meta = manifest.read_json(Path(path) / METADATA)
+        meta = integrity.read_json(Path(path) / METADATA)
         if "format" in meta:  # format 1 wrote only format_version
-            manifest.check_format(meta, path=Path(path) / METADATA, name=FORMAT, version=FORMAT_VERSION,
+            integrity.check_format(meta, path=Path(path) / METADATA, name=FORMAT, version=FORMAT_VERSION,
                                   remedy="not a megatron_tgdpo checkpoint")
         elif meta.get("format_version") != 1:
-            raise manifest.FormatError(f"{Path(path) / METADATA}: no format and format_version "
+            raise integrity.FormatError(f"{Path(path) / METADATA}: no format and format_version "
                                        f"{meta.get('format_version')!r}")
         if not isinstance(meta.get("iteration"), int) or not isinstance(meta.get("files"), dict):
-            raise manifest.FormatError(f"{Path(path) / METADATA}: lacks iteration/files")
-    except manifest.FormatError as exc:
+            raise integrity.FormatError(f"{Path(path) / METADATA}: lacks iteration/files")
+    except integrity.FormatError as exc:
         raise CheckpointError(f"unreadable {METADATA}: {exc}") from None
     return meta
 
@@ -85,14 +85,14 @@ def cheap_problem(path: Path) -> Optional[str]:
     reason = _manifest_problem(path, meta)
     if reason:
         return reason
-    found = manifest.verify_files(path, meta["files"], checksums=False)
+    found = integrity.verify_files(path, meta["files"], checksums=False)
     return found.describe(listed_in=METADATA, prefix=path) if found else None
 
 
 def _manifest_problem(path: Path, meta: dict) -> Optional[str]:
     """The manifest checked against itself (its digest), the directory's name and the directory's files."""
     if meta.get("format_version", 1) >= SEALED_SINCE:
-        reason = manifest.seal_problem(meta, path=path / METADATA)
+        reason = integrity.seal_problem(meta, path=path / METADATA)
         if reason:
             return reason
     named = _ITER_DIR.match(path.name)
@@ -101,7 +101,7 @@ def _manifest_problem(path: Path, meta: dict) -> Optional[str]:
                 "the manifest was edited or belongs elsewhere")
     # Every file must be listed (so verified); a list without the torch_dist files is caught before a load
     # (contents.REQUIRED_FILES), while a metadata-only directory still tells its origin.
-    unlisted = manifest.unlisted_files(path, meta["files"], ignore=(METADATA,))
+    unlisted = integrity.unlisted_files(path, meta["files"], ignore=(METADATA,))
     if unlisted:
         shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
         if not meta["files"]:
@@ -122,7 +122,7 @@ def _checksum_problem(path: Path, *, collective: bool) -> Optional[str]:
         return _VERIFIED[key]
     rank, world = rank_and_world() if collective else (0, 1)
     meta = read_metadata(path)
-    found = manifest.verify_files(path, meta["files"], checksums=True, share=(rank, world))
+    found = integrity.verify_files(path, meta["files"], checksums=True, share=(rank, world))
     mine = found.describe(listed_in=METADATA, prefix=path) if found else None
     if mine is None:  # the files are the listed ones: do they load, without running code?
         mine = contents_problem(path, meta, share=(rank, world))

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tgdpo import manifest
+from megatron_tgdpo import integrity
 from megatron_tgdpo.checkpointing.contents import PROGRESS, progress_state
 from megatron_tgdpo.checkpointing.index import (
     FORMAT,
@@ -106,7 +106,7 @@ def _from_rank0(value: Any) -> Any:
 def _describe_in_parallel(directory: Path) -> dict:
     rank, world = rank_and_world()
     names = sorted(f.name for f in directory.iterdir() if f.is_file())
-    mine = manifest.describe_files(directory, names[rank::world])
+    mine = integrity.describe_files(directory, names[rank::world])
     if world > 1:
         shares: list[dict] = [{} for _ in range(world)]
         dist.all_gather_object(shares, mine)
@@ -173,7 +173,7 @@ def save_checkpoint(
     if rank == 0:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration,
                 "layout": current_layout(), "parts": sorted(parts), **(state or {}), "files": files}
-        manifest.write_json_atomic(tmp / METADATA, manifest.seal(meta))
+        integrity.write_json_atomic(tmp / METADATA, integrity.seal(meta))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from megatron_tgdpo.convert.errors import ConversionError
-from megatron_tgdpo.manifest import publish_directory
+from megatron_tgdpo.integrity import publish_directory
 
 # What a Hugging Face model directory carries besides weights and config.json.
 TOKENIZER_PATTERNS = (

@@ -22,7 +22,7 @@ from megatron_tgdpo.convert.hf_config import arch_to_hf_config, config_dtype, se
 from megatron_tgdpo.convert.layout import hf_from_megatron, hf_groups
 from megatron_tgdpo.convert.origin import GENERATION_CONFIG, checked_tokenizer_dir
 from megatron_tgdpo.convert.safetensors_io import HF_INDEX, SafetensorsWriter, tensor_bytes
-from megatron_tgdpo.convert.sources import open_megatron_source
+from megatron_tgdpo.convert.megatron_source import open_megatron_source
 from megatron_tgdpo.convert.views import ConcatRows, TensorView
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # what transformers' save_pretrained uses

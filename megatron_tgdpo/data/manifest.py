@@ -58,8 +58,8 @@ def manifest_path(prefix: str | Path) -> Path:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file (the shared :func:`megatron_tgdpo.manifest.file_checksum`)."""
-    from megatron_tgdpo.manifest import file_checksum
+    """Hex SHA-256 of a file (the shared :func:`megatron_tgdpo.integrity.file_checksum`)."""
+    from megatron_tgdpo.integrity import file_checksum
 
     return file_checksum(path, algorithm="sha256")
 
@@ -129,8 +129,8 @@ def kind_problem(manifest: dict[str, Any], *, loss_type: str, prefix: str | Path
 
 def check_data_files(prefix: str | Path, manifest: dict[str, Any], *, verify_sha256: bool = False) -> None:
     """The .bin/.idx exist and match the sizes (and, if asked, the sha256) recorded in the manifest
-    (the project's one integrity check, :func:`megatron_tgdpo.manifest.verify_files`)."""
-    from megatron_tgdpo.manifest import verify_files
+    (the project's one integrity check, :func:`megatron_tgdpo.integrity.verify_files`)."""
+    from megatron_tgdpo.integrity import verify_files
 
     files = manifest.get("files", {})
     listed = {path.name: files.get(kind) for kind, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix)))}

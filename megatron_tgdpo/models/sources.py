@@ -29,7 +29,7 @@ import torch
 from megatron_tgdpo import checkpointing, convert
 from megatron_tgdpo.data.gguf_file import GGUFFile
 from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
-from megatron_tgdpo.manifest import file_checksum
+from megatron_tgdpo.integrity import file_checksum
 from megatron_tgdpo.models.llama import LlamaArch, preset
 
 __all__ = ["ModelSource", "resolve_arch"]

@@ -291,7 +291,7 @@ class Comparison:
                  str(d / "log")]
 
         def run() -> None:
-            from megatron_tgdpo.data.pairs import build_pairs
+            from megatron_tgdpo.tasks.pairs import build_pairs
             from megatron_tgdpo.tasks.jsonl import write_jsonl_atomic
             from megatron_tgdpo.tasks.samples import load_sample_records
 

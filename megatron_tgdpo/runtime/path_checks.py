@@ -67,7 +67,7 @@ def logprob_cache_problem(path: Optional[str]) -> Optional[str]:
     set, checkpoints, seed) is checked when it is opened."""
     if path is None or not os.path.exists(path):
         return None
-    from megatron_tgdpo import manifest
+    from megatron_tgdpo import integrity
 
     expected = "expected a directory made by tools/precompute_logprobs.py"
     if not os.path.isdir(path):
@@ -77,8 +77,8 @@ def logprob_cache_problem(path: Optional[str]) -> Optional[str]:
         return f"--logprob-cache {path}: has no {CACHE_MANIFEST} (not a log-prob cache, or its precompute run " \
                f"did not finish); {expected}"
     try:
-        meta = manifest.read_json(file)
-    except manifest.FormatError as exc:
+        meta = integrity.read_json(file)
+    except integrity.FormatError as exc:
         return f"--logprob-cache {path}: not a log-prob cache ({exc}); {expected}"
     if meta.get("format") != CACHE_FORMAT:
         return f"--logprob-cache {path}: {CACHE_MANIFEST} is not a log-prob cache manifest (format " \

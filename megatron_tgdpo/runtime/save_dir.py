@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from megatron_tgdpo.manifest import write_json_atomic
+from megatron_tgdpo.integrity import write_json_atomic
 
 __all__ = ["LOCK_FILE", "REQUEUE_MARKER", "SaveDirInUse", "SaveLock", "check_writable", "clear_requeue_marker",
            "write_requeue_marker"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_tgdpo import manifest
+from megatron_tgdpo import integrity
 from megatron_tgdpo.config import parse_args
 from megatron_tgdpo.logprob_cache import CacheFormatError, CacheMismatchError, LogprobCache
 from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
@@ -221,7 +221,7 @@ def test_different_guidance_checkpoint_is_refused(workspace):
     shutil.copytree(ws["guide"], other)
     meta = json.loads((other / "tgdpo_checkpoint.json").read_text())
     # Another checkpoint: its manifest differs (and stays consistent with itself, so it is not damaged).
-    manifest.write_json_atomic(other / "tgdpo_checkpoint.json", manifest.seal({**meta, "copied_from": ws["guide"]}))
+    integrity.write_json_atomic(other / "tgdpo_checkpoint.json", integrity.seal({**meta, "copied_from": ws["guide"]}))
     with pytest.raises(CacheMismatchError) as info:
         _open(ws, guidance_load=str(other.parent))
     text = str(info.value)

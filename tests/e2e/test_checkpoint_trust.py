@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_tgdpo import checkpointing, manifest, safe_pickle
+from megatron_tgdpo import checkpointing, integrity, safe_pickle
 from megatron_tgdpo.testing import TrainingJob
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,13 +99,13 @@ def _meta(ckpt: Path) -> dict:
 
 
 def _write_meta(ckpt: Path, meta: dict, *, seal: bool) -> None:
-    manifest.write_json_atomic(ckpt / checkpointing.METADATA, manifest.seal(meta) if seal else meta)
+    integrity.write_json_atomic(ckpt / checkpointing.METADATA, integrity.seal(meta) if seal else meta)
 
 
 def _relist(ckpt: Path, *names: str) -> None:
     """The manifest's size and CRC-32 of ``names`` updated, and its digest: only the content checks remain."""
     meta = _meta(ckpt)
-    meta["files"].update(manifest.describe_files(ckpt, names))
+    meta["files"].update(integrity.describe_files(ckpt, names))
     _write_meta(ckpt, meta, seal=True)
 
 
@@ -197,7 +197,7 @@ def test_the_intact_checkpoints_are_used_as_they_are(saved, caplog):
     meta = _meta(saved / "iter_0000002")
     assert meta["format_version"] == checkpointing.FORMAT_VERSION == 3
     assert meta["iteration"] == 2 and meta["consumed_samples"] == 8
-    assert manifest.seal_problem(meta, path="m") is None
+    assert integrity.seal_problem(meta, path="m") is None
 
 
 @pytest.mark.parametrize("case", sorted(EDITS))
@@ -230,12 +230,12 @@ def test_a_checkpoint_of_the_previous_format_is_read_with_a_note(copy, caplog):
     newest = copy / "iter_0000002"
     meta = _meta(newest)
     meta["format_version"] = 2
-    del meta[manifest.DIGEST]
+    del meta[integrity.DIGEST]
     _write_meta(newest, meta, seal=False)
     common = torch.load(newest / "common.pt", weights_only=False)
     del common["tgdpo_progress"]
     torch.save(common, newest / "common.pt")
-    meta["files"].update(manifest.describe_files(newest, ["common.pt"]))
+    meta["files"].update(integrity.describe_files(newest, ["common.pt"]))
     _write_meta(newest, meta, seal=False)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megatron_tgdpo.checkpointing"):
@@ -387,8 +387,8 @@ def test_logprob_cache_refuses_pickled_arrays(saved, work, tmp_path, victim):
     marker = tmp_path / "ran"
     np.save(cache / victim, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
     meta = json.loads((cache / "manifest.json").read_text())
-    meta["files"].update(manifest.describe_files(cache, [victim], algorithm="sha256"))
-    manifest.write_json_atomic(cache / "manifest.json", meta)
+    meta["files"].update(integrity.describe_files(cache, [victim], algorithm="sha256"))
+    integrity.write_json_atomic(cache / "manifest.json", meta)
     with _trusting(True):  # the cache never holds objects: no flag makes it unpickle one
         with pytest.raises(CacheFormatError, match=f"{cache / victim}: refused"):
             open_cache()

@@ -5,7 +5,7 @@ table), no module imports one from a layer above it, and no module reaches into 
 Every ``megatron_tgdpo`` import is counted, at module level and inside functions (a lazy import is
 still a dependency). Layers, low to high (``docs/architecture.md``)::
 
-    0 foundation   compat, manifest, safe_pickle, monitoring, distributed, flag_checks, runtime/lifecycle, tasks/, data/, ops/, resources/, plotting
+    0 foundation   compat, integrity, safe_pickle, monitoring, distributed, flag_checks, runtime/lifecycle, tasks/, data/, ops/, resources/, plotting
     1 model        models/llama, layers, state_dict, fused_head, losses/, memory, config
     2 storage      checkpointing, convert/
     3 sources      models/sources
@@ -25,7 +25,7 @@ PACKAGE = ROOT / "megatron_tgdpo"
 LAYERS = [
     # runtime.lifecycle (parent-death signal, shielded helpers) needs only the standard library and is
     # what distributed calls when a launcher started the process.
-    ("compat", "manifest", "safe_pickle", "monitoring", "distributed", "flag_checks", "runtime.lifecycle", "tasks", "data", "ops", "resources", "plotting"),
+    ("compat", "integrity", "safe_pickle", "monitoring", "distributed", "flag_checks", "runtime.lifecycle", "tasks", "data", "ops", "resources", "plotting"),
     ("models.llama", "models.layers", "models.state_dict", "models.fused_head", "models", "losses", "memory", "config"),
     ("checkpointing", "convert"),
     ("models.sources",),

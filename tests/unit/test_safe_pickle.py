@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_tgdpo import manifest, safe_pickle
+from megatron_tgdpo import integrity, safe_pickle
 
 
 class _Payload:
@@ -88,8 +88,8 @@ def test_garbage_is_unreadable_not_a_traceback():
 
 
 def test_the_manifest_digest_covers_every_field():
-    sealed = manifest.seal({"iteration": 10, "consumed_samples": 80, "files": {"a": {"bytes": 1}}, "x": 0.1})
-    assert manifest.seal_problem(sealed, path="m") is None
+    sealed = integrity.seal({"iteration": 10, "consumed_samples": 80, "files": {"a": {"bytes": 1}}, "x": 0.1})
+    assert integrity.seal_problem(sealed, path="m") is None
     for field, value in (("iteration", 7), ("consumed_samples", 0), ("files", {}), ("x", 0.2)):
-        assert "does not match its manifest_sha256" in manifest.seal_problem({**sealed, field: value}, path="m")
-    assert "has no manifest_sha256" in manifest.seal_problem({"iteration": 1}, path="m")
+        assert "does not match its manifest_sha256" in integrity.seal_problem({**sealed, field: value}, path="m")
+    assert "has no manifest_sha256" in integrity.seal_problem({"iteration": 1}, path="m")
