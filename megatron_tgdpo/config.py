@@ -248,17 +248,28 @@ def _foreign_names(sections: Mapping[str, type], *, refused: Mapping[str, str]) 
     return out
 
 
-def _foreign_flag_problems(argv: Sequence[str], foreign: Mapping[str, str], *, method: str) -> list[str]:
-    problems = []
-    for token in argv:
-        if not token.startswith("--"):
-            continue
-        name = token[2:].split("=", 1)[0].replace("-", "_")
-        if name not in foreign and name.startswith("no_") and name[3:] in foreign:
+def _split_foreign(argv: Sequence[str], foreign: Mapping[str, str], *, method: str,
+                   switches: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(one problem per flag of ``foreign`` in ``argv``, ``argv`` without those flags and their values):
+    the rest is still parsed and checked, so one misplaced flag hides no other problem. ``switches``:
+    the option names that take no value."""
+    problems, kept = [], []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        name = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+        if name is not None and name not in foreign and name.startswith("no_") and name[3:] in foreign:
             name = name[3:]
-        if name in foreign:
-            problems.append(f"{_flag(name)} does not apply to {method} ({foreign[name]})")
-    return problems
+        if name is None or name not in foreign:
+            kept.append(token)
+            continue
+        problems.append(f"{_flag(name)} does not apply to {method} ({foreign[name]})")
+        takes_value = "=" not in token and name not in switches and not token[2:].startswith("no-")
+        if takes_value and i < len(tokens) and not tokens[i].startswith("--"):
+            i += 1  # its value
+    return problems, kept
 
 
 def load_yaml(path: str, *, sections: Optional[Mapping[str, type]] = None, method: str = "this command",
@@ -320,11 +331,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, sections: Optional[Mappi
     sections = TRAIN_SECTIONS if sections is None else sections
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = flag_checks.checked_parser(build_parser(sections=sections, **parser_args))
+    foreign: list[str] = []
     if "-h" not in argv and "--help" not in argv:
-        foreign = _foreign_flag_problems(argv, _foreign_names(sections, refused=refused), method=method)
-        if foreign:
-            raise ConfigError(foreign)
-    args = vars(parser.parse_args(argv))
+        switches = frozenset(f.name for cls in TRAIN_SECTIONS.values() for f in fields(cls) if f.type in (bool, "bool"))
+        foreign, argv = _split_foreign(argv, _foreign_names(sections, refused=refused), method=method,
+                                       switches=switches)
+    try:
+        args = vars(parser.parse_args(argv))
+    except ConfigError as exc:
+        raise ConfigError(foreign + exc.problems) from None
     config_path = args.pop("config", None)
     values = load_yaml(config_path, sections=sections, method=method, refused=refused) if config_path else {}
     values.update(args)
@@ -333,8 +348,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, sections: Optional[Mappi
     parts = {name: cls(**{k.partition(".")[2]: v for k, v in values.items() if k.startswith(name + ".")})
              for name, cls in sections.items()}
     cfg = TrainConfig(**core, **parts)
-    if flag_checks.config_problems(cfg):  # every number in range before anything else looks at it
-        raise ConfigError(flag_checks.config_problems(cfg))
+    problems = foreign + flag_checks.config_problems(cfg)  # every number in range before anything looks at it
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 
