@@ -98,6 +98,16 @@ SLOW: tuple[str, ...] = (
     "tests/e2e/test_reliability.py::test_nan_on_every_step_stops_with_exit_1_and_no_checkpoint_after_the_last_good_step",
     "tests/e2e/test_reliability.py::test_load_on_a_file_is_refused",  # 8.5 + 8.7: two one-process jobs
     "tests/e2e/test_reliability.py::test_unwritable_save_and_log_dir_are_refused_before_any_compute",
+    "tests/e2e/test_reliability.py::test_a_damaged_checkpoint_is_reported_once_per_run",  # 74: its own 2-rank run
+    # checkpoint trust through the real command line (the in-process checks of the same files stay)
+    "tests/e2e/test_checkpoint_trust.py::test_load_skips_a_checkpoint_with_a_payload_and_resumes_the_older_one",  # 8.2
+    "tests/e2e/test_checkpoint_trust.py::test_ref_and_guidance_load_refuse_a_payload",  # 4 x 7-9
+    "tests/e2e/test_checkpoint_trust.py::test_trust_checkpoint_loads_a_legitimate_checkpoint",  # 7.6
+    "tests/e2e/test_sampler_stop_ids.py",  # 12.9: a converted model, the pipeline worker and the command
+    # the real model (SmolLM2-135M, tests/realmodel/): minutes each, also marked realmodel
+    "tests/realmodel/test_smollm2_generate.py",
+    "tests/realmodel/test_smollm2_source.py",
+    "tests/realmodel/test_smollm2_training.py",
     "tests/e2e/test_replicate.py",  # 64.6: the whole smoke pipeline, then its resume
     "tests/e2e/test_sft_data_training.py",  # 34.8: prepare, train and refuse through the CLI
 )
