@@ -103,6 +103,7 @@ SLOW: tuple[str, ...] = (
     "tests/e2e/test_checkpoint_trust.py::test_load_skips_a_checkpoint_with_a_payload_and_resumes_the_older_one",  # 8.2
     "tests/e2e/test_checkpoint_trust.py::test_ref_and_guidance_load_refuse_a_payload",  # 4 x 7-9
     "tests/e2e/test_checkpoint_trust.py::test_trust_checkpoint_loads_a_legitimate_checkpoint",  # 7.6
+    "tests/e2e/test_checkpoint_trust.py::test_a_cache_of_another_run_is_a_flag_error_not_a_traceback",  # 8
     "tests/e2e/test_sampler_stop_ids.py",  # 12.9: a converted model, the pipeline worker and the command
     # the real model (SmolLM2-135M, tests/realmodel/): minutes each, also marked realmodel
     "tests/realmodel/test_smollm2_generate.py",

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_tgdpo.checkpointing import POLICY, CheckpointPart
+from megatron_tgdpo.config import ConfigError
 from megatron_tgdpo.config import PreferenceConfig
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.losses import preference_loss_sums
@@ -74,12 +75,15 @@ class PreferenceAlgorithm(Algorithm):
         if self.guided and online:
             self.frozen["guidance"] = setup.build_frozen(arch, cfg, ModelSource.of(pref.guidance_load, seed=cfg.seed))
         if not online:
-            from megatron_tgdpo.logprob_cache import LogprobCache
+            from megatron_tgdpo.logprob_cache import LogprobCache, LogprobCacheError
 
-            self.cache = LogprobCache(
-                pref.logprob_cache, dataset_prefix=self.ctx.data.train_prefix, ref_load=cfg.ref_load,
-                guidance_load=pref.guidance_load, seed=cfg.seed, need_guidance=self.guided, model=cfg.model,
-            )
+            try:
+                self.cache = LogprobCache(
+                    pref.logprob_cache, dataset_prefix=self.ctx.data.train_prefix, ref_load=cfg.ref_load,
+                    guidance_load=pref.guidance_load, seed=cfg.seed, need_guidance=self.guided, model=cfg.model,
+                )
+            except LogprobCacheError as exc:  # a cache of another run or a damaged one: a flag to fix, exit 2
+                raise ConfigError(f"--logprob-cache {pref.logprob_cache}: {exc}") from None
         self.policy = setup.wrap_trained(cfg, policy, train_iters=self.ctx.train_iters)
 
     def parts(self) -> dict[str, CheckpointPart]:

@@ -395,6 +395,17 @@ def test_logprob_cache_refuses_pickled_arrays(saved, work, tmp_path, victim):
     assert not marker.exists()
 
 
+def test_a_cache_of_another_run_is_a_flag_error_not_a_traceback(saved, work, tmp_path):
+    """A real cache made for another reference (here: another seed's init) stops the run before any
+    step with exit 2 and one line naming --logprob-cache and the mismatch."""
+    cache, _ = _cache(work, tmp_path / "cache")
+    code, out = _job(work, "other-cache", "--loss-type", "dpo", "--train-iters", 1, "--logprob-cache", cache,
+                     "--seed", SEED + 1)
+    assert code == 2, out[-3000:]
+    assert f"--logprob-cache {cache}:" in out and "seeded-init:" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
 def test_trust_checkpoint_is_a_flag_of_the_trainer():
     from megatron_tgdpo.config import parse_args
 
