@@ -16,7 +16,7 @@ __all__ = ["CACHE_FORMAT", "CACHE_MANIFEST", "MODEL_DIRECTORY", "config_problems
 
 #: what every model flag (--ref-load, --guidance-load, --reward-model-load, --critic-load) accepts
 MODEL_DIRECTORY = ("a checkpoint directory (a --save root with iter_* directories, or one iter_* directory) or a "
-                   "model directory (Hugging Face with safetensors weights, or converted)")
+                   "model directory (Hugging Face with safetensors weights, or converted), or a .gguf model file")
 
 #: the manifest a complete log-prob cache holds (written last by tools/precompute_logprobs.py) and its format
 #: name: ``logprob_cache.MANIFEST`` and ``logprob_cache.FORMAT``, a layer above this one (a test keeps them equal)
@@ -46,7 +46,9 @@ def model_dir_problem(flag: str, path: Optional[str], *, checkpoint_root_ok: boo
     from megatron_tgdpo.models.sources import ModelSource
 
     if os.path.isfile(path):
-        return f"{flag} {path}: is a file; expected {MODEL_DIRECTORY}"
+        from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
+
+        return None if is_gguf_file(path) else f"{flag} {path}: is a file; expected {MODEL_DIRECTORY}"
     source = ModelSource.of(path)
     if source.kind == "hf":
         try:
