@@ -26,7 +26,7 @@ from megatron_tgdpo.pipeline.evaluate import model_metrics, score_file, summary_
 from megatron_tgdpo.pipeline.prompts import write_prompt_files, write_sft_data
 from megatron_tgdpo.pipeline.report import (aggregate, differences, format_alpha_table, format_difference_table,
                                             format_main_table)
-from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, fingerprint
+from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, fingerprint, prepared_files, prepared_problem
 from megatron_tgdpo.pipeline.training import model_name, preference_flags, sft_flags
 
 __all__ = ["Replication", "run_replication"]
@@ -40,19 +40,6 @@ def _tokenizer() -> Path:
     return SYNTHETIC_DIR / "tokenizer.model"
 
 
-def _prepared_problem(prefix: Path) -> Optional[str]:
-    from megatron_tgdpo.data.errors import DataFormatError
-    from megatron_tgdpo.data.manifest import check_data_files, read_manifest
-
-    try:
-        check_data_files(prefix, read_manifest(prefix))
-    except DataFormatError as exc:
-        return str(exc)
-    return None
-
-
-def _prepared_files(prefix: Path) -> list[Path]:
-    return [Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "manifest.json")]
 
 
 def _scored_problem(paths: list[Path]) -> Optional[str]:
@@ -162,8 +149,8 @@ class Replication:
 
         stage = Stage("data.sft", spec={"prompts": self.fp["data.prompts"], "noise": cfg.sft_noise,
                                         "seed": cfg.data_seed, "seq_length": cfg.seq_length},
-                      outputs=[sft_jsonl, *_prepared_files(prefix)], run=make_sft, info=info,
-                      check=lambda: _prepared_problem(prefix))
+                      outputs=[sft_jsonl, *prepared_files(prefix)], run=make_sft, info=info,
+                      check=lambda: prepared_problem(prefix))
         self.fp["data.sft"] = self.runner.run(stage)
 
     # ---- one seed --------------------------------------------------------------------------------
@@ -245,8 +232,8 @@ class Replication:
             self._prepare(pairs_jsonl, prefix, kind="preference")
 
         stage = Stage(f"{tag}.pairs", spec={"samples": self.fp[f"{tag}.samples"], "seq_length": cfg.seq_length},
-                      outputs=[pairs_jsonl, *_prepared_files(prefix)], run=build, info=info,
-                      check=lambda: _prepared_problem(prefix))
+                      outputs=[pairs_jsonl, *prepared_files(prefix)], run=build, info=info,
+                      check=lambda: prepared_problem(prefix))
         self.fp[f"{tag}.pairs"] = self.runner.run(stage)
         self.pair_stats[seed] = info
         return prefix

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["PipelineError", "Stage", "StageRunner", "fingerprint"]
+__all__ = ["PipelineError", "Stage", "StageRunner", "fingerprint", "prepared_files", "prepared_problem"]
 
 
 class PipelineError(RuntimeError):
@@ -141,3 +141,20 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def prepared_files(prefix: Path) -> list[Path]:
+    """The files of a prepared data set (``megatron-tgdpo prepare --output-prefix prefix``): a stage's outputs."""
+    return [Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "manifest.json")]
+
+
+def prepared_problem(prefix: Path) -> Optional[str]:
+    """Why the prepared data set at ``prefix`` is not complete and intact, or None: a stage's check."""
+    from megatron_tgdpo.data.errors import DataFormatError
+    from megatron_tgdpo.data.manifest import check_data_files, read_manifest
+
+    try:
+        check_data_files(prefix, read_manifest(prefix))
+    except DataFormatError as exc:
+        return str(exc)
+    return None

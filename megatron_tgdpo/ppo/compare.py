@@ -48,7 +48,7 @@ from statistics import fmean, pstdev
 from typing import Any, Callable, Optional, Sequence
 
 from megatron_tgdpo.pipeline.launch import run_logged
-from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner
+from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, prepared_files, prepared_problem
 
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's
 DPO_SAMPLING_BATCH = 64  # prompts per forward when sampling for DPO (x --samples-per-prompt rows)
@@ -144,19 +144,6 @@ def _scored_problem(paths: Sequence[Path]) -> Optional[str]:
     return None
 
 
-def _prepared_files(prefix: Path) -> list[Path]:
-    return [Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "manifest.json")]
-
-
-def _prepared_problem(prefix: Path) -> Optional[str]:
-    from megatron_tgdpo.data.errors import DataFormatError
-    from megatron_tgdpo.data.manifest import check_data_files, read_manifest
-
-    try:
-        check_data_files(prefix, read_manifest(prefix))
-    except DataFormatError as exc:
-        return str(exc)
-    return None
 
 
 def _heldout_problem(run_dir: Path) -> Optional[str]:
@@ -238,7 +225,7 @@ class Comparison:
             self._prepare(data, prefix, fmt="sft")
 
         self._stage("sft.data", {"tokenizer": self.tokenizer, "seq_length": args.seq_length},
-                    [data, *_prepared_files(prefix)], prepare, lambda: _prepared_problem(prefix), inputs=["prompts"])
+                    [data, *prepared_files(prefix)], prepare, lambda: prepared_problem(prefix), inputs=["prompts"])
         flags = ["--loss-type", "sft", "--data-path", str(prefix), "--model", "tiny", "--micro-batch-size", "32",
                  "--global-batch-size", "32", "--seq-length", str(args.seq_length), "--lr", "3e-3", "--min-lr", "3e-4",
                  "--lr-warmup-fraction", "0.05", "--train-iters", str(args.sft_iters), "--seed", "1", "--log-interval",
@@ -307,7 +294,7 @@ class Comparison:
             _run(command("train", *flags), log=logs / f"dpo{n}.log",
                  what=f"seed {seed}: DPO on pairs of {n} prompts ({n * args.samples_per_prompt} samples)")
 
-        outputs = [d / "samples.jsonl", d / "pairs.jsonl", d / "pair_stats.jsonl", *_prepared_files(d / "data"),
+        outputs = [d / "samples.jsonl", d / "pairs.jsonl", d / "pair_stats.jsonl", *prepared_files(d / "data"),
                    ckpt, d / "log"]
         self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": self.tokenizer, "flags": self._rel(flags)}, outputs,
                     run, lambda: _checkpoint_problem(ckpt), inputs=["sft", f"{tag}.dpo.samples"])
