@@ -26,7 +26,7 @@ from megatron_tgdpo.pipeline.evaluate import model_metrics, score_file, summary_
 from megatron_tgdpo.pipeline.prompts import write_prompt_files, write_sft_data
 from megatron_tgdpo.pipeline.report import (aggregate, differences, format_alpha_table, format_difference_table,
                                             format_main_table)
-from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, fingerprint, prepared_files, prepared_problem
+from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, fingerprint, prepared_files, prepared_problem, scored_problem
 from megatron_tgdpo.pipeline.training import model_name, preference_flags, sft_flags
 
 __all__ = ["Replication", "run_replication"]
@@ -38,21 +38,6 @@ def _tokenizer() -> Path:
     from megatron_tgdpo.data.builtin import SYNTHETIC_DIR
 
     return SYNTHETIC_DIR / "tokenizer.model"
-
-
-
-
-def _scored_problem(paths: list[Path]) -> Optional[str]:
-    """Why these samples files are not complete and scored, or None."""
-    from megatron_tgdpo.tasks.jsonl import BadLinesError
-    from megatron_tgdpo.tasks.samples import load_sample_records
-
-    for path in paths:
-        try:
-            load_sample_records(path, require_scores=True)
-        except (BadLinesError, OSError) as exc:
-            return str(exc).splitlines()[0]
-    return None
 
 
 def _checkpoint_problem(save: Path, iteration: int) -> Optional[str]:
@@ -213,7 +198,7 @@ class Replication:
         stage = Stage(f"{tag}.samples", spec={"sft": self.fp[f"{tag}.sft"], "prompts": self.fp["data.prompts"],
                                               "k": cfg.num_samples, "temperature": cfg.temperature,
                                               "max_new_tokens": cfg.max_new_tokens, "seed": seed},
-                      outputs=[samples], run=sample, info=info, check=lambda: _scored_problem([samples]))
+                      outputs=[samples], run=sample, info=info, check=lambda: scored_problem([samples]))
         self.fp[f"{tag}.samples"] = self.runner.run(stage)
 
         pairs_jsonl, prefix = s / "pairs.jsonl", s / "pairs"
@@ -258,7 +243,7 @@ class Replication:
                                       "k": cfg.eval_samples, "temperature": cfg.temperature,
                                       "max_new_tokens": cfg.max_new_tokens, "seed": seed},
                                 outputs=[p for p in (greedy, sampled) if p is not None], run=lambda: None,
-                                check=lambda g=greedy, k=sampled: _scored_problem([p for p in (g, k) if p])))
+                                check=lambda g=greedy, k=sampled: scored_problem([p for p in (g, k) if p])))
 
         def sample(pending: list[Stage]) -> None:
             self._sample([job for stage in pending for job in jobs[stage.name]], log_name=f"{tag}.eval")

@@ -18,9 +18,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["PipelineError", "Stage", "StageRunner", "fingerprint", "prepared_files", "prepared_problem"]
+__all__ = ["PipelineError", "Stage", "StageRunner", "fingerprint", "prepared_files", "prepared_problem", "scored_problem"]
 
 
 class PipelineError(RuntimeError):
@@ -157,4 +157,17 @@ def prepared_problem(prefix: Path) -> Optional[str]:
         check_data_files(prefix, read_manifest(prefix))
     except DataFormatError as exc:
         return str(exc)
+    return None
+
+
+def scored_problem(paths: Sequence[Path]) -> Optional[str]:
+    """Why these samples files are not complete and scored, or None: a stage's check."""
+    from megatron_tgdpo.tasks.jsonl import BadLinesError
+    from megatron_tgdpo.tasks.samples import load_sample_records
+
+    for path in paths:
+        try:
+            load_sample_records(path, require_scores=True)
+        except (BadLinesError, OSError) as exc:
+            return str(exc).splitlines()[0]
     return None

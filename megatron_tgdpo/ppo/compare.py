@@ -48,7 +48,7 @@ from statistics import fmean, pstdev
 from typing import Any, Callable, Optional, Sequence
 
 from megatron_tgdpo.pipeline.launch import run_logged
-from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, prepared_files, prepared_problem
+from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, prepared_files, prepared_problem, scored_problem
 
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's
 DPO_SAMPLING_BATCH = 64  # prompts per forward when sampling for DPO (x --samples-per-prompt rows)
@@ -130,20 +130,6 @@ def _checkpoint_problem(save: Path) -> Optional[str]:
     if not found:
         return f"{save}: no checkpoint"
     return checkpointing.problem(found[-1][1])
-
-
-def _scored_problem(paths: Sequence[Path]) -> Optional[str]:
-    from megatron_tgdpo.tasks.jsonl import BadLinesError
-    from megatron_tgdpo.tasks.samples import load_sample_records
-
-    for path in paths:
-        try:
-            load_sample_records(path, require_scores=True)
-        except (BadLinesError, OSError) as exc:
-            return str(exc).splitlines()[0]
-    return None
-
-
 
 
 def _heldout_problem(run_dir: Path) -> Optional[str]:
@@ -261,7 +247,7 @@ class Comparison:
 
         self._stage(f"{tag}.dpo.samples", {"prompts": max(budgets), "k": args.samples_per_prompt,
                                            "max_new_tokens": args.max_new_tokens, "seed": seed},
-                    [subset, samples], sample, lambda: _scored_problem([samples]), inputs=["prompts", "sft"])
+                    [subset, samples], sample, lambda: scored_problem([samples]), inputs=["prompts", "sft"])
         models = {}
         for n in budgets:
             models[n] = self._dpo_model(seed, n, sft, samples)
