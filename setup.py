@@ -26,6 +26,8 @@ setup(
         # GGUF model files (llama.cpp) as a model source: dequantization
         "gguf": ["gguf>=0.16"],
         "plot": ["matplotlib"],
+        # tools/bench_vs_trl.py: DPO side by side with TRL's DPOTrainer, at the TRL version last measured
+        "bench": ["trl==1.16.0", "transformers>=4.56.2"],
         # GPU only: TransformerEngine with its torch extension (FP8 layers, CP attention).
         "te": ["transformer-engine[pytorch]"],
         "tensorboard": ["tensorboard"],
