@@ -91,9 +91,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
                    help="this project's variants (packed+shared only where --share-prompt exists)")
     p.add_argument("--pairs", type=int, default=256, help="preference pairs (all trained once)")
-    p.add_argument("--length-scale", type=float, default=0.125,
+    p.add_argument("--length-scale", type=float, default=0.0625,
                    help="multiply the UltraFeedback-like lengths (1.0: prompt median 150, responses ~450)")
-    p.add_argument("--seq-length", type=int, default=256, help="longest prompt + response (pairs cut to fit)")
+    p.add_argument("--seq-length", type=int, default=128, help="longest prompt + response (pairs cut to fit)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--global-batch-size", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--beta", type=float, default=0.1)
@@ -103,11 +103,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adam-beta2", type=float, default=0.95)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1234, help="data, model weights and sampler order")
-    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--num-query-groups", type=int, default=2, help="key/value heads (grouped-query attention)")
-    p.add_argument("--ffn-hidden-size", type=int, default=768)
+    p.add_argument("--ffn-hidden-size", type=int, default=384)
     p.add_argument("--vocab-size", type=int, default=512,
                    help="model vocabulary (token ids are drawn from the shipped tokenizer's 38)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -230,19 +230,25 @@ def run_child(cmd: list[str], *, log: Path, env: dict, timeout: float) -> tuple[
             usage.ru_utime + usage.ru_stime)
 
 
+def project_flags(variant: str, *, work: Path, args: argparse.Namespace, steps: int, run_dir: Path) -> list[str]:
+    """``megatron-tgdpo train`` flags of one run of ``variant``."""
+    return ["--load", str(work / "model"), "--ref-load", str(work / "model"),
+            "--data-path", str(work / "data" / "pairs"), "--loss-type", "dpo",
+            "--beta", repr(args.beta), "--lr", repr(args.lr), "--min-lr", "0", "--lr-decay-style", "constant",
+            "--lr-warmup-fraction", "0", "--clip-grad", repr(args.clip_grad), "--adam-beta1", repr(args.adam_beta1),
+            "--adam-beta2", repr(args.adam_beta2), "--weight-decay", repr(args.weight_decay),
+            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+            "--seq-length", str(args.seq_length), "--train-iters", str(steps), "--seed", str(args.seed),
+            "--log-dir", str(run_dir), "--log-interval", "1", *VARIANTS[variant]]
+
+
 def run_project(variant: str, *, work: Path, args: argparse.Namespace, steps: int, tag: str) -> dict:
     run_dir = work / "runs" / f"{variant}-{tag}"
-    cmd = [sys.executable, "-m", "megatron_tgdpo", "train", "--load", str(work / "model"),
-           "--ref-load", str(work / "model"), "--data-path", str(work / "data" / "pairs"), "--loss-type", "dpo",
-           "--beta", repr(args.beta), "--lr", repr(args.lr), "--min-lr", "0", "--lr-decay-style", "constant",
-           "--lr-warmup-fraction", "0", "--clip-grad", repr(args.clip_grad), "--adam-beta1", repr(args.adam_beta1),
-           "--adam-beta2", repr(args.adam_beta2), "--weight-decay", repr(args.weight_decay),
-           "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
-           "--seq-length", str(args.seq_length), "--train-iters", str(steps), "--seed", str(args.seed),
-           "--log-dir", str(run_dir), "--log-interval", "1", *VARIANTS[variant]]
+    cmd = [sys.executable, "-m", "megatron_tgdpo", "train",
+           *project_flags(variant, work=work, args=args, steps=steps, run_dir=run_dir)]
     run_dir.mkdir(parents=True, exist_ok=True)
     rc, rss, wall, cpu = run_child(cmd, log=run_dir / "stdout.log", env=child_env(threads=args.threads),
-                              timeout=args.timeout)
+                                   timeout=args.timeout)
     if rc != 0:
         raise RuntimeError(f"{variant} exited {rc}; see {run_dir / 'stdout.log'}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -264,7 +270,7 @@ def run_trl(*, work: Path, args: argparse.Namespace, steps: int, tag: str) -> di
     (run_dir / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(run_dir / "spec.json")]
     rc, rss, wall, cpu = run_child(cmd, log=run_dir / "stdout.log", env=child_env(threads=args.threads),
-                              timeout=args.timeout)
+                                   timeout=args.timeout)
     if rc != 0:
         raise RuntimeError(f"TRL exited {rc}; see {run_dir / 'stdout.log'}")
     result = json.loads((run_dir / "result.json").read_text())
@@ -338,6 +344,9 @@ def trl_worker(spec_path: str) -> int:
     record = Record()
     trainer = TokenIdsDPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
                                  processing_class=tokenizer, callbacks=[record])
+    # What this comparison promises about TRL's side, checked on the trainer it built.
+    assert trainer.loss_types == ["sigmoid"] and not trainer.precompute_ref_logps, "TRL: not plain online DPO"
+    assert trainer.ref_model is not None and not trainer.args.gradient_checkpointing, "TRL: settings differ"
     trainer.train()
     losses = trainer.micro_losses
     step_losses = [sum(losses[s * accumulation:(s + 1) * accumulation]) / accumulation
