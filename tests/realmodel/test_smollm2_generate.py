@@ -17,17 +17,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 8
+# Five prompts, each for its own case: the answer ends at EOS within NEW_TOKENS (finish "eos"; the others
+# end at "length"), the shortest and the longest prompt (rows of different lengths in one micro-batch), a
+# byte-level token cut mid-character (the decoded text ends in U+FFFD), a newline in the answer.
 PROMPTS = [
     "What is the capital of France?",
     "Name a color.",
-    "Reverse the list: cat, dog, bird",
-    "What is 7 times 6?",
     "Say hello in Spanish.",
     "Sort these numbers: 9 3 7 1",
-    "Give me one word that rhymes with cat.",
-    "What is the opposite of hot?",
     "Count from 1 to 5.",
-    "Who wrote Hamlet?",
 ]
 
 
@@ -38,7 +36,7 @@ def test_greedy_generation_from_the_gguf_equals_transformers(smollm2, hf_model, 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(smollm2.gguf),
                           "--input", str(prompts), "--output", str(out), "--temperature", "0",
-                          "--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", "10"],
+                          "--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", str(len(PROMPTS))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
