@@ -2,7 +2,7 @@
 r"""DPO side by side with TRL's ``DPOTrainer``: the same model, the same pairs in the same order, the
 same settings, one process per run, interleaved rounds.
 
-    pip install -e ".[bench]"        # TRL at the version this comparison was last run with (setup.py)
+    pip install -e ".[bench]"        # TRL 1.16.0, the version this comparison was last run with (setup.py)
     python tools/bench_vs_trl.py --rounds 3 --output runs/bench_vs_trl.json
 
 What is held equal, so that the losses compare and the speeds measure the implementations only:
