@@ -27,7 +27,7 @@ TOOL = load_tool("precompute_logprobs")
 
 
 def _argv(data_cache: Path, *extra: str) -> list[str]:
-    return ["--model", "tiny", "--seq-length", "64", "--micro-batch-size", "8", "--seed", str(SEED),
+    return ["--model", "tiny", "--seq-length", "64", "--no-pack-sequences", "--micro-batch-size", "8", "--seed", str(SEED),
             "--data-cache-dir", str(data_cache), "--log-interval", "1000", *extra]
 
 
@@ -355,7 +355,8 @@ def test_training_with_cache_matches_online(workspace):
     run_on_ranks(1, _precompute, _argv(ws["data"], *data, "--guidance-load", ws["guide"]), str(cache),
                  model_parallel=False)
     common = ["--model", "tiny", "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "8",
-              "--seq-length", "64", "--lr", "3e-3", "--seed", str(SEED), "--eval-iters", "0", "--no-tensorboard",
+              "--seq-length", "64", "--no-pack-sequences", "--lr", "3e-3", "--seed", str(SEED), "--eval-iters", "0",
+              "--no-tensorboard",
               "--loss-type", "tgdpo", "--guidance-load", ws["guide"], *data]
     logs = {}
     for name, extra in (("online", []), ("cached", ["--logprob-cache", str(cache)])):
