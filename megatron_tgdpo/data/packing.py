@@ -142,6 +142,16 @@ def _balanced(sizes: list[int], *, count: int, capacity: int) -> Optional[list[l
     return [sorted(b) for b in bins if b]
 
 
+def _row_candidates(sizes: list[int], *, capacity: int, multiple: int, most: int = 32) -> list[int]:
+    """Bin capacities to try for uniform rows, largest first: ``capacity`` down to the larger of the
+    biggest pair and half of ``capacity``, in steps of ``multiple`` (coarser when that gives more than
+    ``most``, which bounds the planning cost)."""
+    low = max(max(sizes, default=1), capacity // 2)
+    count = max((capacity - low) // multiple + 1, 1)
+    stride = multiple * -(-count // most)
+    return [capacity] + [c for c in range(_round_up(low, multiple), capacity, stride) if c >= low][::-1][:most - 1]
+
+
 def _uniform_length(bins: list[list[int]], sizes: list[int], *, multiple: int, capacity: int) -> int:
     """One row length for all ``bins``: the fullest bin rounded up to ``multiple``, at most ``capacity``
     (which always holds a bin)."""
@@ -168,10 +178,12 @@ def plan_packing(
     single sequences (SFT on the chosen responses) instead of pairs.
 
     ``bin_multiple``: the number of micro-batches must be a multiple of it (the interleaved pipeline
-    schedule wants whole groups of PP); ``uniform_rows``: all rows of the window get one length
-    (``row_length``: pipeline stages without a shape exchange). With either, the pairs are also spread
-    over the next multiple of ``bin_multiple`` bins, emptiest bin first, and the plan that computes fewer
-    positions wins (ties: first-fit-decreasing, with empty ``padding_bins`` to reach the multiple)."""
+    schedule wants whole groups of PP; empty ``padding_bins`` fill a group). ``uniform_rows``: all rows
+    of the window get one length (``row_length``: pipeline stages without a shape exchange). Then the
+    rows' length is chosen too: for bin capacities from ``capacity`` down (:func:`_row_candidates`),
+    first-fit-decreasing, and the same number of bins filled emptiest first, and the plan that
+    computes the fewest positions, (bins + padding bins) x its fullest bin rounded up, wins (ties: the
+    larger capacity, first-fit first: fewer, fuller micro-batches)."""
     if bin_multiple < 1:
         raise ValueError(f"bin_multiple must be >= 1, got {bin_multiple}")
     if capacity < 1:
@@ -195,10 +207,14 @@ def plan_packing(
     padding = (-len(bins)) % bin_multiple
     row_length = None
     if uniform_rows and fixed_length is None:
-        choices = [(bins, padding)]
-        spread = _balanced(sizes, count=len(bins) + padding, capacity=capacity) if sizes else None
-        if spread is not None:
-            choices.append((spread, len(bins) + padding - len(spread)))
+        choices = []
+        for cap in _row_candidates(sizes, capacity=capacity, multiple=multiple):
+            ffd = bins if cap == capacity else _first_fit_decreasing(sizes, capacity=cap)
+            pad = (-len(ffd)) % bin_multiple
+            choices.append((ffd, pad))
+            spread = _balanced(sizes, count=len(ffd) + pad, capacity=cap) if sizes else None
+            if spread is not None:
+                choices.append((spread, len(ffd) + pad - len(spread)))
         costs = [(len(b) + pad) * _uniform_length(b, sizes, multiple=multiple, capacity=capacity) for b, pad in choices]
         bins, padding = choices[costs.index(min(costs))]
         row_length = _uniform_length(bins, sizes, multiple=multiple, capacity=capacity)
