@@ -545,8 +545,9 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
             context_parallel_size=cfg.context_parallel_size, sequence_parallel=cfg.sequence_parallel,
             use_distributed_optimizer=cfg.use_distributed_optimizer, bf16=cfg.bf16, fp8_format=cfg.fp8_format,
             loss_type=cfg.loss_type, global_batch_size=cfg.global_batch_size,
-            logits_chunk_size=cfg.logits_chunk_size, flash_attention=device.type == "cuda",
-            fused_logprobs=cfg.fused_logprobs, logprob_cache=cfg.logprob_cache is not None)
+            logits_chunk_size=cfg.logits_chunk_size, flash_attention=True,  # torch's CPU attention is a flash kernel
+            fused_logprobs=cfg.fused_logprobs, logprob_cache=cfg.logprob_cache is not None,
+            local_layers=not compat.te_available())
         estimates[label] = {"seq_length": seq, "bytes": int(est.worst.total)}
     out = {
         "rank": dist.get_rank(), "world_size": dist.get_world_size(), "arch_name": arch_name,
