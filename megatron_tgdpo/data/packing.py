@@ -21,6 +21,7 @@ no real token sees it; see models/layers.py).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -131,14 +132,14 @@ def _balanced(sizes: list[int], *, count: int, capacity: int) -> Optional[list[l
     """``count`` bins filled largest pair first into the emptiest bin (ties: the lower bin), so the
     fullest bin, which sets a uniform row's length, stays near the mean; None when one would pass
     ``capacity``. Empty bins are dropped (fewer pairs than bins)."""
-    loads = [0] * count
+    heap = [(0, b) for b in range(count)]  # (load, bin): the emptiest, then the lowest bin, on top
     bins: list[list[int]] = [[] for _ in range(count)]
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        target = min(range(count), key=lambda b: (loads[b], b))
+        load, target = heapq.heappop(heap)
+        if load + sizes[i] > capacity:
+            return None
         bins[target].append(i)
-        loads[target] += sizes[i]
-    if max(loads, default=0) > capacity:
-        return None
+        heapq.heappush(heap, (load + sizes[i], target))
     return [sorted(b) for b in bins if b]
 
 
