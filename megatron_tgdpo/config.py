@@ -87,9 +87,10 @@ class TrainConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 8
     pad_to_multiple_of: int = 16
-    pack_sequences: bool = field(default=False, metadata={
+    pack_sequences: bool = field(default=True, metadata={
         "help": "pack several pairs into one row of up to 2 x micro-batch-size x seq-length tokens (no padding "
-                "between them; attention and RoPE stay within each sequence)"})
+                "between them; attention and RoPE stay within each sequence); --no-pack-sequences: one padded "
+                "row per sequence (PPO always uses rows)"})
     data_cache_dir: str = "runs/data"
     # --- loss ---------------------------------------------------------------------------------
     loss_type: str = field(default="tgdpo", metadata={"choices": LOSS_TYPES})

@@ -28,8 +28,20 @@ Activations (no recompute, bf16, flash attention), bytes saved for backward per 
     statistics 4a (fp32), norm2 in 2h, norm2 out 2h, fc1 out 4f (gate and up), fc2 in 2f
       with sequence parallelism:    (12h + 4kv + 6f + 4a) / t
       without:                      8h + (4h + 4kv + 6f + 4a) / t       (the 4 norm tensors are replicated)
-    without flash attention (the CPU/local path) add the softmax probabilities 2as / t (every query
-    token attends to all s keys, also under CP).
+    without flash attention add the softmax probabilities 2as / t (every query token attends to all s
+    keys, also under CP); torch's scaled_dot_product_attention on CPU is a flash kernel (it saves no
+    probabilities).
+    Local layers (megatron's local spec, no TransformerEngine: every CPU run) save more than the fused
+    TE layers, per token and layer (``local_layer_bytes_per_token``; e the activation bytes):
+      RMSNorm in fp32 math          2 x (4h + (4 - e)h)    the normalised fp32 intermediate of each norm,
+                                                           and for e < 4 its fp32 copy of the input
+      attention output              e h / t                the attention's own output and the
+                                                           projection's contiguous input are two tensors
+      SwiGLU                        2 e f / t              silu(gate) and (up + offset) are new tensors
+      RoPE tables                   16 d                   cos and sin, for q and k, fp32, per token
+                                                           (d = head_dim; packed rows: per sequence; a
+                                                           padded micro-batch's rows share theirs)
+    (the norm terms are divided by t with sequence parallelism, as the norm tensors are).
     One micro-batch of one layer: ``2b x s/c`` tokens times that. (The Korthikanti et al. 2022 count,
     for a SwiGLU block with GQA, no dropout and flash attention.) FP8 activation savings are not
     modelled, so with FP8 this is an upper bound.
@@ -67,6 +79,7 @@ __all__ = [
     "MemoryEstimate",
     "StageMemory",
     "activation_bytes_per_token_layer",
+    "local_layer_bytes_per_token",
     "estimate",
     "format_table",
     "in_flight_layers",
@@ -155,6 +168,24 @@ def activation_bytes_per_token_layer(
     if sequence_parallel:
         return (replicated + sharded) / t
     return replicated + sharded / t
+
+
+def local_layer_bytes_per_token(
+    arch: LlamaArch,
+    *,
+    tensor_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    bytes_per_element: int = 2,
+) -> float:
+    """What one layer of megatron's local spec (no TransformerEngine) saves for backward per token on top
+    of :func:`activation_bytes_per_token_layer` (formula in the module doc)."""
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    t = tensor_model_parallel_size
+    e = bytes_per_element
+    norms = 2 * (4 * h + max(4 - e, 0) * h)
+    sharded = e * h + 2 * e * f
+    rope = 16 * d
+    return (norms / t if sequence_parallel else norms) + sharded / t + rope
 
 
 def in_flight_layers(
@@ -252,6 +283,7 @@ def estimate(
     flash_attention: bool = True,
     fused_logprobs: bool = False,
     logprob_cache: bool = False,
+    local_layers: bool = False,
 ) -> MemoryEstimate:
     """Per-GPU bytes of the first and the last pipeline stage (one entry without PP)."""
     t, p, c = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
@@ -279,6 +311,9 @@ def estimate(
     per_layer = tokens * activation_bytes_per_token_layer(
         arch, tensor_model_parallel_size=t, sequence_parallel=sequence_parallel, seq_length=seq_length,
         flash_attention=flash_attention, bytes_per_element=weight_bytes)
+    if local_layers:
+        per_layer += tokens * local_layer_bytes_per_token(
+            arch, tensor_model_parallel_size=t, sequence_parallel=sequence_parallel, bytes_per_element=weight_bytes)
 
     if p == 1:
         positions = [("first & last", 0, True, True)]

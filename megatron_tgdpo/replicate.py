@@ -59,7 +59,7 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     parser.add_argument("--figures", type=Path, metavar="DIR", help="also write the curves PNG there (needs --curves)")
     parser.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=None,
                         help="pack several examples into each row in every training job (default: the preset's; "
-                        "demo on, full off)")
+                        "on in every preset but full, whose docs/results.md figures were measured with padded rows)")
     parser.add_argument("--verbose", action="store_true", help="show library warnings (also MEGATRON_TGDPO_VERBOSE=1)")
     parser.add_argument("--nproc", type=int, help="ranks per training job (default 1: fastest for the tiny model)")
     sizes = parser.add_argument_group("task and sizes (defaults from --preset)")

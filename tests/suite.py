@@ -36,6 +36,7 @@ SLOW: tuple[str, ...] = (
     "tests/unit/test_data_sft.py::test_cli_format_sft",  # 17.7
     "tests/unit/test_data_hostile.py::test_cli_error_mode_in_worker_processes_exits_1_without_traceback",  # 8.0
     "tests/unit/test_convert_roundtrip.py::test_cli_exits_non_zero_with_a_message",  # 3.2 (the other CLI test stays)
+    "tests/unit/test_memory_local_layers.py::test_estimate_per_layer_matches_what_a_local_layer_saves",  # ~10 (2 ranks, loaded machine: 30)
     # distributed: the second and later layouts of one check (the first stays), kill-and-resume runs
     "tests/distributed/test_train_parallel.py::test_parallel_layout_matches_single_rank[cp2]",  # 8.9 (4 fixture)
     "tests/distributed/test_train_parallel.py::test_parallel_layout_matches_single_rank[tp2cp2]",  # 13.2

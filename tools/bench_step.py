@@ -14,12 +14,18 @@ same seed, so the same shuffled order) for ``--warmup`` + ``--steps`` iterations
 (``algorithms.preference.PreferenceAlgorithm``: frozen scoring, megatron-core schedule, optimizer),
 and the measured steps give:
 
-* step time (mean of the measured steps: batch assembly + frozen scoring + policy step + optimizer +
-  the metrics reduction the loop does when it logs), tokens/s (computed positions, padding included)
-  and real tokens/s (prompt + response tokens), both for the whole job;
+* step time: the fastest, median and slowest measured step (batch assembly + frozen scoring + policy
+  step + optimizer + the metrics reduction the loop does when it logs) over every round, and the
+  median of each round; ratios between variants are of medians (a mean of a few steps on a shared
+  machine follows its load bursts); tokens/s (computed positions, padding included) and real tokens/s
+  (prompt + response tokens), both for the whole job over the summed step times;
 * computed tokens / real tokens and the padding fraction, and where the padding comes from (rows
   padded to the longest row or to ``--seq-length``; per-sequence padding to 2 x CP; packed row tails
-  rounded to ``--pad-to-multiple-of`` or, with virtual stages, to the fixed packed length);
+  rounded to ``--pad-to-multiple-of`` or, with virtual stages, to the step's fullest row). With
+  pipeline parallelism padded rows are padded to ``--seq-length`` (one shape for every micro-batch), so
+  the table also gives ``comp/real at PP 1``: the same micro-batches with every row only as long as a
+  single-stage run makes it (padded: the micro-batch's longest row; packed: its own content; no
+  empty micro-batches), the fair comparison for layouts without PP;
 * model TFLOP/s per device as the training loop logs it (``monitoring.FlopModel`` over the computed
   tokens, attention over a padded row's width or a packed token's own segment, 3 passes for the policy
   + one per frozen model),
@@ -118,7 +124,7 @@ def tool_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (allocator, kernels, caches)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="run the whole list of variants this many times, alternating (a busy machine's load "
                              "then hits every variant alike); figures pool the measured steps of all rounds")
     parser.add_argument("--compare", nargs="+", choices=COMPARISONS, default=list(COMPARISONS),
@@ -440,6 +446,22 @@ def _padding_breakdown(batch) -> tuple[int, int]:
     return segments - batch.real_tokens, batch.num_tokens - segments
 
 
+def single_stage_positions(batch, lengths: np.ndarray, *, multiple: int) -> int:
+    """Positions ``batch`` would compute in a single-stage run (no pipeline parallelism): padded rows as
+    long as the micro-batch's longest row rounded up to ``multiple`` (not ``--seq-length``), a packed row
+    its segments rounded up to ``multiple`` (the collator's lcm with 2 x CP), an empty micro-batch (one
+    that fills an interleaved schedule) none."""
+    if batch.packed:
+        if batch.num_sequences == 0:
+            return 0
+        bounds = batch.segment_bounds()
+        content = int(bounds[batch.num_sequences] - bounds[0])
+        return max(-(-content // multiple), 1) * multiple
+    samples = batch["sample_idx"].tolist()
+    longest = max(int(lengths[i, 0] + max(lengths[i, 1], lengths[i, 2])) for i in samples)
+    return batch.shape[0] * max(-(-longest // multiple), 1) * multiple
+
+
 def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optional[int] = None) -> dict:
     """Build ``cfg``'s run and time ``warmup`` + ``steps`` iterations on this rank (every rank calls it)."""
     import torch
@@ -448,6 +470,7 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
     from megatron_tgdpo import compat
     from megatron_tgdpo.algorithms.preference import PreferenceAlgorithm
     from megatron_tgdpo.data import PreferenceDataset
+    from megatron_tgdpo.data.collate import padding_multiple
     from megatron_tgdpo.distributed import current_device
     from megatron_tgdpo.memory import estimate
     from megatron_tgdpo.monitoring import FlopModel
@@ -468,6 +491,10 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
     flops = FlopModel(arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
                       arch.num_query_groups, arch.vocab_size)
     passes = algorithm.passes_per_token
+    multiple = padding_multiple(pad_to_multiple_of=cfg.pad_to_multiple_of, tensor_parallel=cfg.tensor_model_parallel_size,
+                                sequence_parallel=cfg.sequence_parallel, context_parallel=cfg.context_parallel_size)
+    if cfg.pack_sequences:
+        multiple = math.lcm(multiple, 2 * cfg.context_parallel_size)
     records = []
     losses = []
     for iteration in range(warmup + steps):
@@ -486,11 +513,12 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
         losses.append(float(reduced.get("loss", float("nan"))))
         if not measured:
             continue
-        seq_pad = row_pad = 0
+        seq_pad = row_pad = single_stage = 0
         useful = 0.0
         for batch in batches:
             a, b = _padding_breakdown(batch)
             seq_pad, row_pad = seq_pad + a, row_pad + b
+            single_stage += single_stage_positions(batch, lengths, multiple=multiple)
             for sample in batch["sample_idx"].tolist():
                 p, c, r = (int(x) for x in lengths[sample])
                 useful += sum(n * flops.forward_flops_per_token(n) for n in (p + c, p + r))
@@ -499,7 +527,7 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
             "elapsed_s": elapsed, "cpu_s": cpu, "computed_tokens": computed, "real_tokens": result.real_tokens,
             "micro_batches": len(batches), "longest_row": max(b.shape[1] for b in batches),
             "max_tokens_per_micro_batch": max(b.num_tokens for b in batches), "sequence_padding": seq_pad,
-            "row_padding": row_pad, "updated": bool(result.updated),
+            "row_padding": row_pad, "updated": bool(result.updated), "single_stage_tokens": single_stage,
             "loop_flops": flops.step_flops(tokens=computed, seq_length=result.attention_span,
                                            frozen_models=passes - 3.0),
             "useful_flops": useful * passes,
@@ -517,8 +545,9 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
             context_parallel_size=cfg.context_parallel_size, sequence_parallel=cfg.sequence_parallel,
             use_distributed_optimizer=cfg.use_distributed_optimizer, bf16=cfg.bf16, fp8_format=cfg.fp8_format,
             loss_type=cfg.loss_type, global_batch_size=cfg.global_batch_size,
-            logits_chunk_size=cfg.logits_chunk_size, flash_attention=device.type == "cuda",
-            fused_logprobs=cfg.fused_logprobs, logprob_cache=cfg.logprob_cache is not None)
+            logits_chunk_size=cfg.logits_chunk_size, flash_attention=True,  # torch's CPU attention is a flash kernel
+            fused_logprobs=cfg.fused_logprobs, logprob_cache=cfg.logprob_cache is not None,
+            local_layers=not compat.te_available())
         estimates[label] = {"seq_length": seq, "bytes": int(est.worst.total)}
     out = {
         "rank": dist.get_rank(), "world_size": dist.get_world_size(), "arch_name": arch_name,
@@ -545,7 +574,7 @@ def pool_rounds(rounds: list[list[dict]]) -> list[dict]:
     pooled = []
     for per_round in zip(*rounds):  # one rank's results, round by round
         first = dict(per_round[0])
-        first["steps"] = [s for r in per_round for s in r["steps"]]
+        first["steps"] = [dict(s, round=i) for i, r in enumerate(per_round) for s in r["steps"]]
         first["build_s"] = max(r["build_s"] for r in per_round)
         first["memory"] = max((r["memory"] for r in per_round), key=lambda m: m["peak_bytes"])
         pooled.append(first)
@@ -559,9 +588,13 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
     first = per_rank[0]
     totals = {}
     for key in ("computed_tokens", "real_tokens", "micro_batches", "sequence_padding", "row_padding", "loop_flops",
-                "useful_flops"):
-        totals[key] = sum(sum(s[key] for s in r["steps"]) for r in per_rank) / model_parallel
+                "useful_flops", "single_stage_tokens"):
+        totals[key] = sum(sum(s.get(key, 0) for s in r["steps"]) for r in per_rank) / model_parallel
     times = [max(r["steps"][i]["elapsed_s"] for r in per_rank) for i in range(steps)]
+    cpu_times = [sum(r["steps"][i]["cpu_s"] for r in per_rank) for i in range(steps)]
+    rounds: dict[int, list[float]] = {}
+    for i, t in enumerate(times):
+        rounds.setdefault(first["steps"][i].get("round", 0), []).append(t)
     total_time = sum(times)
     computed, real = totals["computed_tokens"], totals["real_tokens"]
     tflops = totals["loop_flops"] / total_time / 1e12 / world
@@ -571,13 +604,17 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
     merged = {
         "describe": first["describe"], "arch_name": first["arch_name"], "parameters": first["parameters"],
         "passes_per_token": first["passes_per_token"], "world_size": world, "te_layers": first["te"],
-        "step_time_s": total_time / steps, "step_time_min_s": min(times), "step_times_s": times,
-        # process CPU time (all threads, user + sys) summed over ranks: steadier than wall time on a busy CPU
-        "cpu_time_s": sum(sum(s["cpu_s"] for s in r["steps"]) for r in per_rank) / steps,
+        # the median step: what ratios compare (the mean of a few steps follows a shared machine's bursts)
+        "step_time_s": float(np.median(times)), "step_time_min_s": min(times), "step_time_max_s": max(times),
+        "step_time_mean_s": total_time / steps, "step_times_s": times,
+        "round_median_step_s": [float(np.median(rounds[k])) for k in sorted(rounds)],
+        # process CPU time (all threads, user + sys) summed over ranks, median step: steadier than wall time
+        "cpu_time_s": float(np.median(cpu_times)),
         "build_s": max(r["build_s"] for r in per_rank),
         "computed_tokens_per_step": computed / steps, "real_tokens_per_step": real / steps,
         "micro_batches_per_step": totals["micro_batches"] / steps,
         "computed_per_real": computed / real if real else float("nan"),
+        "single_stage_per_real": totals["single_stage_tokens"] / real if real else float("nan"),
         "padding_fraction": 1 - real / computed if computed else float("nan"),
         "sequence_padding_per_step": totals["sequence_padding"] / steps,
         "row_padding_per_step": totals["row_padding"] / steps,
@@ -641,6 +678,8 @@ def ratios(results: dict[str, dict], variants: list[Variant], *, cuda: bool) -> 
         out["packing"] = {
             "variant": base_v.name,
             "computed_per_real_packed": base["computed_per_real"], "computed_per_real_padded": p["computed_per_real"],
+            "single_stage_per_real_packed": base.get("single_stage_per_real"),
+            "single_stage_per_real_padded": p.get("single_stage_per_real"),
             "padding_fraction_packed": base["padding_fraction"], "padding_fraction_padded": p["padding_fraction"],
             "step_time_packed_over_padded": _ratio(base["step_time_s"], p["step_time_s"]),
             "cpu_time_packed_over_padded": _ratio(base["cpu_time_s"], p["cpu_time_s"]),
@@ -681,7 +720,9 @@ def format_report(report: dict) -> str:
     results, variants = report["results"], [Variant(**v) for v in report["variants"]]
     cuda = report["environment"]["device"].startswith("cuda")
     mfu = any(r.get("mfu") is not None for r in results.values())
-    header = ["variant", "frozen", "layout", "head", "step s", "min s"] + ([] if cuda else ["CPU s"]) + ["comp/real", "pad %", "tok/s", "real tok/s",
+    pp = report["environment"].get("pipeline_parallel", 1)
+    comp = [f"comp/real (PP {pp})", "comp/real at PP 1"] if pp > 1 else ["comp/real"]
+    header = ["variant", "frozen", "layout", "head", "min s", "median s", "max s"] + ([] if cuda else ["CPU s"]) + comp + ["pad %", "tok/s", "real tok/s",
               "TFLOP/s", "useful TFLOP/s"] + (["MFU", "useful MFU"] if mfu else []) + \
              ["peak mem", "step growth", "estimate"] + (["est. err"] if cuda else [])
     rows = []
@@ -690,7 +731,9 @@ def format_report(report: dict) -> str:
         if r is None:
             continue
         row = [v.name, v.frozen, "packed" if v.packed else "padded", "fused" if v.fused else "plain",
-               f"{r['step_time_s']:.3f}", f"{r['step_time_min_s']:.3f}"] + ([] if cuda else [f"{r['cpu_time_s']:.2f}"]) + [f"{r['computed_per_real']:.3f}", f"{100 * r['padding_fraction']:.1f}",
+               f"{r['step_time_min_s']:.3f}", f"{r['step_time_s']:.3f}", f"{r.get('step_time_max_s', r['step_time_s']):.3f}"] + \
+              ([] if cuda else [f"{r['cpu_time_s']:.2f}"]) + [f"{r['computed_per_real']:.3f}"] + \
+              ([f"{r.get('single_stage_per_real', float('nan')):.3f}"] if pp > 1 else []) + [f"{100 * r['padding_fraction']:.1f}",
                f"{r['tokens_per_s']:,.0f}", f"{r['real_tokens_per_s']:,.0f}", f"{r['tflops_per_device']:.3g}",
                f"{r['useful_tflops_per_device']:.3g}"]
         if mfu:
@@ -705,12 +748,21 @@ def format_report(report: dict) -> str:
     line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     lines = [line(header), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
     rt = report["ratios"]
+    rounds = {v.name: results[v.name].get("round_median_step_s") for v in variants if v.name in results}
+    if any(r and len(r) > 1 for r in rounds.values()):
+        lines.append("median step of each round (s): " + " | ".join(
+            f"{name} " + ", ".join(f"{t:.3f}" for t in r) for name, r in rounds.items() if r))
     if "packing" in rt:
         p = rt["packing"]
+        under_pp = ""
+        if pp > 1 and p.get("single_stage_per_real_padded") is not None:
+            under_pp = (f" [PP {pp}: padded rows are padded to --seq-length; the same micro-batches at PP 1: "
+                        f"{p['single_stage_per_real_packed']:.3f} packed vs {p['single_stage_per_real_padded']:.3f} "
+                        "padded]")
         lines.append(
             f"packed vs padded ({p['variant']}): computed/real tokens {p['computed_per_real_packed']:.3f} packed vs "
             f"{p['computed_per_real_padded']:.3f} padded (padding {100 * p['padding_fraction_packed']:.1f}% vs "
-            f"{100 * p['padding_fraction_padded']:.1f}%); step time packed/padded "
+            f"{100 * p['padding_fraction_padded']:.1f}%){under_pp}; median step time packed/padded "
             f"{p['step_time_packed_over_padded']:.3f}x (fastest steps {p['min_step_time_packed_over_padded']:.3f}x, CPU "
             f"time {p['cpu_time_packed_over_padded']:.3f}x); real tokens/s {p['real_tokens_per_s_packed_over_padded']:.2f}x; "
             f"micro-batches/step {p['micro_batches_per_step']['packed']:.1f} vs {p['micro_batches_per_step']['padded']:.1f}")
@@ -718,19 +770,19 @@ def format_report(report: dict) -> str:
         q = rt["logprobs"]
         what = "peak max_memory_allocated" if q["memory_measure"] == "peak_memory_bytes" else "peak RSS growth"
         lines.append(
-            f"fused vs plain head ({q['variant']}): step time fused/plain {q['step_time_fused_over_plain']:.3f}x "
+            f"fused vs plain head ({q['variant']}): median step time fused/plain {q['step_time_fused_over_plain']:.3f}x "
             f"(fastest steps {q['min_step_time_fused_over_plain']:.3f}x, CPU time {q['cpu_time_fused_over_plain']:.3f}x); "
             f"{what} {_mem(q['memory_fused'])} vs {_mem(q['memory_plain'])} = {q['memory_fused_over_plain']:.3f}x")
     if "algorithms" in rt:
         a = rt["algorithms"]["step_time_over_tgdpo_online"]
         b = rt["algorithms"]["step_time_over_policy_only"]
         lines.append(
-            "step time vs TGDPO online: " + " | ".join(f"{k} {v:.3f}x" for k, v in a.items()) +
+            "median step time vs TGDPO online: " + " | ".join(f"{k} {v:.3f}x" for k, v in a.items()) +
             "\nfastest step vs TGDPO online's: " + " | ".join(
                 f"{k} {v:.3f}x" for k, v in rt["algorithms"]["min_step_time_over_tgdpo_online"].items()) +
             ("" if cuda else "\nCPU time vs TGDPO online: " + " | ".join(
                 f"{k} {v:.3f}x" for k, v in rt["algorithms"]["cpu_time_over_tgdpo_online"].items())) +
-            "\nstep time vs policy-only (SimPO): " + " | ".join(f"{k} {v:.3f}x" for k, v in b.items()))
+            "\nmedian step time vs policy-only (SimPO): " + " | ".join(f"{k} {v:.3f}x" for k, v in b.items()))
     if report.get("cache_build"):
         c = report["cache_build"]
         lines.append(f"cache build (tools/precompute_logprobs, not in the step times): {c['seconds']:.1f}s for "
@@ -844,6 +896,7 @@ def _environment(cfg: TrainConfig, first: dict, device) -> dict:
         "python": platform.python_version(), "model": first["arch_name"], "parameters": first["parameters"],
         "te_layers": first["te_layers"], "memory_method": first["memory_method"],
         "layout": f"TP {tp}{' (SP)' if cfg.sequence_parallel else ''} x PP {pp}{vpp} x CP {cp} x DP {dp}",
+        "pipeline_parallel": pp,
         "precision": ("bf16" if cfg.bf16 else "fp32") + (f" + fp8 {cfg.fp8_format}" if cfg.fp8_format else ""),
         "micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.global_batch_size,
         "seq_length": cfg.seq_length, "pad_to_multiple_of": cfg.pad_to_multiple_of,
@@ -924,7 +977,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> dict:
                                   iterations=iterations)
             raw[variant.name].append(on_ranks(_rank_variant, vcfg, args.steps, args.warmup, args.threads))
             r = merge_ranks(raw[variant.name][-1], model_parallel=model_parallel, steps=args.steps, peak=peak)
-            say(f"  {variant.name:<28}{f' round {round_ + 1}' if args.rounds > 1 else ''} step "
+            say(f"  {variant.name:<28}{f' round {round_ + 1}' if args.rounds > 1 else ''} median step "
                 f"{r['step_time_s']:.3f}s (CPU {r['cpu_time_s']:.2f}s) | computed/real {r['computed_per_real']:.3f} | "
                 f"{r['real_tokens_per_s']:,.0f} real tok/s | peak {_mem(r['peak_memory_bytes'])} | build "
                 f"{r['build_s']:.1f}s")

@@ -170,7 +170,7 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
                     "--threads", "1"]
         bench = ["--model", "tiny", "--synthetic-model", "preset", "--seq-length", "128", "--length-scale", "0.0625",
                  "--micro-batch-size", "2",
-                 "--global-batch-size", "4", "--steps", "1", "--warmup", "1"]
+                 "--global-batch-size", "4", "--steps", "1", "--warmup", "1", "--rounds", "1"]
         estimate = ["--model", "tiny", "--num-gpus", "1", "--micro-batch-size", "2", "--seq-length", "128",
                     "--global-batch-size", "4", "--loss-type", "tgdpo"]
         parity = list(PARITY_TESTS_DRY)
@@ -179,7 +179,7 @@ def plan_stages(args: argparse.Namespace, *, fp8: bool = False, xdist: bool = Fa
         # --synthetic-model preset: one random 1B checkpoint (reference = guidance = policy start), so every
         # model is loaded from the page cache rather than drawn from a CPU random generator each time.
         bench = ["--model", "llama3.2-1b", "--synthetic-model", "preset", "--bf16", "--seq-length", "4096",
-                 "--micro-batch-size", "1", "--global-batch-size", "8", "--steps", "3", "--warmup", "1"]
+                 "--micro-batch-size", "1", "--global-batch-size", "8", "--steps", "3", "--warmup", "1", "--rounds", "1"]
         estimate = ["--model", "llama3.2-1b", "--bf16", "--num-gpus", "1", "--micro-batch-size", "1",
                     "--seq-length", "4096", "--global-batch-size", "8", "--loss-type", "tgdpo"]
         parity = list(PARITY_TESTS) + (["-n", "8"] if xdist else [])

@@ -34,7 +34,11 @@ def tool_parser(*, prog: str = "megatron-tgdpo estimate-memory") -> argparse.Arg
     parser.add_argument("--reserve-gib", type=float, default=4.0,
                         help="headroom for CUDA context, NCCL buffers and fragmentation: warn when less is left")
     parser.add_argument("--no-flash-attention", dest="flash_attention", action="store_false",
-                        help="count the softmax probabilities (local attention, as on CPU)")
+                        help="count the softmax probabilities (attention without a flash kernel; torch's CPU "
+                             "attention is one)")
+    parser.add_argument("--local-layers", action="store_true",
+                        help="megatron's local layers (no TransformerEngine, as every CPU run): count what they save "
+                             "on top of the fused ones (fp32 norm intermediates, SwiGLU halves, RoPE tables)")
     return parser
 
 
@@ -93,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "megatron-tgdpo es
             flash_attention=args.flash_attention,
             fused_logprobs=cfg.fused_logprobs,
             logprob_cache=cfg.logprob_cache is not None,
+            local_layers=args.local_layers,
         )
         llama.check_layout(arch, llama.ParallelLayout(
             tensor_model_parallel_size=cfg.tensor_model_parallel_size,

@@ -21,6 +21,7 @@ no real token sees it; see models/layers.py).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -74,6 +75,10 @@ class PackingPlan:
     real_tokens: int
     padded_tokens: int
     computed_tokens: int
+    #: every row's length when the plan fixes one for all its rows (``uniform_rows``), else None
+    row_length: Optional[int] = None
+    #: empty micro-batches appended so the count is a multiple of ``bin_multiple`` (counted in computed_tokens)
+    padding_bins: int = 0
 
     @property
     def num_bins(self) -> int:
@@ -123,6 +128,38 @@ def _first_fit_decreasing(sizes: list[int], *, capacity: int) -> list[list[int]]
     return [sorted(b) for b in bins]
 
 
+def _balanced(sizes: list[int], *, count: int, capacity: int) -> Optional[list[list[int]]]:
+    """``count`` bins filled largest pair first into the emptiest bin (ties: the lower bin), so the
+    fullest bin, which sets a uniform row's length, stays near the mean; None when one would pass
+    ``capacity``. Empty bins are dropped (fewer pairs than bins)."""
+    heap = [(0, b) for b in range(count)]  # (load, bin): the emptiest, then the lowest bin, on top
+    bins: list[list[int]] = [[] for _ in range(count)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, target = heapq.heappop(heap)
+        if load + sizes[i] > capacity:
+            return None
+        bins[target].append(i)
+        heapq.heappush(heap, (load + sizes[i], target))
+    return [sorted(b) for b in bins if b]
+
+
+def _row_candidates(sizes: list[int], *, capacity: int, multiple: int, most: int = 32) -> list[int]:
+    """Bin capacities to try for uniform rows, largest first: ``capacity`` down to the larger of the
+    biggest pair and half of ``capacity``, in steps of ``multiple`` (coarser when that gives more than
+    ``most``, which bounds the planning cost)."""
+    low = max(max(sizes, default=1), capacity // 2)
+    count = max((capacity - low) // multiple + 1, 1)
+    stride = multiple * -(-count // most)
+    return [capacity] + [c for c in range(_round_up(low, multiple), capacity, stride) if c >= low][::-1][:most - 1]
+
+
+def _uniform_length(bins: list[list[int]], sizes: list[int], *, multiple: int, capacity: int) -> int:
+    """One row length for all ``bins``: the fullest bin rounded up to ``multiple``, at most ``capacity``
+    (which always holds a bin)."""
+    content = max((sum(sizes[i] for i in b) for b in bins), default=0)
+    return min(max(_round_up(content, multiple), multiple), max(capacity, content))
+
+
 def plan_packing(
     pair_lengths: Sequence[Sequence[int]] | np.ndarray,
     *,
@@ -132,12 +169,24 @@ def plan_packing(
     pad_to_multiple_of: int = 1,
     sample_ids: Optional[Sequence[int]] = None,
     sides: Sequence[str] = PAIR_SIDES,
+    bin_multiple: int = 1,
+    uniform_rows: bool = False,
 ) -> PackingPlan:
     """Bins for the pairs of one window (``pair_lengths[i] = (prompt, chosen, rejected)`` of the pair
     at stream position ``i``). ``fixed_length`` / ``pad_to_multiple_of`` only shape the statistics;
     pass the collator's (:meth:`PackedPreferenceCollator.plan` does). ``sample_ids`` (dataset indices)
     name a pair in the error raised when it cannot fit a bin on its own. ``sides=("chosen",)`` packs
-    single sequences (SFT on the chosen responses) instead of pairs."""
+    single sequences (SFT on the chosen responses) instead of pairs.
+
+    ``bin_multiple``: the number of micro-batches must be a multiple of it (the interleaved pipeline
+    schedule wants whole groups of PP; empty ``padding_bins`` fill a group). ``uniform_rows``: all rows
+    of the window get one length (``row_length``: pipeline stages without a shape exchange). Then the
+    rows' length is chosen too: for bin capacities from ``capacity`` down (:func:`_row_candidates`),
+    first-fit-decreasing, and the same number of bins filled emptiest first, and the plan that
+    computes the fewest positions, (bins + padding bins) x its fullest bin rounded up, wins (ties: the
+    larger capacity, first-fit first: fewer, fuller micro-batches)."""
+    if bin_multiple < 1:
+        raise ValueError(f"bin_multiple must be >= 1, got {bin_multiple}")
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     if fixed_length is not None and fixed_length < capacity:
@@ -156,13 +205,32 @@ def plan_packing(
             )
     bins = _first_fit_decreasing(sizes, capacity=capacity)
     multiple = math.lcm(pad_to_multiple_of, 2 * context_parallel_size)
-    computed = sum(_row_length(sum(sizes[i] for i in b), fixed_length=fixed_length, multiple=multiple) for b in bins)
+    padding = (-len(bins)) % bin_multiple
+    row_length = None
+    if uniform_rows and fixed_length is None:
+        choices = []
+        for cap in _row_candidates(sizes, capacity=capacity, multiple=multiple):
+            ffd = bins if cap == capacity else _first_fit_decreasing(sizes, capacity=cap)
+            pad = (-len(ffd)) % bin_multiple
+            choices.append((ffd, pad))
+            spread = _balanced(sizes, count=len(ffd) + pad, capacity=cap) if sizes else None
+            if spread is not None:
+                choices.append((spread, len(ffd) + pad - len(spread)))
+        costs = [(len(b) + pad) * _uniform_length(b, sizes, multiple=multiple, capacity=capacity) for b, pad in choices]
+        bins, padding = choices[costs.index(min(costs))]
+        row_length = _uniform_length(bins, sizes, multiple=multiple, capacity=capacity)
+        computed = (len(bins) + padding) * row_length
+    else:
+        computed = sum(_row_length(sum(sizes[i] for i in b), fixed_length=fixed_length, multiple=multiple) for b in bins)
+        computed += padding * (fixed_length if fixed_length is not None else multiple)
     return PackingPlan(
         bins=tuple(tuple(b) for b in bins),
         capacity=capacity,
         real_tokens=int(sum((lengths[:, 0] + lengths[:, 1 + PAIR_SIDES.index(side)]).sum() for side in sides)),
         padded_tokens=sum(sizes),
         computed_tokens=computed,
+        row_length=row_length,
+        padding_bins=padding,
     )
 
 
@@ -209,12 +277,15 @@ class PackedPreferenceCollator:
         *,
         capacity: int,
         sample_ids: Optional[Sequence[int]] = None,
+        bin_multiple: int = 1,
+        uniform_rows: bool = False,
     ) -> PackingPlan:
-        """:func:`plan_packing` with this collator's geometry (so the statistics are what it builds)."""
+        """:func:`plan_packing` with this collator's geometry (so the statistics are what it builds); with
+        ``uniform_rows`` build the bins with ``dataclasses.replace(self, fixed_length=plan.row_length)``."""
         return plan_packing(
             pair_lengths, capacity=capacity, context_parallel_size=self.context_parallel_size,
             fixed_length=self.fixed_length, pad_to_multiple_of=self.pad_to_multiple_of, sample_ids=sample_ids,
-            sides=self.sides,
+            sides=self.sides, bin_multiple=bin_multiple, uniform_rows=uniform_rows,
         )
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:

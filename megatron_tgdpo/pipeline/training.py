@@ -38,8 +38,8 @@ def _common(cfg: PipelineConfig, settings: TrainSettings, *, seed: int, data: Pa
     ]
     if save_interval:
         flags += ["--save-interval", str(save_interval)]
-    if cfg.pack_sequences:  # added only when on, so the specs of earlier (padded) runs still match
-        flags += ["--pack-sequences"]
+    # Named either way: packed runs keep the specs they had, padded ones say so (the trainer packs by default).
+    flags += ["--pack-sequences" if cfg.pack_sequences else "--no-pack-sequences"]
     if cfg.pad_to_multiple_of != 16:  # the trainer's default; left out so specs of earlier runs still match
         flags += ["--pad-to-multiple-of", str(cfg.pad_to_multiple_of)]
     return flags

@@ -37,6 +37,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[PPOConfig, TrainConfig]
                      prog="python -m megatron_tgdpo.ppo",
                      description="PPO with dense DPO token rewards (RTO) and/or a sparse sequence score, on "
                                  "megatron-core.")
+    # Rollouts are rows: packing is refused by name above, so the training default does not apply.
+    cfg = dataclasses.replace(cfg, pack_sequences=False)
     problems = ppo_config.problems(cfg.ppo, cfg)
     if problems:
         raise ConfigError(problems)

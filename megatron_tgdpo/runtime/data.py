@@ -5,11 +5,13 @@ the longest row (to ``--seq-length`` with pipeline parallelism). Packed (``--pac
 ``global batch / DP`` pairs, in the shuffled stream order, packed first-fit-decreasing into rows of up to
 ``2 x micro-batch x seq-length`` tokens (``data/packing.py``); the number of micro-batches varies, and
 so does each row's length (what it holds, rounded up; with pipeline parallelism the stages exchange the
-shape of every micro-batch: megatron-core's ``variable_seq_lengths``; with virtual stages every row is
-``2 x micro-batch x seq-length`` long, see ``setup.variable_row_lengths``).
+shape of every micro-batch: megatron-core's ``variable_seq_lengths``; with virtual stages all rows of a
+step share one length, that of its fullest bin, and the pairs are spread over a multiple of PP bins, see
+``setup.variable_row_lengths`` and ``data.packing.plan_packing``).
 Both are deterministic from ``--seed`` and the consumed-samples count, so resume is exact."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from megatron_tgdpo.config import TrainConfig
@@ -70,9 +72,10 @@ class BatchSource:
             # Rows: the layout's padding multiple (the packer takes the lcm with 2*CP itself).
             from megatron_tgdpo.runtime.setup import variable_row_lengths
 
-            fixed = None if variable_row_lengths(cfg) or cfg.pipeline_model_parallel_size == 1 else self.capacity
+            # Stages that exchange no shapes (virtual stages) need one row length per step: the plan's.
+            self.uniform_rows = not variable_row_lengths(cfg) and cfg.pipeline_model_parallel_size > 1
             self.packer = PackedPreferenceCollator(
-                pad_id=pad_id, context_parallel_size=cp, pad_to_multiple_of=multiple, fixed_length=fixed,
+                pad_id=pad_id, context_parallel_size=cp, pad_to_multiple_of=multiple,
                 sides=("chosen",) if sequences else PAIR_SIDES)
             vpp = cfg.virtual_pipeline_model_parallel_size
             # The interleaved schedule wants whole groups of PP micro-batches: pad with empty ones.
@@ -102,8 +105,9 @@ class BatchSource:
     def _next_packed(self) -> list[Batch]:
         items = [self.dataset[i] for _ in range(self.num_micro) for i in next(self.iterator)]
         lengths = [(len(i["prompt"]), len(i["chosen"]), len(i["rejected"])) for i in items]
-        plan = self.packer.plan(lengths, capacity=self.capacity, sample_ids=[i["index"] for i in items])
-        batches = [self.packer([items[j] for j in bin_]) for bin_ in plan.bins]
-        while len(batches) % self.micro_multiple:
-            batches.append(self.packer.padding_batch())
+        plan = self.packer.plan(lengths, capacity=self.capacity, sample_ids=[i["index"] for i in items],
+                                bin_multiple=self.micro_multiple, uniform_rows=self.uniform_rows)
+        packer = self.packer if plan.row_length is None else dataclasses.replace(self.packer, fixed_length=plan.row_length)
+        batches = [packer([items[j] for j in bin_]) for bin_ in plan.bins]
+        batches += [packer.padding_batch() for _ in range(plan.padding_bins)]
         return [batch.to(self.device) for batch in batches]

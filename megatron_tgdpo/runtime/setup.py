@@ -170,8 +170,8 @@ def seed_everything(seed: int) -> None:
 def variable_row_lengths(cfg: TrainConfig) -> bool:
     """Packed rows have the length of what they hold; pipeline stages then exchange every micro-batch's
     shape (megatron-core's ``variable_seq_lengths``). Not with virtual stages: the interleaved
-    schedule's shape exchange deadlocked on gloo's unbatched p2p here, so those rows keep one fixed
-    length (``2 x micro-batch x seq-length``)."""
+    schedule's shape exchange deadlocked on gloo's unbatched p2p here, so all rows of a step share one
+    length, that of its fullest bin (``runtime.data.BatchSource``)."""
     return cfg.pack_sequences and cfg.virtual_pipeline_model_parallel_size is None
 
 

@@ -27,7 +27,7 @@ TOOL = load_tool("precompute_logprobs")
 
 
 def _argv(data_cache: Path, *extra: str) -> list[str]:
-    return ["--model", "tiny", "--seq-length", "64", "--micro-batch-size", "8", "--seed", str(SEED),
+    return ["--model", "tiny", "--seq-length", "64", "--no-pack-sequences", "--micro-batch-size", "8", "--seed", str(SEED),
             "--data-cache-dir", str(data_cache), "--log-interval", "1000", *extra]
 
 
@@ -355,7 +355,8 @@ def test_training_with_cache_matches_online(workspace):
     run_on_ranks(1, _precompute, _argv(ws["data"], *data, "--guidance-load", ws["guide"]), str(cache),
                  model_parallel=False)
     common = ["--model", "tiny", "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "8",
-              "--seq-length", "64", "--lr", "3e-3", "--seed", str(SEED), "--eval-iters", "0", "--no-tensorboard",
+              "--seq-length", "64", "--no-pack-sequences", "--lr", "3e-3", "--seed", str(SEED), "--eval-iters", "0",
+              "--no-tensorboard",
               "--loss-type", "tgdpo", "--guidance-load", ws["guide"], *data]
     logs = {}
     for name, extra in (("online", []), ("cached", ["--logprob-cache", str(cache)])):
@@ -369,3 +370,30 @@ def test_training_with_cache_matches_online(workspace):
     # The cache is really consulted: the same cache with another --seed (another reference) is refused.
     with pytest.raises(RankFailure, match="the cache has seeded-init:11, this run has seeded-init:12"):
         run_on_ranks(1, run_train, common + ["--logprob-cache", str(cache), "--seed", "12"], model_parallel=False)
+
+
+def test_cache_made_with_packed_rows_serves_packed_and_padded_training(workspace):
+    """The default layout end to end: the cache tool packs (as training does by default) and stores each
+    sample's response log-probs, which serve a packed run and a padded one alike (no layout in the key)."""
+    ws = workspace
+    prefix, tokenizer = _small_dataset(ws, 48)
+    data = ["--data-path", prefix, "--tokenizer", tokenizer]
+    cache = ws["tmp"] / "cache-packed"
+    argv = [a for a in _argv(ws["data"], *data, "--guidance-load", ws["guide"]) if a != "--no-pack-sequences"]
+    run_on_ranks(1, _precompute, argv, str(cache), model_parallel=False)
+    common = ["--model", "tiny", "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "8",
+              "--seq-length", "64", "--lr", "3e-3", "--seed", str(SEED), "--eval-iters", "0", "--no-tensorboard",
+              "--loss-type", "tgdpo", "--guidance-load", ws["guide"], *data]
+    runs = {"online": [], "cached": ["--logprob-cache", str(cache)],
+            "cached-padded": ["--logprob-cache", str(cache), "--no-pack-sequences"]}
+    rows = {}
+    for name, extra in runs.items():
+        log = ws["tmp"] / f"train-packed-{name}"
+        assert run_on_ranks(1, run_train, common + ["--log-dir", str(log)] + extra, model_parallel=False) == [0]
+        rows[name] = read_metrics(log)
+    assert len(rows["online"]) == 3
+    for name in ("cached", "cached-padded"):
+        for a, b in zip(rows["online"], rows[name]):
+            for key in ("loss", "rewards/margin", "weights/chosen_mean", "grad_norm"):
+                assert abs(a[key] - b[key]) < 1e-5, f"{name} iteration {a['iteration']} {key}: {a[key]} vs {b[key]}"
+    assert rows["online"][0]["token_efficiency"] > rows["cached-padded"][0]["token_efficiency"]  # really packed

@@ -41,10 +41,12 @@ def workspace(tmp_path_factory):
     """A guidance model (3 DPO steps) and the unpacked single-rank TGDPO run to compare with."""
     tmp = tmp_path_factory.mktemp("packed")
     guide = tmp / "guide"
-    argv = _common(tmp, "guide-log") + ["--loss-type", "dpo", "--save", str(guide), "--train-iters", "3"]
+    argv = _common(tmp, "guide-log") + ["--loss-type", "dpo", "--save", str(guide), "--train-iters", "3",
+                                        "--no-pack-sequences"]
     assert run_on_ranks(1, run_train, argv, model_parallel=False) == [0]
     tgdpo = ["--loss-type", "tgdpo", "--guidance-load", str(guide)]
-    assert run_on_ranks(1, run_train, _common(tmp, "unpacked") + tgdpo, model_parallel=False) == [0]
+    assert run_on_ranks(1, run_train, _common(tmp, "unpacked") + tgdpo + ["--no-pack-sequences"],
+                        model_parallel=False) == [0]
     return tmp, tgdpo, read_metrics(tmp / "unpacked")
 
 

@@ -59,7 +59,7 @@ def _run(argv):
 
 def _argv(tmp, name, *extra, seed="7", iters=STEPS):
     return ["--model", "tiny", "--loss-type", "dpo", "--train-iters", str(iters), "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--seq-length", "64", "--lr", "1e-3", "--seed", seed,
+            "--global-batch-size", "8", "--seq-length", "64", "--no-pack-sequences", "--lr", "1e-3", "--seed", seed,
             "--data-cache-dir", str(tmp / "data"), "--log-dir", str(tmp / name), "--eval-iters", "0",
             "--no-tensorboard", *extra]
 

@@ -72,7 +72,7 @@ def _run(argv, stop_at=None):
 
 def _argv(tmp: Path, name: str, layout: list[str], *extra: str) -> list[str]:
     return ["--model", "tiny", "--loss-type", "dpo", "--train-iters", str(STEPS), "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--seq-length", "64", "--lr", "3e-3", "--seed", "7",
+            "--global-batch-size", "8", "--seq-length", "64", "--no-pack-sequences", "--lr", "3e-3", "--seed", "7",
             "--data-cache-dir", str(tmp / "data"), "--log-dir", str(tmp / name), "--eval-iters", "0",
             "--no-tensorboard", *layout, *extra]
 

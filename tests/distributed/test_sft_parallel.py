@@ -13,7 +13,7 @@ STEPS = 5
 
 def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
     return ["--model", "tiny", "--loss-type", "sft", "--train-iters", str(STEPS), "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--seq-length", "64", "--lr", "3e-3", "--seed", "3",
+            "--global-batch-size", "8", "--seq-length", "64", "--no-pack-sequences", "--lr", "3e-3", "--seed", "3",
             "--data-cache-dir", str(tmp.parent / "data"), "--log-dir", str(tmp / name), "--eval-iters", "2",
             "--no-tensorboard", *extra]
 

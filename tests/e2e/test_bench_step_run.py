@@ -12,7 +12,7 @@ def test_short_cpu_run_writes_the_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = bs.main(["--model", "tiny", "--compare", "packing", "--steps", "1", "--warmup", "0", "--micro-batch-size",
                     "1", "--global-batch-size", "2", "--seq-length", "64", "--length-scale", "0.03",
-                    "--work-dir", str(tmp_path / "work"), "--output", str(out)])
+                    "--work-dir", str(tmp_path / "work"), "--output", str(out), "--rounds", "1"])
     assert code == 0
     report = json.loads(out.read_text())
     packed, padded = report["results"]["tgdpo online"], report["results"]["tgdpo online, padded"]

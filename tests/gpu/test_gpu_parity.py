@@ -52,9 +52,9 @@ def _compare(ours: list[dict], ref: list[dict], keys: tuple[str, ...], what: str
 
 def test_packed_matches_unpacked_on_one_device(tmp_path):
     guide = tmp_path / "guide"
-    _train(tmp_path, "guide-log", "--loss-type", "dpo", "--save", str(guide))
+    _train(tmp_path, "guide-log", "--loss-type", "dpo", "--save", str(guide), "--no-pack-sequences")
     tgdpo = ("--loss-type", "tgdpo", "--guidance-load", str(guide))
-    unpacked = _train(tmp_path, "unpacked", *tgdpo)
+    unpacked = _train(tmp_path, "unpacked", *tgdpo, "--no-pack-sequences")
     packed = _train(tmp_path, "packed", *tgdpo, "--pack-sequences")
     _compare(packed, unpacked, ("loss", "grad_norm", "rewards/margin", "weights/chosen_mean"), "packed vs unpacked")
     assert all(p["token_efficiency"] >= u["token_efficiency"] - 1e-9 for p, u in zip(packed, unpacked))
@@ -62,6 +62,6 @@ def test_packed_matches_unpacked_on_one_device(tmp_path):
 
 def test_fused_head_matches_plain_head_on_one_device(tmp_path):
     common = ("--loss-type", "dpo", "--logits-chunk-size", "24")
-    fused = _train(tmp_path, "fused", *common)
-    plain = _train(tmp_path, "plain", *common, "--no-fused-logprobs")
+    fused = _train(tmp_path, "fused", *common, "--no-pack-sequences")
+    plain = _train(tmp_path, "plain", *common, "--no-fused-logprobs", "--no-pack-sequences")
     _compare(fused, plain, ("loss", "grad_norm", "rewards/margin"), "fused vs plain head")

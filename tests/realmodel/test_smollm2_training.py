@@ -57,7 +57,8 @@ def _prepare(tmp: Path, gguf: Path, fmt: str) -> Path:
 def _argv(tmp: Path, name: str, gguf: Path, data: Path, loss: str) -> list[str]:
     return ["--load", str(gguf), "--ref-load", str(gguf), "--data-path", str(data), "--loss-type", loss, "--train-iters", "1",
             "--micro-batch-size", "4", "--global-batch-size", "4", "--seq-length", "144", "--lr", "1e-6",
-            "--seed", "3", "--log-dir", str(tmp / name), "--eval-iters", "0", "--no-tensorboard"]
+            "--seed", "3", "--log-dir", str(tmp / name), "--eval-iters", "0", "--no-tensorboard",
+            "--no-pack-sequences"]
 
 
 def _first_step(log_dir: Path) -> dict:

@@ -91,6 +91,7 @@ NOT_FOR_PPO = {
     "loss_type": "--reward chooses the reward",
     "guidance_load": "TGDPO's guidance model",
     "logprob_cache": "rollouts are new every iteration; there is nothing to precompute",
+    "pack_sequences": "rollouts are rows of one prompt and one response",
 }
 
 
