@@ -26,7 +26,9 @@ COLUMNS = (
 def label(model: str) -> str:
     if model.startswith("tgdpo-a"):
         return f"TGDPO (alpha {model.removeprefix('tgdpo-a')})"
-    return {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "ipo": "IPO"}.get(model, model)
+    from megatron_tgdpo.pipeline.controls import LABELS
+
+    return {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "ipo": "IPO", **LABELS}.get(model, model)
 
 
 def aggregate(per_seed: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, tuple[float, float, int]]]:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from megatron_tgdpo.pipeline import launch
 from megatron_tgdpo.pipeline.config import PipelineConfig
+from megatron_tgdpo.pipeline.controls import CONTROL_METHODS, train_controls
 from megatron_tgdpo.pipeline.evaluate import model_metrics, score_file, summary_of
 from megatron_tgdpo.pipeline.prompts import write_prompt_files, write_sft_data
 from megatron_tgdpo.pipeline.report import (aggregate, differences, format_alpha_table, format_difference_table,
@@ -164,7 +165,7 @@ class Replication:
         inputs = [f"{tag}.sft", f"{tag}.pairs"]
         batch = []
         for model in self.models():
-            if model == "sft":
+            if model == "sft" or model in CONTROL_METHODS:
                 continue
             method = "tgdpo" if model.startswith("tgdpo") else model
             alpha = float(model.removeprefix("tgdpo-a")) if method == "tgdpo" else None
@@ -174,6 +175,7 @@ class Replication:
             batch.append((f"{tag}.{model}", flags, s / model, s / "logs" / model, cfg.preference.iters,
                           inputs + ([f"{tag}.dpo"] if method == "tgdpo" else [])))
         self._train_stages(batch)
+        train_controls(self, seed, pairs=pairs)  # controls.py: they read the DPO and TGDPO runs
         self._evaluate(seed)
         results = self.metrics(seed)
         (s / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -315,7 +317,7 @@ class Replication:
     def report(self, per_seed: dict[int, dict[str, dict[str, Any]]]) -> str:
         cfg = self.cfg
         agg = aggregate(list(per_seed.values()))
-        main = [m for m in self.models() if not m.startswith("tgdpo") or m == self.main_tgdpo]
+        main = [m for m in self.models() if not m.startswith("tgdpo-a") or m == self.main_tgdpo]
         seeds = ", ".join(map(str, per_seed))
         spread = " (mean ± std over seeds)" if len(per_seed) > 1 else ""
         lines = [
