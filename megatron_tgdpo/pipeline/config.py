@@ -85,7 +85,7 @@ class PipelineConfig:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             out.append(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
-        from megatron_tgdpo.pipeline.controls import control_problems
+        from megatron_tgdpo.pipeline.control_methods import control_problems
 
         out += control_problems(self.methods)
         if "tgdpo" in self.methods and "dpo" not in self.methods:

@@ -26,23 +26,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from megatron_tgdpo.pipeline.control_methods import CONTROL_METHODS, LABELS, control_problems
 from megatron_tgdpo.pipeline.stages import PipelineError, Stage, prepared_files, prepared_problem
 
-__all__ = ["CONTROL_METHODS", "LABELS", "constant_rejected_weight", "control_problems", "crossfit_scores", "train_controls"]
+__all__ = ["CONTROL_METHODS", "LABELS", "constant_rejected_weight", "control_problems", "crossfit_scores",
+           "train_controls"]
 
-CONTROL_METHODS = ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit")
-LABELS = {"tgdpo-shuffled": "TGDPO shuffled (control)", "tgdpo-constant": "DPO + constant f_l (control)",
-          "tgdpo-crossfit": "TGDPO cross-fitted"}
-
-
-def control_problems(methods: tuple[str, ...]) -> list[str]:
-    out = []
-    for method in ("tgdpo-shuffled", "tgdpo-constant"):
-        if method in methods and "tgdpo" not in methods:
-            out.append(f"{method} needs tgdpo: it is a control of the main TGDPO run")
-    if "tgdpo-crossfit" in methods and "dpo" not in methods:
-        out.append("tgdpo-crossfit needs dpo: it is compared with the DPO run")
-    return out
 
 
 def constant_rejected_weight(metrics: Path) -> float:

@@ -28,7 +28,7 @@ COLUMNS = (
 def label(model: str) -> str:
     if model.startswith("tgdpo-a"):
         return f"TGDPO (alpha {model.removeprefix('tgdpo-a')})"
-    from megatron_tgdpo.pipeline.controls import LABELS
+    from megatron_tgdpo.pipeline.control_methods import LABELS
 
     return {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "ipo": "IPO", **LABELS}.get(model, model)
 
