@@ -58,6 +58,19 @@ class PreferenceConfig:
     simpo_gamma: float = 0.5
     guidance_load: Optional[str] = field(default=None, metadata={"help": "guidance model for tgdpo"})
     logprob_cache: Optional[str] = field(default=None, metadata={"help": "offline ref/guidance log-prob cache"})
+    # --- token guidance plug-ins (megatron_tgdpo.guidance, docs/guidance.md) ---
+    guidance_source: str = field(default="dpo-model", metadata={
+        "help": "where TGDPO's per-token reward comes from: dpo-model (beta * log(pi_guide / pi_ref), the "
+                "--guidance-load model), score-file (--guidance-scores), or a registered source"})
+    guidance_scores: Optional[str] = field(default=None, metadata={
+        "help": "JSONL of per-token scores by pair index, for --guidance-source score-file"})
+    token_weight: str = field(default="linear", metadata={
+        "help": "token weights from the reward: linear (1 +- alpha r), clipped, tanh, exp, normalised, and the "
+                "controls shuffled and constant-rejected"})
+    token_weight_bound: float = field(default=0.5, metadata={
+        "help": "c of --token-weight clipped (weights in [1-c, 1+c]) and tanh (1 + c tanh(alpha r / c))"})
+    rejected_weight: Optional[float] = field(default=None, metadata={
+        "help": "the constant rejected-token weight of --token-weight constant-rejected"})
 
     def weight_clamp(self) -> Optional[tuple[Optional[float], Optional[float]]]:
         if self.weight_clamp_min is None and self.weight_clamp_max is None:
@@ -446,7 +459,8 @@ def _number_problems(cfg: TrainConfig) -> list[str]:
 
 def _path_problems(cfg: TrainConfig) -> list[str]:
     p = []
-    for name in ("ref_load", "guidance_load", "data_path", "eval_data_path", "logprob_cache", "tokenizer"):
+    for name in ("ref_load", "guidance_load", "data_path", "eval_data_path", "logprob_cache", "tokenizer",
+                 "guidance_scores"):
         path = getattr(cfg.preference if name in PREFERENCE_NAMES else cfg, name)
         if path is None:
             continue
@@ -464,6 +478,37 @@ def _path_problems(cfg: TrainConfig) -> list[str]:
         path = getattr(cfg, name)
         if path is not None and os.path.isfile(path):
             p.append(f"{_flag(name)} {path}: is a file; give a directory")
+    return p
+
+
+def _guidance_problems(cfg: TrainConfig) -> list[str]:
+    """The guidance plug-ins: known names, and what the chosen ones need (``megatron_tgdpo.guidance``)."""
+    from megatron_tgdpo.guidance import (DEFAULT_SOURCE, DEFAULT_WEIGHT, WEIGHT_FUNCTIONS, source_problems,
+                                         weight_settings_of)
+
+    pref, p = cfg.preference, []
+    if cfg.loss_type != "tgdpo":
+        changed = [flag for flag, value, default in (
+            ("--guidance-source", pref.guidance_source, DEFAULT_SOURCE), ("--token-weight", pref.token_weight,
+                                                                          DEFAULT_WEIGHT),
+            ("--guidance-scores", pref.guidance_scores, None), ("--rejected-weight", pref.rejected_weight, None))
+            if value != default]
+        return [f"{flag} applies to --loss-type tgdpo only" for flag in changed]
+    if pref.token_weight not in WEIGHT_FUNCTIONS:
+        return [f"--token-weight {pref.token_weight!r}: choose one of {', '.join(WEIGHT_FUNCTIONS)}"]
+    function = WEIGHT_FUNCTIONS[pref.token_weight]
+    settings = weight_settings_of(pref, seed=cfg.seed)
+    check = getattr(function, "problems", None)
+    p.extend(check(settings) if check is not None else [])
+    uses_reward = getattr(function, "uses_reward", True)
+    if uses_reward and pref.alpha != 0:
+        p.extend(source_problems(pref.guidance_source, pref))
+    if pref.rejected_weight is not None and pref.token_weight != "constant-rejected":
+        p.append("--rejected-weight applies to --token-weight constant-rejected only")
+    if pref.weight_clamp() is not None and not getattr(function, "clampable", True):
+        p.append(f"--weight-clamp-min/--weight-clamp-max do not apply to --token-weight {pref.token_weight}")
+    if pref.guidance_scores is not None and pref.guidance_source != "score-file":
+        p.append("--guidance-scores applies to --guidance-source score-file only")
     return p
 
 
@@ -524,9 +569,7 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
         p.append("set --train-iters or --train-epochs")
     if cfg.train_iters is not None and cfg.train_epochs is not None:
         p.append("set only one of --train-iters and --train-epochs")
-    if cfg.loss_type == "tgdpo" and pref.guidance_load is None and pref.logprob_cache is None and pref.alpha != 0:
-        p.append("--loss-type tgdpo needs --guidance-load (a DPO-trained checkpoint) or --logprob-cache; "
-                 "or use --loss-type dpo")
+    p.extend(_guidance_problems(cfg))
     if cfg.loss_type in ("simpo", "sft") and pref.logprob_cache is not None:
         p.append(f"--logprob-cache does not apply to --loss-type {cfg.loss_type} (it uses no reference model)")
     if cfg.loss_type == "sft" and pref.guidance_load is not None:

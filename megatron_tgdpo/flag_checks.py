@@ -116,6 +116,8 @@ BOUNDS: dict[str, Bound] = {
     "--weight-clamp-min": _COEFFICIENT,
     "--weight-clamp-max": _COEFFICIENT,
     "--simpo-gamma": _COEFFICIENT,
+    "--token-weight-bound": Bound(0.0, 1e3, low_open=True),
+    "--rejected-weight": _COEFFICIENT,
     # --- optimisation -------------------------------------------------------------------------
     "--lr": _LR,
     "--min-lr": _UNIT,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_tgdpo.pipeline.config import METHODS, PRESETS, preset
+from megatron_tgdpo.pipeline.config import ALL_METHODS, METHODS, PRESETS, PipelineConfig, preset
 
 __all__ = ["build_parser", "main"]
 
@@ -53,7 +53,9 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     parser.add_argument("--alphas", type=_floats, metavar="A1,A2", help="also train TGDPO at these alphas and print "
                         "the alpha-sensitivity table (e.g. 0.5,1,2)")
     parser.add_argument("--methods", type=lambda t: tuple(t.split(",")), metavar="M1,M2",
-                        help=f"models to train and compare (default all: {','.join(METHODS)})")
+                        help=f"models to train and compare (default: {','.join(METHODS)}; also "
+                        f"{','.join(m for m in ALL_METHODS if m not in METHODS)}: TGDPO's controls and cross-fitted "
+                        "guidance, docs/guidance.md)")
     parser.add_argument("--curves", type=int, metavar="N", help="first seed: checkpoint DPO and TGDPO every N "
                         "iterations and score each on the held-out prompts (held-out score curves)")
     parser.add_argument("--figures", type=Path, metavar="DIR", help="also write the curves PNG there (needs --curves)")
@@ -67,7 +69,8 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     sizes.add_argument("--sft-prompts", type=int)
     sizes.add_argument("--pref-prompts", type=int)
     sizes.add_argument("--heldout-prompts", type=int)
-    sizes.add_argument("--sft-noise", type=float, help="fraction of SFT answers with one digit wrong (default 0)")
+    sizes.add_argument("--sft-noise", type=float, help="fraction of SFT answers with one digit wrong (default "
+                       f"{PipelineConfig.sft_noise:g})")
     sizes.add_argument("--sft-iters", type=int)
     sizes.add_argument("--pref-iters", type=int, help="iterations of every preference model")
     sizes.add_argument("--pref-lr", type=float, help="learning rate of every preference model")

@@ -16,6 +16,8 @@ from megatron_tgdpo.checkpointing import POLICY, CheckpointPart
 from megatron_tgdpo.config import ConfigError
 from megatron_tgdpo.config import PreferenceConfig
 from megatron_tgdpo.data.batch import Batch
+from megatron_tgdpo.guidance import (ResponseLayout, make_guidance_source, make_weight_function, source_problems,
+                                     weight_settings_of)
 from megatron_tgdpo.losses import preference_loss_sums
 from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.runtime import setup
@@ -46,8 +48,21 @@ class PreferenceAlgorithm(Algorithm):
         self.frozen: dict[str, list] = {}
         self.policy: Optional[CheckpointPart] = None
         self.uses_reference = cfg.loss_type != "simpo"
-        self.guided = cfg.loss_type == "tgdpo" and pref.alpha != 0 and (
-            pref.guidance_load is not None or pref.logprob_cache is not None)
+        # Token guidance as plug-ins (megatron_tgdpo.guidance): a weight function of the per-token reward
+        # that a guidance source gives. alpha = 0 or no guidance makes TGDPO plain DPO, as it always did.
+        self.weigh = self.source = None
+        if cfg.loss_type == "tgdpo":
+            self.weigh = make_weight_function(pref.token_weight, weight_settings_of(pref, seed=cfg.seed))
+        self.guided = self.weigh is not None and (not self.weigh.uses_reward or (
+            not self.weigh.is_identity() and not source_problems(pref.guidance_source, pref)))
+        if self.guided and self.weigh.uses_reward:
+            from megatron_tgdpo.guidance.score_file import ScoreFileError
+
+            try:
+                self.source = make_guidance_source(pref.guidance_source, pref)
+            except ScoreFileError as exc:  # a bad file is a flag to fix: exit 2 with its line
+                raise ConfigError(f"--guidance-scores {exc}") from None
+        self.guide_model = self.source is not None and "guidance" in self.source.roles
         means = BASE_METRICS + (TGDPO_METRICS if self.guided else ())
         if self.guided and pref.weight_clamp() is not None:
             means += ("weights/clamped_fraction",)
@@ -55,7 +70,7 @@ class PreferenceAlgorithm(Algorithm):
         self.maxima = ("logratio/abs_max",) if self.uses_reference else ()
         self.eval_means = BASE_METRICS
         self.logprobs = LogprobSettings.of(cfg)
-        frozen = 0 if pref.logprob_cache else int(self.uses_reference) + int(self.guided)
+        frozen = 0 if pref.logprob_cache else int(self.uses_reference) + int(self.guide_model)
         self.passes_per_token = 3.0 + frozen
 
     # ---- models -------------------------------------------------------------------------------
@@ -72,7 +87,9 @@ class PreferenceAlgorithm(Algorithm):
                 dst.load_state_dict(src.state_dict())
         else:
             start.load_into(policy)
-        if self.guided and online:
+        if self.source is not None:
+            self.source.setup(cfg=cfg, arch=arch)
+        if self.guide_model and online:
             self.frozen["guidance"] = setup.build_frozen(arch, cfg, ModelSource.of(pref.guidance_load, seed=cfg.seed))
         if not online:
             from megatron_tgdpo.logprob_cache import LogprobCache, LogprobCacheError
@@ -80,7 +97,7 @@ class PreferenceAlgorithm(Algorithm):
             try:
                 self.cache = LogprobCache(
                     pref.logprob_cache, dataset_prefix=self.ctx.data.train_prefix, ref_load=cfg.ref_load,
-                    guidance_load=pref.guidance_load, seed=cfg.seed, need_guidance=self.guided, model=cfg.model,
+                    guidance_load=pref.guidance_load, seed=cfg.seed, need_guidance=self.guide_model, model=cfg.model,
                 )
             except LogprobCacheError as exc:  # a cache of another run or a damaged one: a flag to fix, exit 2
                 raise ConfigError(f"--logprob-cache {pref.logprob_cache}: {exc}") from None
@@ -106,11 +123,31 @@ class PreferenceAlgorithm(Algorithm):
         options = dict(beta=cfg.beta, alpha=pref.alpha, loss_type=cfg.loss_type)
         if pref.label_smoothing:
             options["label_smoothing"] = pref.label_smoothing
-        if pref.weight_clamp() is not None:
-            options["weight_clamp"] = pref.weight_clamp()
+        if pref.weight_clamp() is not None and not self.guided:
+            options["weight_clamp"] = pref.weight_clamp()  # a guided run's plug-in applies it instead
         if cfg.loss_type == "simpo":
             options["simpo_gamma"] = pref.simpo_gamma
         return options
+
+    def _token_weights(self, index: int, full: Batch, batch: Batch, logps: torch.Tensor,
+                       frozen: dict[str, torch.Tensor]) -> dict:
+        """The loss options carrying micro-batch ``index``'s token weights (``batch``: this rank's slice)."""
+        _, _, cp_group = context_parallel()
+        layout = ResponseLayout.of(full, sliced=batch, cp_group=cp_group, dtype=logps.dtype)
+        if self.source is None:
+            reward = torch.zeros_like(logps)
+        else:
+            from megatron_tgdpo.guidance.score_file import ScoreFileError
+
+            try:
+                reward = self.source.token_rewards(index=index, layout=layout, logps=frozen, beta=self.cfg.beta)
+            except ScoreFileError as exc:  # a pair the file lacks or miscounts: the file is to fix, exit 2
+                raise ConfigError(f"--guidance-scores {exc}") from None
+        weights = self.weigh(reward, layout)
+        out = {"token_weights": weights.weights}
+        if self.section.weight_clamp() is not None:
+            out["clamped_tokens"] = weights.clamped
+        return out
 
     def _pair_loss(self, batch: Batch, logps: torch.Tensor, ref: Optional[torch.Tensor],
                    guide: Optional[torch.Tensor], *, options: dict):
@@ -125,15 +162,21 @@ class PreferenceAlgorithm(Algorithm):
 
     def train_step(self, batches: list[Batch]) -> StepResult:
         frozen = self._frozen_logps(batches)
-        ref, guide = frozen.get("reference"), frozen.get("guidance")
+        ref = frozen.get("reference")
         options = self._loss_options()
         metrics = StepMetrics()
+        if self.source is not None:
+            self.source.begin_step(batches)
 
         def loss_fn(index: int, batch: Batch, logps: torch.Tensor):
             if batch.num_pairs == 0:  # a padding micro-batch (interleaved schedule filler)
                 return (logps * 0).sum(), 0, None
-            out, count = self._pair_loss(batch, logps, None if ref is None else ref[index],
-                                         None if guide is None else guide[index], options=options)
+            step_options = options
+            if self.guided:
+                step_options = {**options, **self._token_weights(
+                    index, batches[index], batch, logps, {role: logps_[index] for role, logps_ in frozen.items()})}
+            out, count = self._pair_loss(batch, logps, None if ref is None else ref[index], None,
+                                         options=step_options)
             metrics.add(out.metrics)
             if ref is not None:
                 diff = ((logps.detach() - ref[index]) * batch["loss_mask"]).abs().max()

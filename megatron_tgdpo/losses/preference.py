@@ -45,7 +45,7 @@ DEFAULT_SIMPO_GAMMA = 0.5
 WeightClamp = tuple[float | None, float | None]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
-_OPTION_NAMES = ("label_smoothing", "weight_clamp", "simpo_gamma")
+_OPTION_NAMES = ("label_smoothing", "weight_clamp", "simpo_gamma", "token_weights", "clamped_tokens")
 _SIGMOID_LOSSES = ("dpo", "tgdpo", "simpo")
 
 
@@ -93,6 +93,8 @@ class _Options:
     label_smoothing: float
     weight_clamp: WeightClamp | None
     simpo_gamma: float
+    token_weights: torch.Tensor | None = None
+    clamped_tokens: torch.Tensor | None = None
 
 
 def _finite_float(name: str, value: Any) -> float:
@@ -138,7 +140,16 @@ def _parse_options(loss_type: str, options: Mapping[str, Any]) -> _Options:
         raise ValueError(f"weight_clamp applies to loss_type='tgdpo' only, not to {loss_type!r}")
     if gamma is not None and loss_type != "simpo":
         raise ValueError(f"simpo_gamma applies to loss_type='simpo' only, not to {loss_type!r}")
-    return _Options(label_smoothing=label_smoothing, weight_clamp=weight_clamp, simpo_gamma=simpo_gamma)
+    token_weights, clamped_tokens = options.get("token_weights"), options.get("clamped_tokens")
+    if token_weights is not None and loss_type != "tgdpo":
+        raise ValueError(f"token_weights applies to loss_type='tgdpo' only, not to {loss_type!r}")
+    if token_weights is not None and weight_clamp is not None:
+        raise ValueError("weight_clamp applies to weights computed here from guide_logps; clamp token_weights "
+                         "where they are made")
+    if clamped_tokens is not None and token_weights is None:
+        raise ValueError("clamped_tokens describes token_weights; pass both or neither")
+    return _Options(label_smoothing=label_smoothing, weight_clamp=weight_clamp, simpo_gamma=simpo_gamma,
+                    token_weights=token_weights, clamped_tokens=clamped_tokens)
 
 
 def _check_logps(name: str, tensor: Any, *, like: torch.Tensor | None, packed: bool = False) -> None:
@@ -424,8 +435,12 @@ def preference_loss(
             tokens (any token layout); None or a 1-rank group means the full sequences are here.
         options: ``label_smoothing`` (dpo/tgdpo/simpo, in [0, 0.5], default 0), ``weight_clamp``
             (tgdpo, ``(low, high)`` with None for an open side, default None = no clamp, as in the
-            paper), ``simpo_gamma`` (simpo, the *absolute* margin gamma, default 0.5). Unknown
-            options raise TypeError; options the loss type does not use raise ValueError.
+            paper), ``simpo_gamma`` (simpo, the *absolute* margin gamma, default 0.5),
+            ``token_weights`` (tgdpo: ready-made token weights shaped like ``policy_logps``, used as
+            constants in place of those computed from ``guide_logps``, which must then be None; the
+            guidance plug-ins of ``megatron_tgdpo.guidance`` make them) with ``clamped_tokens`` (bool,
+            the tokens a clamp changed, for ``weights/clamped_fraction``). Unknown options raise
+            TypeError; options the loss type does not use raise ValueError.
 
     Per pair, with ``D_t = log pi(y_t) - log ref(y_t)`` summed over response tokens only:
 
@@ -497,7 +512,15 @@ def preference_loss_sums(
 
     weights = clamped = None
     guided = loss_type == "tgdpo" and guide_logps is not None
-    if guided:
+    given = parsed.token_weights
+    if given is not None:
+        if guide_logps is not None:
+            raise ValueError("pass guide_logps or token_weights, not both")
+        _check_logps("token_weights", given, like=policy_logps)
+        weights = _masked(given.detach(), response)
+        clamped = (torch.zeros_like(response) if parsed.clamped_tokens is None
+                   else parsed.clamped_tokens.to(torch.bool) & response)
+    elif guided:
         weights, clamped = _token_weights(
             guide_logps, ref_logps, response, beta=beta, alpha=alpha, weight_clamp=parsed.weight_clamp,
             num_pairs=num_sequences // 2 if packed else None, sequence_ids=sequence_ids,
@@ -511,7 +534,8 @@ def preference_loss_sums(
     logits = _pair_logits(sums, loss_type=loss_type, beta=beta, options=parsed)
     losses = _pair_losses(logits, loss_type=loss_type, beta=beta, label_smoothing=parsed.label_smoothing)
     metrics = _metric_sums(
-        sums, logits, loss_type=loss_type, beta=beta, clamping=guided and parsed.weight_clamp is not None
+        sums, logits, loss_type=loss_type, beta=beta,
+        clamping=(guided and parsed.weight_clamp is not None) or parsed.clamped_tokens is not None,
     )
     pairs = torch.full((), float(losses.shape[0]), dtype=torch.float32, device=losses.device)
     metrics["loss"] = (losses.detach().sum().to(torch.float32), pairs)

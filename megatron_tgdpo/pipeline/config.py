@@ -10,10 +10,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["METHODS", "PRESETS", "PipelineConfig", "TrainSettings", "preset"]
+__all__ = ["ALL_METHODS", "METHODS", "PRESETS", "PipelineConfig", "TrainSettings", "preset"]
 
-#: The models a run compares, in table order. "tgdpo" stands for one run per alpha.
+#: The models a run compares, in table order. "tgdpo" stands for one run per alpha; the controls and
+#: cross-fitted TGDPO (``controls.py``) run only when named.
 METHODS = ("sft", "dpo", "tgdpo", "simpo", "ipo")
+ALL_METHODS = METHODS + ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit")
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,12 @@ class PipelineConfig:
             out.append("num_samples must be >= 2: a pair needs a best and a worst sample")
         if not 0.0 <= self.sft_noise <= 1.0:
             out.append(f"sft_noise must be in [0, 1], got {self.sft_noise}")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
-            out.append(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+            out.append(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+        from megatron_tgdpo.pipeline.control_methods import control_problems
+
+        out += control_problems(self.methods)
         if "tgdpo" in self.methods and "dpo" not in self.methods:
             out.append("tgdpo needs dpo: the DPO model is its guidance model")
         if "sft" not in self.methods:

@@ -1,7 +1,9 @@
 """The printed tables: one row per model, each cell the mean over seeds ± their standard deviation.
 
 The spread is the sample standard deviation over seeds (n − 1 in the denominator), shown when there is
-more than one seed; with three seeds it is a rough figure, so read differences smaller than it as ties.
+more than one seed. Differences to DPO are paired by seed and summarised by :func:`format_comparison_table`
+(``statistics.py``): mean, sample SD, 95 % t and bootstrap intervals, wins / ties / losses, and whether the
+t interval excludes 0.
 """
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import math
 from statistics import fmean, stdev
 from typing import Any, Optional, Sequence
 
-__all__ = ["COLUMNS", "aggregate", "differences", "format_alpha_table", "format_difference_table", "format_main_table",
-           "label"]
+__all__ = ["COLUMNS", "aggregate", "differences", "format_alpha_table", "format_comparison_table",
+           "format_difference_table", "format_main_table", "label", "paired_comparisons"]
 
 # (metrics key, column header)
 COLUMNS = (
@@ -26,7 +28,9 @@ COLUMNS = (
 def label(model: str) -> str:
     if model.startswith("tgdpo-a"):
         return f"TGDPO (alpha {model.removeprefix('tgdpo-a')})"
-    return {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "ipo": "IPO"}.get(model, model)
+    from megatron_tgdpo.pipeline.control_methods import LABELS
+
+    return {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "ipo": "IPO", **LABELS}.get(model, model)
 
 
 def aggregate(per_seed: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -101,3 +105,45 @@ def format_difference_table(diffs: dict[str, dict[str, tuple[float, float, int]]
     columns = [key for key in DIFFERENCE_KEYS if any(key in diffs.get(m, {}) for m in models)]
     rows = [[label(m), *(_signed(diffs.get(m, {}).get(key)) for key in columns)] for m in models if m in diffs]
     return _table(["model - DPO", *(heads[key] for key in columns)], rows)
+
+
+def paired_comparisons(per_seed: Sequence[dict[str, dict[str, Any]]], models: Sequence[str], *,
+                       baseline: str = "dpo") -> dict[str, dict[str, Any]]:
+    """model -> metric -> :class:`statistics.Comparison` of its per-seed differences to ``baseline``."""
+    from megatron_tgdpo.pipeline.statistics import compare
+
+    out: dict[str, dict[str, Any]] = {}
+    diffs = differences(per_seed, baseline=baseline)
+    for model in models:
+        for key in DIFFERENCE_KEYS:
+            values = [d[model][key] for d in diffs if key in d.get(model, {})]
+            if values:
+                out.setdefault(model, {})[key] = compare(values)
+    return out
+
+
+def _interval(low: float, high: float) -> str:
+    return "-" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
+
+
+def format_comparison_table(per_seed: Sequence[dict[str, dict[str, Any]]], models: Sequence[str], *,
+                            baseline: str = "dpo") -> str:
+    """One row per model and metric: the mean paired difference to ``baseline`` over seeds, its sample SD,
+    95 % t and percentile-bootstrap intervals, wins/ties/losses over seeds, and the verdict; then one line
+    naming the significant differences."""
+    heads = dict(COLUMNS)
+    found = paired_comparisons(per_seed, models, baseline=baseline)
+    rows, significant = [], []
+    for model in models:
+        for key, c in found.get(model, {}).items():
+            verdict = {True: "yes", False: "no", None: "n/a (1 seed)"}[c.significant]
+            rows.append([label(model), heads[key], f"{c.mean:+.3f}", "-" if math.isnan(c.sd) else f"{c.sd:.3f}",
+                         _interval(c.t_low, c.t_high), _interval(c.boot_low, c.boot_high),
+                         f"{c.wins}/{c.ties}/{c.losses}", verdict])
+            if c.significant:
+                significant.append(f"{label(model)} {heads[key]} {c.mean:+.3f}")
+    table = _table([f"model - {label(baseline)}", "metric", "mean", "SD", "95% t interval", "95% bootstrap",
+                    "W/T/L", "significant"], rows)
+    verdict = ("significant (t interval excludes 0): " + "; ".join(significant)) if significant else \
+        "no difference is significant (every 95% t interval includes 0, or there is one seed)"
+    return table + "\n" + verdict

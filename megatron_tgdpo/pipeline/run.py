@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 from megatron_tgdpo.pipeline import launch
 from megatron_tgdpo.pipeline.config import PipelineConfig
+from megatron_tgdpo.pipeline.controls import CONTROL_METHODS, train_controls
 from megatron_tgdpo.pipeline.evaluate import model_metrics, score_file, summary_of
 from megatron_tgdpo.pipeline.prompts import write_prompt_files, write_sft_data
-from megatron_tgdpo.pipeline.report import (aggregate, differences, format_alpha_table, format_difference_table,
-                                            format_main_table)
+from megatron_tgdpo.pipeline.report import aggregate, format_alpha_table, format_comparison_table, format_main_table
 from megatron_tgdpo.pipeline.stages import PipelineError, Stage, StageRunner, fingerprint, prepared_files, prepared_problem, scored_problem
 from megatron_tgdpo.pipeline.training import model_name, preference_flags, sft_flags
 
@@ -164,7 +164,7 @@ class Replication:
         inputs = [f"{tag}.sft", f"{tag}.pairs"]
         batch = []
         for model in self.models():
-            if model == "sft":
+            if model == "sft" or model in CONTROL_METHODS:
                 continue
             method = "tgdpo" if model.startswith("tgdpo") else model
             alpha = float(model.removeprefix("tgdpo-a")) if method == "tgdpo" else None
@@ -174,6 +174,7 @@ class Replication:
             batch.append((f"{tag}.{model}", flags, s / model, s / "logs" / model, cfg.preference.iters,
                           inputs + ([f"{tag}.dpo"] if method == "tgdpo" else [])))
         self._train_stages(batch)
+        train_controls(self, seed, pairs=pairs)  # controls.py: they read the DPO and TGDPO runs
         self._evaluate(seed)
         results = self.metrics(seed)
         (s / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -315,9 +316,9 @@ class Replication:
     def report(self, per_seed: dict[int, dict[str, dict[str, Any]]]) -> str:
         cfg = self.cfg
         agg = aggregate(list(per_seed.values()))
-        main = [m for m in self.models() if not m.startswith("tgdpo") or m == self.main_tgdpo]
+        main = [m for m in self.models() if not m.startswith("tgdpo-a") or m == self.main_tgdpo]
         seeds = ", ".join(map(str, per_seed))
-        spread = " (mean ± std over seeds)" if len(per_seed) > 1 else ""
+        spread = " (mean ± sample SD over seeds)" if len(per_seed) > 1 else ""
         lines = [
             f"held-out: {cfg.heldout_prompts} {cfg.task} prompts {cfg.task_params}, greedy"
             + (f" and {cfg.eval_samples} samples at temperature {cfg.temperature:g}" if cfg.eval_samples else "")
@@ -325,10 +326,9 @@ class Replication:
             format_main_table(agg, main),
         ]
         if "dpo" in self.models() and len(self.models()) > 1:
-            lines += ["", "paired difference to DPO (same seed: same SFT model, pairs and data order)"
-                      + (", mean ± std over seeds" if len(per_seed) > 1 else ""),
-                      format_difference_table(aggregate(differences(list(per_seed.values()))),
-                                              [m for m in self.models() if m != "dpo"])]
+            lines += ["", "paired difference to DPO (same seed: same SFT model, pairs and data order), over "
+                      f"{len(per_seed)} seed(s); W/T/L: seeds where the model is above / equal to / below DPO",
+                      format_comparison_table(list(per_seed.values()), [m for m in self.models() if m != "dpo"])]
         if cfg.alphas and "tgdpo" in cfg.methods:
             lines += ["", f"TGDPO alpha sensitivity (guidance: the DPO model of the same seed, beta {cfg.beta:g})",
                       format_alpha_table(agg, cfg.tgdpo_alphas())]

@@ -44,7 +44,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from statistics import fmean, pstdev
+from statistics import fmean
 from typing import Any, Callable, Optional, Sequence
 
 from megatron_tgdpo.pipeline.launch import run_logged
@@ -367,7 +367,24 @@ def _heldout(run_dir: Path) -> dict[int, dict]:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    return fmean(values), (pstdev(values) if len(values) > 1 else 0.0)
+    from megatron_tgdpo.pipeline.statistics import sample_sd
+
+    return fmean(values), (sample_sd(values) if len(values) > 1 else 0.0)
+
+
+def _paired_lines(finals: dict[str, list[dict]], *, baseline: str) -> list[str]:
+    """Each method's final score and exact match minus the baseline's, paired by seed (statistics.py)."""
+    from megatron_tgdpo.pipeline.statistics import compare
+
+    lines = ["", f"paired difference to {baseline}, by seed: mean [95% t interval] wins/ties/losses; * where the "
+             "interval excludes 0 (significant)", "", "| final - DPO | exact match | score |", "| --- | ---: | ---: |"]
+    for label, rows in finals.items():
+        if label == baseline or label == "SFT":
+            continue
+        cells = [compare([r[key] - b[key] for r, b in zip(rows, finals[baseline])]).describe()
+                 for key in ("exact_match", "score")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def report(args, out: Path, results: dict) -> str:
@@ -384,7 +401,7 @@ def report(args, out: Path, results: dict) -> str:
         mean, std = _stats(values)
         return f"{mean:.3f} ± {std:.3f}"
 
-    lines = [(f"held-out {args.task} score (positional, greedy; mean ± std over seeds {', '.join(map(str, seeds))}; "
+    lines = [(f"held-out {args.task} score (positional, greedy; mean ± sample SD over seeds {', '.join(map(str, seeds))}; "
               f"{args.heldout_prompts} prompts) and exact match, against sampled responses used"),
              "",
              "| samples | SFT | DPO | sparse PPO | RTO (dense DPO + sparse) |",
@@ -401,6 +418,7 @@ def report(args, out: Path, results: dict) -> str:
             row.append(cell([v for v in vals if v is not None]))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| final | exact match | score |", "| --- | ---: | ---: |"]
+    finals: dict[str, list[dict]] = {}
     final = ppo_points[-1]
     for label, getter in (
         ("SFT", lambda s: results["seeds"][s]["sft"]),
@@ -411,6 +429,8 @@ def report(args, out: Path, results: dict) -> str:
     ):
         rows = [getter(s) for s in seeds]
         lines.append(f"| {label} | {cell([r['exact_match'] for r in rows])} | {cell([r['score'] for r in rows])} |")
+        finals[label] = rows
+    lines += _paired_lines(finals, baseline=next(name for name in finals if name.startswith("DPO")))
     # sample efficiency: the first evaluation at which RTO's mean reaches sparse PPO's final mean
     sparse_final = fmean(_heldout(Path(results["seeds"][s]["sparse_ppo"]))[final]["score"] for s in seeds)
     reached = None
@@ -439,7 +459,7 @@ def plot(args, results: dict, path: Path) -> None:
         curves = [_heldout(Path(results["seeds"][s][name])) for s in seeds]
         xs = sorted(set.intersection(*[set(c) for c in curves]))
         ys = np.array([[c[x]["score"] for x in xs] for c in curves])
-        mean, std = ys.mean(0), ys.std(0)
+        mean, std = ys.mean(0), (ys.std(0, ddof=1) if len(seeds) > 1 else np.zeros_like(ys[0]))  # sample SD
         ax.plot(xs, mean, color=color, label=f"{label} ({len(seeds)} seeds)")
         ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15)
         if name == "rto":

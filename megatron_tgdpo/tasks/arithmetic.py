@@ -37,6 +37,17 @@ class AdditionTask(Task):
         if not 1 <= self.num_digits <= MAX_DIGITS:
             raise ValueError(f"addition: num_digits must be between 1 and {MAX_DIGITS}, got {self.num_digits}")
 
+    @classmethod
+    def canonical(cls, prompt: str) -> str:
+        """Addition commutes: the operands in ascending order (``tot: 3 5 : 4 7 =`` for ``tot: 4 7 : 3 5 =``)."""
+        if not (prompt.startswith("tot: ") and prompt.endswith(" =")):
+            return prompt
+        operands = prompt[len("tot: "):-len(" =")].split(" : ")
+        if len(operands) != 2 or not all(o.replace(" ", "").isdigit() for o in operands):
+            return prompt
+        ordered = sorted(operands, key=lambda o: (int(o.replace(" ", "")), o))
+        return f"tot: {ordered[0]} : {ordered[1]} ="
+
     def example(self, rng: random.Random) -> tuple[str, str]:
         a = rng.randrange(10**self.num_digits)
         b = rng.randrange(10**self.num_digits)

@@ -61,6 +61,13 @@ class Task(ABC):
     def params(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
+    @classmethod
+    def canonical(cls, prompt: str) -> str:
+        """The problem a prompt poses, written one way: prompts that are the same problem (``a + b`` and
+        ``b + a``) share it, so the held-out split (``prompts.is_heldout``) keeps them on one side. The
+        prompt itself unless a task says otherwise; a prompt the task cannot parse is its own form."""
+        return prompt
+
     def check_answer(self, answer: str) -> str | None:
         """Why ``answer`` cannot be a reference answer of this task, or ``None`` when it can."""
         items = answer.split()

@@ -21,7 +21,7 @@ from megatron_tgdpo import flag_checks
 from megatron_tgdpo.tasks.base import Task
 from megatron_tgdpo.tasks.evaluate import format_head_to_head, format_table, head_to_head, summarize
 from megatron_tgdpo.tasks.jsonl import BadLinesError, write_jsonl_atomic
-from megatron_tgdpo.tasks.prompts import SPLITS, make_prompts
+from megatron_tgdpo.tasks.prompts import SPLIT_BY, SPLITS, make_prompts
 from megatron_tgdpo.tasks.registry import TASKS, get_task
 from megatron_tgdpo.tasks.samples import load_sample_records, score_records
 
@@ -51,10 +51,14 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.tasks") -> argparse.Ar
     difficulty.add_argument("--num-digits", type=int, help="addition: digits per operand (default 2)")
     difficulty.add_argument("--min-length", type=int, help="sort, reverse: shortest digit list (default 4)")
     difficulty.add_argument("--max-length", type=int, help="sort, reverse: longest digit list (default 8)")
-    split = make.add_argument_group("train / held-out split (by a hash of the prompt, independent of --seed)")
+    split = make.add_argument_group("train / held-out split (by a hash of the prompt's canonical form, independent "
+                                    "of --seed)")
     split.add_argument("--split", choices=SPLITS, default="all")
     split.add_argument("--heldout-fraction", type=float, default=0.1)
     split.add_argument("--split-seed", type=int, default=0, help="salt of the split hash; keep it fixed across files")
+    split.add_argument("--split-by", choices=SPLIT_BY, default="canonical",
+                       help="hash the problem's canonical form (a + b and b + a, or one multiset's orders, fall on one "
+                       "side) or the prompt text (the split of earlier releases, which leaks reordered problems)")
     make.add_argument("--check-tokenizer", metavar="PATH",
                       help="fail unless every prompt and answer round-trips through this tokenizer "
                            "(e.g. examples/data/synthetic/tokenizer.model)")
@@ -119,7 +123,7 @@ def _make_prompts(args: argparse.Namespace) -> int:
     if in_range:
         raise _UsageError("; ".join(in_range))
     records = make_prompts(task, num=args.num, seed=args.seed, split=args.split,
-                           heldout_fraction=args.heldout_fraction, split_seed=args.split_seed)
+                           heldout_fraction=args.heldout_fraction, split_seed=args.split_seed, split_by=args.split_by)
     if args.check_tokenizer:
         bad = _untokenizable(records, args.check_tokenizer)
         if bad:

@@ -53,6 +53,16 @@ class SortTask(_DigitListTask):
     def transform(self, digits: list[int]) -> list[int]:
         return sorted(digits)
 
+    @classmethod
+    def canonical(cls, prompt: str) -> str:
+        """Sorting sees only the multiset of the digits: the prompt with its digits sorted (every order of
+        one multiset is the same problem with the same answer)."""
+        head, sep, rest = prompt.partition(": ")
+        if head != cls.tag or not sep or not rest.endswith(" ="):
+            return prompt
+        items = rest[:-len(" =")].split()
+        return f"{cls.tag}: {' '.join(sorted(items))} ="
+
 
 @dataclass(frozen=True)
 class ReverseTask(_DigitListTask):

@@ -10,8 +10,12 @@ example. ``id`` is derived from the task and the prompt text, so the same prompt
 every file and ids are unique within a file (prompts are distinct).
 
 The split does not depend on the seed: a prompt is held out iff a hash of ``(split_seed, task,
-prompt)`` falls below ``heldout_fraction``. Files made with ``split="train"`` and ``split="heldout"``
-(same ``split_seed`` and fraction) are therefore disjoint whatever their seeds, sizes or difficulty.
+canonical form)`` falls below ``heldout_fraction``, the canonical form being the problem the prompt poses
+written one way (``Task.canonical``: addition's ``a + b`` and ``b + a`` are one problem; sorting's input is
+a multiset). Files made with ``split="train"`` and ``split="heldout"`` (same ``split_seed`` and fraction)
+are therefore disjoint whatever their seeds, sizes or difficulty, and so are the problems they pose: no
+held-out prompt is a reordering of a training prompt. ``split_by="prompt"`` hashes the prompt text
+instead (the split before canonical forms: addition and sorting then leak reordered problems).
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ from typing import Literal
 
 from megatron_tgdpo.tasks.base import Task
 
-__all__ = ["SPLITS", "is_heldout", "make_prompts", "prompt_id"]
+__all__ = ["SPLITS", "SPLIT_BY", "canonical_prompt", "is_heldout", "make_prompts", "prompt_id"]
 
 Split = Literal["all", "train", "heldout"]
 SPLITS: tuple[str, ...] = ("all", "train", "heldout")
+SplitBy = Literal["canonical", "prompt"]
+SPLIT_BY: tuple[str, ...] = ("canonical", "prompt")
 
 # Draws in a row that yield nothing new before we conclude the (split of the) prompt space is used up.
 MAX_MISSES = 20_000
@@ -38,8 +44,18 @@ def prompt_id(task: str, prompt: str) -> str:
     return f"{task}-{_digest(task, prompt)[:6].hex()}"
 
 
-def is_heldout(prompt: str, *, task: str, split_seed: int, heldout_fraction: float) -> bool:
-    value = int.from_bytes(_digest("split", str(split_seed), task, prompt)[:8], "big") / 2**64
+def canonical_prompt(task: str, prompt: str) -> str:
+    """``prompt``'s canonical form under the task named ``task`` (itself for a task not registered)."""
+    from megatron_tgdpo.tasks.registry import TASKS
+
+    cls = TASKS.get(task)
+    return prompt if cls is None else cls.canonical(prompt)
+
+
+def is_heldout(prompt: str, *, task: str, split_seed: int, heldout_fraction: float,
+               split_by: SplitBy = "canonical") -> bool:
+    key = canonical_prompt(task, prompt) if split_by == "canonical" else prompt
+    value = int.from_bytes(_digest("split", str(split_seed), task, key)[:8], "big") / 2**64
     return value < heldout_fraction
 
 
@@ -51,6 +67,7 @@ def make_prompts(
     split: Split = "all",
     heldout_fraction: float = 0.1,
     split_seed: int = 0,
+    split_by: SplitBy = "canonical",
 ) -> list[dict[str, str]]:
     """``num`` records with distinct prompts, in draw order; the same arguments give the same list
     (``random.Random``'s output for a seed is stable across Python versions)."""
@@ -58,6 +75,8 @@ def make_prompts(
         raise ValueError(f"num must be at least 1, got {num}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {split_by!r}")
     if split != "all" and not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be strictly between 0 and 1, got {heldout_fraction}")
     rng = random.Random(seed)
@@ -69,7 +88,8 @@ def make_prompts(
         fresh = prompt not in seen
         seen.add(prompt)
         wanted = split == "all" or (
-            is_heldout(prompt, task=task.name, split_seed=split_seed, heldout_fraction=heldout_fraction)
+            is_heldout(prompt, task=task.name, split_seed=split_seed, heldout_fraction=heldout_fraction,
+                       split_by=split_by)
             == (split == "heldout")
         )
         if not (fresh and wanted):

@@ -6,7 +6,7 @@ Every ``megatron_tgdpo`` import is counted, at module level and inside functions
 still a dependency). Layers, low to high (``docs/architecture.md``)::
 
     0 foundation   compat, integrity, safe_pickle, monitoring, distributed, flag_checks, runtime/lifecycle, tasks/, data/, ops/, resources/, plotting
-    1 model        models/llama, layers, state_dict, fused_head, losses/, memory, config
+    1 model        models/llama, layers, state_dict, fused_head, losses/, guidance/, memory, config
     2 storage      checkpointing, convert/
     3 sources      models/sources
     4 runtime      runtime/
@@ -26,7 +26,7 @@ LAYERS = [
     # runtime.lifecycle (parent-death signal, shielded helpers) needs only the standard library and is
     # what distributed calls when a launcher started the process.
     ("compat", "integrity", "safe_pickle", "monitoring", "distributed", "flag_checks", "runtime.lifecycle", "tasks", "data", "ops", "resources", "plotting"),
-    ("models.llama", "models.layers", "models.state_dict", "models.fused_head", "models", "losses", "memory", "config"),
+    ("models.llama", "models.layers", "models.state_dict", "models.fused_head", "models", "losses", "guidance", "memory", "config"),
     ("checkpointing", "convert"),
     ("models.sources",),
     ("runtime",),

@@ -366,3 +366,24 @@ def test_module_entry_point_and_no_torch_import(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert len(_read(tmp_path / "p.jsonl")) == 3
+
+
+def test_no_heldout_problem_is_a_reordering_of_a_training_problem():
+    from megatron_tgdpo.tasks.prompts import canonical_prompt
+    from megatron_tgdpo.tasks.registry import get_task
+
+    assert canonical_prompt("addition", "tot: 4 7 : 3 5 =") == canonical_prompt("addition", "tot: 3 5 : 4 7 =")
+    assert canonical_prompt("addition", "tot: 4 7 : 3 5 =") != canonical_prompt("addition", "tot: 4 7 : 3 6 =")
+    assert canonical_prompt("sort", "sort: 7 2 9 2 =") == canonical_prompt("sort", "sort: 2 9 2 7 =") == "sort: 2 2 7 9 ="
+    assert canonical_prompt("reverse", "tros: 7 2 9 =") == "tros: 7 2 9 ="  # an order is the problem itself
+    for name, params in (("addition", {"num_digits": 1}), ("sort", {"min_length": 2, "max_length": 3})):
+        task = get_task(name, **params)
+        train = make_prompts(task, num=40, seed=1, split="train", heldout_fraction=0.3)
+        heldout = make_prompts(task, num=15, seed=2, split="heldout", heldout_fraction=0.3)
+        train_forms = {canonical_prompt(name, r["prompt"]) for r in train}
+        assert not train_forms & {canonical_prompt(name, r["prompt"]) for r in heldout}
+        # the split by prompt text, as before canonical forms, leaks reordered problems
+        old_train = make_prompts(task, num=40, seed=1, split="train", heldout_fraction=0.3, split_by="prompt")
+        old_heldout = make_prompts(task, num=15, seed=2, split="heldout", heldout_fraction=0.3, split_by="prompt")
+        assert {canonical_prompt(name, r["prompt"]) for r in old_train} & {
+            canonical_prompt(name, r["prompt"]) for r in old_heldout}
