@@ -116,6 +116,7 @@ BOUNDS: dict[str, Bound] = {
     "--weight-clamp-min": _COEFFICIENT,
     "--weight-clamp-max": _COEFFICIENT,
     "--simpo-gamma": _COEFFICIENT,
+    "--rm-margin": _COEFFICIENT,
     # --- optimisation -------------------------------------------------------------------------
     "--lr": _LR,
     "--min-lr": _UNIT,
