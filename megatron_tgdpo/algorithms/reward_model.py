@@ -3,7 +3,8 @@
 The model is the policy's architecture with the PPO critic's scalar head (``models.value_head``) on the
 last stage: the backbone starts from ``--ref-load`` (or a model directory given as ``--load``), the head
 from seeded normal weights of standard deviation ``1/(H+1)`` (a zero head would give the backbone no
-gradient on the first step). It trains on the prepared preference pairs: each pair's chosen and
+gradient on the first step) and a zero bias that is not trained (the loss depends on score differences
+only). It trains on the prepared preference pairs: each pair's chosen and
 rejected sequences are scored at their last token (``losses.reward_model``) and the loss is
 ``-log sigmoid(r_w - r_l - --rm-margin)``, a mean over the pairs of the global batch. Held-out
 evaluation reports the loss, the pairwise accuracy and the mean and standard deviation of the scores
@@ -32,7 +33,8 @@ from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.losses.reward_model import bradley_terry_loss_sums, sequence_scores, token_value_differences
 from megatron_tgdpo.models.llama import LlamaArch
 from megatron_tgdpo.models.sources import ModelSource
-from megatron_tgdpo.models.value_head import attach_value_head, value_output
+from megatron_tgdpo.models.state_dict import gpt_model
+from megatron_tgdpo.models.value_head import VALUE_HEAD, attach_value_head, has_value_head, value_output
 from megatron_tgdpo.runtime import setup
 from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext, StepResult, optimizer_step
 from megatron_tgdpo.runtime.metrics import StepMetrics
@@ -129,6 +131,10 @@ class RewardModelAlgorithm(Algorithm):
         setup.policy_start(cfg).load_into(chunks)
         for chunk in chunks:
             attach_value_head(chunk, init_std=head_init_std(arch), seed=cfg.seed)
+            # The loss reads score differences only: the head's bias has no gradient but rounding noise, which
+            # Adam would turn into full-size steps of random sign. It stays 0 (a critic trains it).
+            if has_value_head(chunk):
+                getattr(gpt_model(chunk), VALUE_HEAD).bias.requires_grad_(False)
         self.model = setup.wrap_trained(cfg, chunks, train_iters=self.ctx.train_iters)
 
     def parts(self) -> dict[str, CheckpointPart]:
