@@ -108,3 +108,27 @@ def test_official_defaults_kl_coef_and_dense_clip(tmp_path):
     ppo, _ = parse(["--prompts", str(prompts), "--reward", "sparse", "--train-iters", "1"])
     assert ppo.kl_coef == 0.01 and ppo.dense_reward_clip == 0.05 and ppo.ppo_loss_averaging == "token"
     assert ppo.learned_reward_load is None and ppo.learned_reward_clip == 10.0
+
+
+def test_misplaced_reward_model_flags_are_refused_by_name(tmp_path):
+    from megatron_tgdpo.config import ConfigError, parse_args, validate
+    from megatron_tgdpo.ppo.cli import parse
+
+    def problems(*argv: str) -> list[str]:
+        cfg = parse_args(["--train-iters", "1", "--seq-length", "64", *argv])
+        return validate(cfg, world_size=2, num_heads=4, num_query_groups=2, num_layers=4)
+
+    assert "--rm-margin applies to --loss-type rm only" in problems("--loss-type", "dpo", "--rm-margin", "0.5")
+    assert "--guidance-load does not apply to --loss-type rm" in problems("--loss-type", "rm", "--guidance-load",
+                                                                         str(tmp_path))
+    assert any(line.startswith("--context-parallel-size 2: --loss-type rm")
+               for line in problems("--loss-type", "rm", "--context-parallel-size", "2"))
+    assert problems("--loss-type", "rm", "--rm-margin", "0.5") == []
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "0", "prompt": "1+1=", "task": "addition", "answer": "2"}) + "\n")
+    with pytest.raises(ConfigError) as err:
+        parse(["--prompts", str(prompts), "--reward", "dense-dpo", "--reward-model-load", str(tmp_path),
+               "--learned-reward-load", str(tmp_path / "missing"), "--train-iters", "1"])
+    text = str(err.value)
+    assert "--learned-reward-load is the sparse reward; it does not apply to --reward dense-dpo" in text
+    assert f"--learned-reward-load {tmp_path / 'missing'}: does not exist" in text
