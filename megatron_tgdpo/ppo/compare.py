@@ -23,6 +23,11 @@ and a changed setting reruns exactly what depends on it (markers in ``<output>/s
      dense-dpo+sparse`` with the DPO model of ``--reward-model-prompts`` prompts as the token reward):
      same prompt stream, same seed, same number of rollouts, held-out score every ``--eval-every``
      iterations;
+   * with ``--sparse-reward learned``: ``seed<N>.rm.n<n>``, a Bradley-Terry reward model trained on the
+     very pairs of that DPO model, is the sequence reward of both PPO runs (``sparse_ppo_learned``,
+     ``rto_rm<n>_learned``; normalised with its score statistics, clipped; their critics start from it),
+     so both are charged the same preference samples; with ``--vary-sft`` each seed has its own SFT
+     model (``seed<N>.sft``);
 4. the report: a table of held-out score (mean and standard deviation over seeds) at matched sample
    budgets, written to ``<output>/table_rm<n>.md`` and ``results_rm<n>.json``, and the curve
    ``<output>/rto_curve_rm<n>.png`` (``n``: ``--reward-model-prompts``; rerunning with another ``n``
@@ -31,7 +36,9 @@ and a changed setting reruns exactly what depends on it (markers in ``<output>/s
 Sample accounting: a PPO point at *N* rollout samples has sampled *N* responses; a DPO point at *N* has
 sampled *N* responses to build its pairs; RTO additionally used the samples of its DPO reward model,
 reported separately (its curve is plotted against its own rollouts, and shifted by the reward model's
-samples as a dotted line).
+samples as a dotted line). With ``--sparse-reward learned`` sparse PPO used those same samples for its reward
+model. Defaults follow RTO's official recipe (``--kl-coef 0.01``, ``--dense-reward-clip 0.05``,
+``--ppo-loss-averaging sequence``; ``docs/rto.md``).
 
 Every training and sampling job is a single-process subprocess (CPU or one GPU); logs are in
 ``<output>/logs``.
