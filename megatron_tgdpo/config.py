@@ -24,7 +24,7 @@ from megatron_tgdpo import flag_checks
 from megatron_tgdpo.losses import LOSS_TYPES as PREFERENCE_LOSS_TYPES
 from megatron_tgdpo.models.llama import PRESETS
 
-LOSS_TYPES = PREFERENCE_LOSS_TYPES + ("sft",)
+LOSS_TYPES = PREFERENCE_LOSS_TYPES + ("sft", "rm")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 PRESET_NAMES = tuple(PRESETS)
 
@@ -56,6 +56,8 @@ class PreferenceConfig:
     weight_clamp_min: Optional[float] = None
     weight_clamp_max: Optional[float] = None
     simpo_gamma: float = 0.5
+    rm_margin: float = field(default=0.0, metadata={
+        "help": "--loss-type rm: margin m of the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - m)"})
     guidance_load: Optional[str] = field(default=None, metadata={"help": "guidance model for tgdpo"})
     logprob_cache: Optional[str] = field(default=None, metadata={"help": "offline ref/guidance log-prob cache"})
     # --- token guidance plug-ins (megatron_tgdpo.guidance, docs/guidance.md) ---
@@ -570,10 +572,15 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
     if cfg.train_iters is not None and cfg.train_epochs is not None:
         p.append("set only one of --train-iters and --train-epochs")
     p.extend(_guidance_problems(cfg))
-    if cfg.loss_type in ("simpo", "sft") and pref.logprob_cache is not None:
+    if cfg.loss_type in ("simpo", "sft", "rm") and pref.logprob_cache is not None:
         p.append(f"--logprob-cache does not apply to --loss-type {cfg.loss_type} (it uses no reference model)")
-    if cfg.loss_type == "sft" and pref.guidance_load is not None:
-        p.append("--guidance-load does not apply to --loss-type sft")
+    if cfg.loss_type in ("sft", "rm") and pref.guidance_load is not None:
+        p.append(f"--guidance-load does not apply to --loss-type {cfg.loss_type}")
+    if cfg.loss_type == "rm" and cp > 1:
+        p.append(f"--context-parallel-size {cp}: --loss-type rm reads each sequence's score at one position; "
+                 "use --context-parallel-size 1")
+    if pref.rm_margin and cfg.loss_type != "rm":
+        p.append("--rm-margin applies to --loss-type rm only")
     p.extend(_path_problems(cfg))
     if not 0.0 <= cfg.lr_warmup_fraction <= 1.0:
         p.append("--lr-warmup-fraction must be in [0, 1]")
@@ -584,7 +591,7 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
         p.append("--weight-clamp-min/--weight-clamp-max apply to TGDPO token weights; drop them or use --loss-type tgdpo")
     if clamp is not None and None not in clamp and clamp[0] > clamp[1]:
         p.append(f"--weight-clamp-min {clamp[0]} is above --weight-clamp-max {clamp[1]}")
-    if pref.label_smoothing and cfg.loss_type in ("ipo", "sft"):
+    if pref.label_smoothing and cfg.loss_type in ("ipo", "sft", "rm"):
         p.append(f"--label-smoothing does not apply to --loss-type {cfg.loss_type}")
     if not 0.0 <= pref.label_smoothing <= 0.5:
         p.append("--label-smoothing must be in [0, 0.5]")

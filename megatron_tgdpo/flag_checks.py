@@ -118,6 +118,7 @@ BOUNDS: dict[str, Bound] = {
     "--simpo-gamma": _COEFFICIENT,
     "--token-weight-bound": Bound(0.0, 1e3, low_open=True),
     "--rejected-weight": _COEFFICIENT,
+    "--rm-margin": _COEFFICIENT,
     # --- optimisation -------------------------------------------------------------------------
     "--lr": _LR,
     "--min-lr": _UNIT,
@@ -141,6 +142,10 @@ BOUNDS: dict[str, Bound] = {
     "--dense-reward-scale": Bound(0.0, 1e3),
     "--sparse-reward-scale": Bound(0.0, 1e3),
     "--kl-coef": Bound(0.0, 1e2),
+    "--dense-reward-clip": Bound(0.0, 1e3),
+    "--learned-reward-mean": Bound(-1e6, 1e6),
+    "--learned-reward-std": Bound(0.0, 1e6, low_open=True),
+    "--learned-reward-clip": Bound(0.0, 1e6),
     "--gamma": _UNIT,
     "--lam": _UNIT,
     "--clip-range": Bound(0.0, 10.0, low_open=True),

@@ -91,7 +91,7 @@ __all__ = [
 GIB = float(2**30)
 # Frozen models a run builds: the reference (and guidance) its loss reads; SimPO and SFT read none, and
 # a run with --logprob-cache builds none (``estimate(logprob_cache=True)``).
-FROZEN_MODELS = {"tgdpo": 2, "dpo": 1, "ipo": 1, "simpo": 0, "sft": 0}
+FROZEN_MODELS = {"tgdpo": 2, "dpo": 1, "ipo": 1, "simpo": 0, "sft": 0, "rm": 0}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ def algorithm_for(loss_type: str) -> type:
         from megatron_tgdpo.algorithms.sft import SFTAlgorithm
 
         return SFTAlgorithm
+    if loss_type == "rm":
+        from megatron_tgdpo.algorithms.reward_model import RewardModelAlgorithm
+
+        return RewardModelAlgorithm
     from megatron_tgdpo.algorithms.preference import PreferenceAlgorithm
 
     return PreferenceAlgorithm

@@ -11,7 +11,9 @@ statistic is global (``reduce``).
 Conventions (RTO, "DPO Meets PPO", Zhong et al. 2024; PPO as in Ouyang et al. 2022):
 
 * reward of token ``t``: ``dense_scale * beta * (log pi_dpo - log pi_ref)`` (the DPO model's implicit
-  token reward) ``- kl_coef * (log pi_old - log pi_ref)`` (the per-token KL penalty, k1 estimator), and
+  token reward), clipped to ``[-dense_clip, dense_clip]`` per token when ``dense_clip`` is set (RTO's
+  official code clips it so that no token's dense reward outweighs the sequence score),
+  ``- kl_coef * (log pi_old - log pi_ref)`` (the per-token KL penalty, k1 estimator), and
   ``sparse_scale * score`` added at the last response token;
 * GAE: ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` = 0 after the last response token,
   ``A_t = delta_t + gamma * lam * A_{t+1}``; returns ``R_t = A_t + V_t``;
@@ -20,7 +22,10 @@ Conventions (RTO, "DPO Meets PPO", Zhong et al. 2024; PPO as in Ouyang et al. 20
   (``eps_v`` None: no clipping).
 
 Losses return ``(numerator, count, metric sums)``: the trainer's schedule divides the summed numerators
-by the summed counts of the whole global mini-batch (a per-token mean).
+by the summed counts of the whole global mini-batch. ``averaging="token"``: numerator = the per-token
+losses summed, count = tokens (a mean over every token of the mini-batch: long responses weigh more);
+``"sequence"``: numerator = each response's mean per-token loss, summed, count = responses (a mean of
+per-response means, as OpenRLHF-based trainers, RTO's official code among them, average).
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ from typing import Callable, Optional
 import torch
 
 __all__ = [
+    "AVERAGING",
     "MetricSums",
+    "averaged",
     "explained_variance",
     "explained_variance_sums",
     "gae",
@@ -43,6 +50,8 @@ __all__ = [
 MetricSums = dict[str, tuple[torch.Tensor, torch.Tensor]]
 #: sums a tensor over the ranks that share a statistic (identity on one rank)
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+#: how a loss averages its per-token terms over a mini-batch (see the module docstring)
+AVERAGING = ("token", "sequence")
 
 
 def _check(mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
@@ -77,11 +86,13 @@ def token_rewards(
     dpo_logps: Optional[torch.Tensor] = None,
     beta: float = 0.1,
     dense_scale: float = 1.0,
+    dense_clip: Optional[float] = None,
     scores: Optional[torch.Tensor] = None,
     sparse_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token rewards ``[R, S]`` (zero off the mask) and their parts, each ``[R, S]``:
-    ``dense`` (``dense_scale * beta * (dpo - ref)``; zeros without ``dpo_logps``), ``sparse``
+    ``dense`` (``dense_scale * beta * (dpo - ref)``, then clamped to ``[-dense_clip, dense_clip]`` unless
+    ``dense_clip`` is None or 0; zeros without ``dpo_logps``), ``sparse``
     (``sparse_scale * scores[r]`` at each row's last response token; zeros without ``scores``) and
     ``kl`` (``policy - ref``, before ``kl_coef``)."""
     _check(mask, policy_logps=policy_logps, ref_logps=ref_logps, dpo_logps=dpo_logps)
@@ -89,6 +100,8 @@ def token_rewards(
     kl = _masked(policy_logps - ref_logps, keep)
     dense = (_masked(dpo_logps - ref_logps, keep) * (dense_scale * beta) if dpo_logps is not None
              else torch.zeros_like(kl))
+    if dense_clip:
+        dense = dense.clamp(-dense_clip, dense_clip)
     if scores is not None:
         if scores.shape != (mask.shape[0],):
             raise ValueError(f"scores must be [R] = [{mask.shape[0]}], got {tuple(scores.shape)}")
@@ -151,11 +164,24 @@ def masked_whiten(
     return _masked(white, keep).to(values.dtype)
 
 
+def averaged(per_token: torch.Tensor, keep: torch.Tensor, *, averaging: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, count) of the masked ``per_token`` terms under ``averaging`` (module docstring);
+    ``per_token`` must already be zero off ``keep``."""
+    if averaging == "token":
+        return per_token.sum(), keep.sum().to(torch.float32)
+    if averaging != "sequence":
+        raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
+    tokens = keep.sum(dim=1)
+    has = tokens > 0
+    per_row = per_token.sum(dim=1) / tokens.clamp_min(1).to(per_token.dtype)
+    return torch.where(has, per_row, torch.zeros_like(per_row)).sum(), has.sum().to(torch.float32)
+
+
 def policy_loss_sums(
     logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-    clip_range: float,
+    clip_range: float, averaging: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, MetricSums]:
-    """(summed clipped surrogate loss over the masked tokens, their count, metric sums).
+    """(the clipped surrogate loss's numerator and count under ``averaging``, metric sums).
 
     Metrics (per-token means once divided by their counts): ``ppo/policy_loss``,
     ``ppo/clip_fraction`` (tokens whose clipped term is the larger one, i.e. whose gradient is cut),
@@ -169,24 +195,24 @@ def policy_loss_sums(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_token = torch.maximum(unclipped, clipped)
-    loss = _masked(per_token, keep).sum()
+    loss, count = averaged(_masked(per_token, keep), keep, averaging=averaging)
     tokens = keep.sum().to(torch.float32)
     with torch.no_grad():
         kept = keep.to(torch.float32)
         metrics: MetricSums = {
-            "ppo/policy_loss": (loss.detach().float(), tokens),
+            "ppo/policy_loss": (loss.detach().float(), count),
             "ppo/clip_fraction": (((clipped > unclipped).float() * kept).sum(), tokens),
             "ppo/approx_kl": ((((ratio - 1.0) - log_ratio).float() * kept).sum(), tokens),
             "ppo/ratio": ((ratio.float() * kept).sum(), tokens),
         }
-    return loss, tokens, metrics
+    return loss, count, metrics
 
 
 def value_loss_sums(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
-    clip_range: Optional[float],
+    clip_range: Optional[float], averaging: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, MetricSums]:
-    """(summed clipped value loss over the masked tokens, their count, metric sums ``ppo/value_loss``,
+    """(the clipped value loss's numerator and count under ``averaging``, metric sums ``ppo/value_loss``,
     ``ppo/value_clip_fraction``). ``clip_range`` None: the plain squared error."""
     _check(mask, values=values, old_values=old_values, returns=returns)
     keep = mask != 0
@@ -206,14 +232,14 @@ def value_loss_sums(
         clipped = (v_clipped - ret) ** 2
         per_token = torch.maximum(unclipped, clipped)
         clipped_more = active & (clipped > unclipped)
-    loss = 0.5 * _masked(per_token, keep).sum()
+    loss, count = averaged(0.5 * _masked(per_token, keep), keep, averaging=averaging)
     tokens = keep.sum().to(torch.float32)
     with torch.no_grad():
         metrics: MetricSums = {
-            "ppo/value_loss": (loss.detach().float(), tokens),
+            "ppo/value_loss": (loss.detach().float(), count),
             "ppo/value_clip_fraction": ((clipped_more & keep).float().sum(), tokens),
         }
-    return loss, tokens, metrics
+    return loss, count, metrics
 
 
 def explained_variance_sums(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

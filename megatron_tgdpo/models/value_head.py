@@ -35,7 +35,7 @@ import torch
 from megatron_tgdpo.models.fused_head import enable_fused_head
 from megatron_tgdpo.models.state_dict import gpt_model, unwrap
 
-__all__ = ["VALUE_HEAD", "attach_value_head", "has_value_head", "value_output"]
+__all__ = ["VALUE_HEAD", "attach_value_head", "has_value_head", "rescale_value_head", "value_output"]
 
 VALUE_HEAD = "value_head"
 
@@ -76,6 +76,18 @@ def attach_value_head(model: torch.nn.Module, *, init_std: float = 0.0, seed: in
     if weight_source is not None and not gpt.share_embeddings_and_output_weights:
         weight_source.requires_grad_(False)  # the LM head is not used by a critic
     return model
+
+
+def rescale_value_head(model: torch.nn.Module, *, mean: float, std: float) -> None:
+    """Make this chunk's head output ``(v - mean) / std`` instead of ``v`` (weight / std, (bias - mean) / std);
+    a no-op off the last stage."""
+    gpt = gpt_model(model)
+    if not has_value_head(gpt):
+        return
+    head = getattr(gpt, VALUE_HEAD)
+    with torch.no_grad():
+        head.weight.div_(std)
+        head.bias.sub_(mean).div_(std)
 
 
 def value_output(model: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:

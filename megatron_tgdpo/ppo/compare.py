@@ -23,6 +23,11 @@ and a changed setting reruns exactly what depends on it (markers in ``<output>/s
      dense-dpo+sparse`` with the DPO model of ``--reward-model-prompts`` prompts as the token reward):
      same prompt stream, same seed, same number of rollouts, held-out score every ``--eval-every``
      iterations;
+   * with ``--sparse-reward learned``: ``seed<N>.rm.n<n>``, a Bradley-Terry reward model trained on the
+     very pairs of that DPO model, is the sequence reward of both PPO runs (``sparse_ppo_learned``,
+     ``rto_rm<n>_learned``; normalised with its score statistics, clipped; their critics start from it),
+     so both are charged the same preference samples; with ``--vary-sft`` each seed has its own SFT
+     model (``seed<N>.sft``);
 4. the report: a table of held-out score (mean and standard deviation over seeds) at matched sample
    budgets, written to ``<output>/table_rm<n>.md`` and ``results_rm<n>.json``, and the curve
    ``<output>/rto_curve_rm<n>.png`` (``n``: ``--reward-model-prompts``; rerunning with another ``n``
@@ -31,7 +36,9 @@ and a changed setting reruns exactly what depends on it (markers in ``<output>/s
 Sample accounting: a PPO point at *N* rollout samples has sampled *N* responses; a DPO point at *N* has
 sampled *N* responses to build its pairs; RTO additionally used the samples of its DPO reward model,
 reported separately (its curve is plotted against its own rollouts, and shifted by the reward model's
-samples as a dotted line).
+samples as a dotted line). With ``--sparse-reward learned`` sparse PPO used those same samples for its reward
+model. Defaults follow RTO's official recipe (``--kl-coef 0.01``, ``--dense-reward-clip 0.05``,
+``--ppo-loss-averaging sequence``; ``docs/rto.md``).
 
 Every training and sampling job is a single-process subprocess (CPU or one GPU); logs are in
 ``<output>/logs``.
@@ -83,7 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--ppo-lr", type=float, default=1e-3)
     p.add_argument("--critic-lr", type=float, default=2e-3)
-    p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--kl-coef", type=float, default=0.01, help="RTO's official value (docs/rto.md)")
+    p.add_argument("--dense-reward-clip", type=float, default=0.05,
+                   help="per-token clip of RTO's dense reward (RTO's official value; 0: off)")
+    p.add_argument("--ppo-loss-averaging", choices=("token", "sequence"), default="sequence",
+                   help="PPO's loss averaging (sequence: RTO's official code)")
+    p.add_argument("--sparse-reward", choices=("verifier", "learned"), default="verifier",
+                   help="learned: sparse PPO and RTO alike take their sequence score from a Bradley-Terry reward "
+                        "model trained on the pairs of RTO's DPO reward model (--reward-model-prompts), so both "
+                        "are charged the same preference data; verifier: the task's exact scorer")
+    p.add_argument("--rm-epochs", type=float, default=2.0,
+                   help="--sparse-reward learned: the reward model's epochs over its pairs")
+    p.add_argument("--vary-sft", action="store_true",
+                   help="one SFT model per seed (seeded by it) instead of one shared by every seed")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (and the dense reward's)")
     p.add_argument("--dense-reward-scale", type=float, default=0.5,
                    help="0.5 x beta 0.1 = the KL coefficient: without the sparse score the optimum is the DPO model")
@@ -199,9 +218,17 @@ class Comparison:
                                 "heldout": args.heldout_prompts, "seeds": [101, 102, 103]},
                     list(files.values()), write)
 
-    def sft(self) -> Path:
+    def sft_stage(self, seed: Optional[int]) -> str:
+        """The SFT stage a seed's runs start from: one per seed with --vary-sft, else the shared one."""
+        return f"seed{seed}.sft" if self.args.vary_sft and seed is not None else "sft"
+
+    def sft(self, seed: Optional[int] = None) -> Path:
         args, work = self.args, self.out / "sft"
         data, prefix, ckpt = work / "sft.jsonl", work / "data", work / "checkpoints"
+        stage = self.sft_stage(seed)
+        sft_seed = 1 if stage == "sft" else seed
+        if stage != "sft":
+            ckpt = self.out / f"seed{seed}" / "sft" / "checkpoints"
 
         def prepare() -> None:
             records = [json.loads(line) for line in self.prompt_files["sft"].read_text().splitlines()]
@@ -214,11 +241,12 @@ class Comparison:
                     [data, *prepared_files(prefix)], prepare, lambda: prepared_problem(prefix), inputs=["prompts"])
         flags = ["--loss-type", "sft", "--data-path", str(prefix), "--model", "tiny", "--micro-batch-size", "32",
                  "--global-batch-size", "32", "--seq-length", str(args.seq_length), "--lr", "3e-3", "--min-lr", "3e-4",
-                 "--lr-warmup-fraction", "0.05", "--train-iters", str(args.sft_iters), "--seed", "1", "--log-interval",
-                 "50", "--eval-iters", "0", "--no-tensorboard", "--save", str(ckpt), "--log-dir", str(work / "log")]
-        self._stage("sft", {"flags": self._rel(flags)}, [ckpt, work / "log"],
-                    lambda: _run(command("train", *flags), log=self.out / "logs" / "sft.log",
-                                 what=f"SFT ({args.sft_iters} iterations)"),
+                 "--lr-warmup-fraction", "0.05", "--train-iters", str(args.sft_iters), "--seed", str(sft_seed),
+                 "--log-interval", "50", "--eval-iters", "0", "--no-tensorboard", "--save", str(ckpt), "--log-dir",
+                 str(ckpt.parent / "log")]
+        self._stage(stage, {"flags": self._rel(flags)}, [ckpt, ckpt.parent / "log"],
+                    lambda: _run(command("train", *flags), log=self.out / "logs" / f"{stage}.log",
+                                 what=f"SFT ({args.sft_iters} iterations, seed {sft_seed})"),
                     lambda: _checkpoint_problem(ckpt), inputs=["sft.data"])
         return ckpt
 
@@ -247,7 +275,8 @@ class Comparison:
 
         self._stage(f"{tag}.dpo.samples", {"prompts": max(budgets), "k": args.samples_per_prompt,
                                            "max_new_tokens": args.max_new_tokens, "seed": seed},
-                    [subset, samples], sample, lambda: scored_problem([samples]), inputs=["prompts", "sft"])
+                    [subset, samples], sample, lambda: scored_problem([samples]),
+                    inputs=["prompts", self.sft_stage(seed)])
         models = {}
         for n in budgets:
             models[n] = self._dpo_model(seed, n, sft, samples)
@@ -283,8 +312,35 @@ class Comparison:
         outputs = [d / "samples.jsonl", d / "pairs.jsonl", d / "pair_stats.jsonl", *prepared_files(d / "data"),
                    ckpt, d / "log"]
         self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": self.tokenizer, "flags": self._rel(flags)}, outputs,
-                    run, lambda: _checkpoint_problem(ckpt), inputs=["sft", f"{tag}.dpo.samples"])
+                    run, lambda: _checkpoint_problem(ckpt), inputs=[self.sft_stage(seed), f"{tag}.dpo.samples"])
         return ckpt
+
+    def reward_model(self, seed: int, sft: Path) -> tuple[Path, float, float]:
+        """A Bradley-Terry reward model on the very pairs of the DPO model of --reward-model-prompts;
+        returns (checkpoint, score mean, score std) (the statistics over those pairs, for normalising)."""
+        args, tag, n = self.args, f"seed{seed}", self.args.reward_model_prompts
+        pairs = self.out / tag / "dpo" / f"n{n}" / "data"
+        d = self.out / tag / "rm" / f"n{n}"
+        ckpt = d / "checkpoints"
+        num_pairs = len((pairs.parent / "pairs.jsonl").read_text().splitlines())
+        flags = ["--loss-type", "rm", "--data-path", str(pairs), "--eval-data-path", str(pairs), "--ref-load", str(sft),
+                 "--micro-batch-size", "16", "--global-batch-size", "16", "--seq-length", str(args.seq_length),
+                 "--lr", "3e-4", "--min-lr", "3e-5", "--train-epochs", str(args.rm_epochs), "--seed",
+                 str(seed), "--log-interval", "10", "--eval-iters", str(math.ceil(num_pairs / 16)), "--no-tensorboard", "--save", str(ckpt),
+                 "--log-dir", str(d / "log")]
+
+        def problem() -> Optional[str]:
+            return _checkpoint_problem(ckpt) or _heldout_problem(d)
+
+        self._stage(f"{tag}.rm.n{n}", {"flags": self._rel(flags)}, [ckpt, d / "log"],
+                    lambda: _run(command("train", *flags), log=self.out / "logs" / tag / f"rm{n}.log",
+                                 what=f"seed {seed}: reward model on the pairs of {n} prompts"),
+                    problem, inputs=[self.sft_stage(seed), f"{tag}.dpo.n{n}"])
+        rows = [json.loads(line) for line in (d / "log" / "heldout.jsonl").read_text().splitlines() if line.strip()]
+        last = rows[-1]
+        _say(f"seed {seed}: reward model pairwise accuracy {last['accuracy']:.3f} on its pairs, score mean "
+             f"{last['score_mean']:+.3f} std {last['score_std']:.3f}")
+        return ckpt, float(last["score_mean"]), max(float(last["score_std"]), 1e-6)
 
     def heldout(self, seed: int, checkpoints: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """Greedy held-out scores of ``checkpoints`` (name -> checkpoint), from one sampling worker:
@@ -314,23 +370,29 @@ class Comparison:
                 _say(f"seed {seed}: {name}: score {scores[name]['score']:.4f} exact {scores[name]['exact_match']:.4f}")
             result.write_text(json.dumps(scores, indent=2) + "\n")
 
-        models = {name: self.fp["sft" if name == "sft" else f"{tag}.dpo.n{name}"] for name in checkpoints}
+        models = {name: self.fp[self.sft_stage(seed) if name == "sft" else f"{tag}.dpo.n{name}"] for name in checkpoints}
         self._stage(f"{tag}.heldout", {"models": models, "max_new_tokens": args.max_new_tokens},
                     [work / "heldout", result], run, inputs=["prompts"])
         return json.loads(result.read_text())
 
-    def ppo(self, seed: int, sft: Path, *, name: str, reward_model: Optional[int]) -> Path:
-        """A PPO run (``reward_model``: the budget of RTO's DPO reward model; None: sparse PPO)."""
+    def ppo(self, seed: int, sft: Path, *, name: str, reward_model: Optional[int],
+            learned: Optional[tuple[Path, float, float]] = None) -> Path:
+        """A PPO run (``reward_model``: the budget of RTO's DPO reward model; None: sparse PPO; ``learned``:
+        the Bradley-Terry reward model and its score statistics, the sparse reward of either)."""
         args, tag = self.args, f"seed{seed}"
         work = self.out / tag / name
         rm = None if reward_model is None else self.out / tag / "dpo" / f"n{reward_model}" / "checkpoints"
         reward = ["--reward", "sparse"] if rm is None else [
             "--reward", "dense-dpo+sparse", "--reward-model-load", str(rm),
-            "--dense-reward-scale", str(args.dense_reward_scale)]
+            "--dense-reward-scale", str(args.dense_reward_scale), "--dense-reward-clip", str(args.dense_reward_clip)]
+        if learned is not None:
+            reward += ["--learned-reward-load", str(learned[0]), "--learned-reward-mean", repr(learned[1]),
+                       "--learned-reward-std", repr(learned[2])]
         eval_iters = math.ceil(args.heldout_prompts / args.prompts_per_iter)
         flags = ["--prompts", str(self.prompt_files["rl"]), "--eval-prompts", str(self.prompt_files["heldout"]),
                  *reward, "--ref-load", str(sft), "--data-path", str(self.out / "sft" / "data"), "--beta",
-                 str(args.beta), "--kl-coef", str(args.kl_coef), "--global-batch-size", str(args.prompts_per_iter),
+                 str(args.beta), "--kl-coef", str(args.kl_coef), "--ppo-loss-averaging", args.ppo_loss_averaging,
+                 "--global-batch-size", str(args.prompts_per_iter),
                  "--samples-per-prompt", str(args.samples_per_prompt), "--micro-batch-size",
                  str(args.prompts_per_iter * args.samples_per_prompt // 4), "--ppo-mini-batches", "2",
                  "--ppo-epochs", "2", "--seq-length", str(args.seq_length), "--max-new-tokens", str(args.max_new_tokens),
@@ -338,7 +400,9 @@ class Comparison:
                  "--critic-lr", str(args.critic_lr), "--eval-iters", str(eval_iters), "--eval-interval",
                  str(args.eval_every), "--seed", str(seed), "--log-interval", str(args.eval_every), "--no-tensorboard",
                  "--log-dir", str(work / "log")]
-        inputs = ["prompts", "sft", "sft.data"] + ([f"{tag}.dpo.n{reward_model}"] if rm is not None else [])
+        inputs = ["prompts", self.sft_stage(seed), "sft.data"] + ([f"{tag}.dpo.n{reward_model}"] if rm is not None else [])
+        if learned is not None:
+            inputs.append(f"{tag}.rm.n{args.reward_model_prompts}")
         self._stage(f"{tag}.{name}", {"flags": self._rel(flags)}, [work / "log"],
                     lambda: _run(command("ppo", *flags), log=self.out / "logs" / tag / f"{name}.log",
                                  what=f"seed {seed}: {name} ({args.ppo_iters} iterations x "
@@ -346,14 +410,21 @@ class Comparison:
                     lambda: _heldout_problem(work), inputs=inputs)
         return work
 
-    def seed(self, seed: int, sft: Path) -> dict[str, Any]:
+    def seed(self, seed: int, sft: Optional[Path]) -> dict[str, Any]:
+        if self.args.vary_sft:
+            sft = self.sft(seed)
         dpo = self.dpo(seed, sft)
         scores = self.heldout(seed, {"sft": sft, **{str(n): path for n, path in dpo.items()}})
-        sparse = self.ppo(seed, sft, name="sparse_ppo", reward_model=None)
-        rto = self.ppo(seed, sft, name=f"rto_rm{self.args.reward_model_prompts}",
-                       reward_model=self.args.reward_model_prompts)
-        return {"sft": scores["sft"], "dpo": {k: v for k, v in scores.items() if k != "sft"},
-                "sparse_ppo": str(sparse), "rto": str(rto)}
+        learned = self.reward_model(seed, sft) if self.args.sparse_reward == "learned" else None
+        suffix = "_learned" if learned is not None else ""
+        sparse = self.ppo(seed, sft, name=f"sparse_ppo{suffix}", reward_model=None, learned=learned)
+        rto = self.ppo(seed, sft, name=f"rto_rm{self.args.reward_model_prompts}{suffix}",
+                       reward_model=self.args.reward_model_prompts, learned=learned)
+        out = {"sft": scores["sft"], "dpo": {k: v for k, v in scores.items() if k != "sft"},
+               "sparse_ppo": str(sparse), "rto": str(rto)}
+        if learned is not None:
+            out["reward_model"] = {"checkpoint": str(learned[0]), "score_mean": learned[1], "score_std": learned[2]}
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +462,7 @@ def report(args, out: Path, results: dict) -> str:
     seeds = sorted(results["seeds"])
     k = args.samples_per_prompt
     rm_samples = args.reward_model_prompts * k
+    learned = args.sparse_reward == "learned"
     # matched budgets: every DPO budget that a PPO evaluation hits, plus 0 and the PPO total
     ppo_points = sorted(set.intersection(*[set(_heldout(Path(results["seeds"][s]["sparse_ppo"]))) for s in seeds]))
     budgets = sorted({0, ppo_points[-1]} | ({n * k for n in args.dpo_prompts} & set(ppo_points)))
@@ -401,8 +473,12 @@ def report(args, out: Path, results: dict) -> str:
         mean, std = _stats(values)
         return f"{mean:.3f} ± {std:.3f}"
 
+    reward = (f"both PPO runs rewarded by a Bradley-Terry reward model trained on the {rm_samples} samples' pairs "
+              "(normalised, clipped), each charged those samples" if learned else "sparse reward: the exact verifier")
     lines = [(f"held-out {args.task} score (positional, greedy; mean ± sample SD over seeds {', '.join(map(str, seeds))}; "
-              f"{args.heldout_prompts} prompts) and exact match, against sampled responses used"),
+              f"{args.heldout_prompts} prompts) and exact match, against sampled responses used; {reward}; "
+              f"KL {args.kl_coef}, dense clip {args.dense_reward_clip or 'off'}, {args.ppo_loss_averaging}-averaged "
+              f"losses" + ("; one SFT model per seed" if args.vary_sft else "")),
              "",
              "| samples | SFT | DPO | sparse PPO | RTO (dense DPO + sparse) |",
              "| ---: | ---: | ---: | ---: | ---: |"]
@@ -423,7 +499,8 @@ def report(args, out: Path, results: dict) -> str:
     for label, getter in (
         ("SFT", lambda s: results["seeds"][s]["sft"]),
         (f"DPO ({max(args.dpo_prompts) * k} samples)", lambda s: results["seeds"][s]["dpo"][str(max(args.dpo_prompts))]),
-        (f"sparse PPO ({final} samples)", lambda s: _heldout(Path(results["seeds"][s]["sparse_ppo"]))[final]),
+        (f"sparse PPO ({final} rollout" + (f" + {rm_samples} reward-model samples)" if learned else " samples)"),
+         lambda s: _heldout(Path(results["seeds"][s]["sparse_ppo"]))[final]),
         (f"RTO ({final} rollout + {rm_samples} reward-model samples)",
          lambda s: _heldout(Path(results["seeds"][s]["rto"]))[final]),
     ):
@@ -440,7 +517,8 @@ def report(args, out: Path, results: dict) -> str:
             break
     lines += ["", f"sparse PPO's final mean score {sparse_final:.3f} ({final} samples); RTO's mean first reaches it at "
               + (f"{reached} rollout samples ({reached + rm_samples} counting its reward model's)" if reached is not None
-                 else "no evaluated point") + "."]
+                 else "no evaluated point") + "."
+              + (f" Both runs are charged the same {rm_samples} preference samples." if learned else "")]
     return "\n".join(lines)
 
 
@@ -467,7 +545,7 @@ def plot(args, results: dict, path: Path) -> None:
                     label=f"RTO shifted by its reward model's {rm} samples")
     dpo_x = [n * k for n in sorted(args.dpo_prompts)]
     dpo = np.array([[results["seeds"][s]["dpo"][str(n)]["score"] for n in sorted(args.dpo_prompts)] for s in seeds])
-    ax.errorbar(dpo_x, dpo.mean(0), yerr=dpo.std(0), color="tab:green", marker="o", capsize=3, label="DPO (on-policy pairs)")
+    ax.errorbar(dpo_x, dpo.mean(0), yerr=dpo.std(0, ddof=1) if len(dpo) > 1 else None, color="tab:green", marker="o", capsize=3, label="DPO (on-policy pairs)")
     sft = fmean(results["seeds"][s]["sft"]["score"] for s in seeds)
     ax.axhline(sft, color="gray", linestyle="--", label="SFT")
     ax.set_xlabel("sampled responses used")
@@ -490,14 +568,15 @@ def run(args) -> int:
     comparison = Comparison(args, out)
     args.tokenizer = comparison.tokenizer  # recorded in the results' settings
     comparison.prompts()
-    sft = comparison.sft()
+    sft = comparison.sft() if not args.vary_sft else None  # else one per seed, in comparison.seed
     results: dict = {"settings": vars(args), "seeds": {}}
     for seed in args.seeds:
         seed_start = time.monotonic()
         results["seeds"][seed] = comparison.seed(seed, sft)
         _say(f"seed {seed}: finished in {(time.monotonic() - seed_start) / 60:.1f} min")
     table = report(args, out, results)
-    tag = f"rm{args.reward_model_prompts}"  # one report per RTO reward model (the rest is shared)
+    tag = f"rm{args.reward_model_prompts}" + ("_learned" if args.sparse_reward == "learned" else "")
+    # one report per RTO reward model and sparse reward (the rest is shared)
     (out / f"table_{tag}.md").write_text(table + "\n")
     (out / f"results_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(args, results, out / f"rto_curve_{tag}.png")

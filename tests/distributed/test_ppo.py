@@ -62,7 +62,8 @@ def _argv(assets: Path, log_dir: Path, *extra: str, iters: int = 2) -> list[str]
     return ["--prompts", str(assets / "prompts.jsonl"), "--reward", "dense-dpo+sparse",
             "--reward-model-load", str(assets / "dpo"),  # reference, actor and critic: the seeded init of --seed
             "--data-cache-dir", str(assets / "data"), "--beta", str(BETA), "--kl-coef", str(KL_COEF),
-            "--dense-reward-scale", str(DENSE_SCALE), "--global-batch-size", "4", "--samples-per-prompt", "2",
+            "--dense-reward-scale", str(DENSE_SCALE), "--dense-reward-clip", "0",  # the unclipped reward is checked
+            "--global-batch-size", "4", "--samples-per-prompt", "2",
             "--micro-batch-size", "2", "--ppo-epochs", "2", "--seq-length", "32",
             "--max-new-tokens", "6", "--train-iters", str(iters), "--lr", "1e-3", "--critic-lr", "2e-4",
             "--value-head-init-std", "0.02", "--seed", "5", "--log-dir", str(log_dir), "--no-tensorboard", *extra]

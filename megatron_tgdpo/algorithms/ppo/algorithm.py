@@ -37,6 +37,7 @@ from megatron_tgdpo.algorithms.ppo.critic import CRITIC, build_critic, score_val
 from megatron_tgdpo.algorithms.ppo.prompts import PromptBatch, PromptSet, PromptSource, check_lengths, encode_prompt_file
 from megatron_tgdpo.algorithms.ppo.rewards import SequenceScorer, decode_response, scores_on_last_stage
 from megatron_tgdpo.algorithms.ppo.step import TRAIN_MEANS, ppo_update
+from megatron_tgdpo.algorithms.reward_model import build_reward_model, is_reward_model_checkpoint, score_sequences
 from megatron_tgdpo.checkpointing import POLICY, CheckpointPart
 from megatron_tgdpo.config import ConfigError, TrainConfig
 from megatron_tgdpo.models.sources import ModelSource
@@ -83,12 +84,13 @@ class PPOAlgorithm(Algorithm):
         self.actor: Optional[CheckpointPart] = None
         self.critic: Optional[CheckpointPart] = None
         self.frozen: dict[str, list] = {}
+        self.learned_rm: Optional[list] = None
         self.logprobs = LogprobSettings.of(self.cfg)
         self.scorer = SequenceScorer(ppo.sparse_reward_command)
         self.iteration = 0  # the last iteration trained (for the rollout-samples metric)
         self.last_rollout: Optional[ro.Rollout] = None
         # FLOPs per rollout token: sampling ~1 forward, scoring 3-4 forwards, each epoch 3 (actor) + 3 (critic)
-        self.passes_per_token = 1.0 + (4.0 if ppo.dense else 3.0) + 6.0 * ppo.ppo_epochs
+        self.passes_per_token = 1.0 + (4.0 if ppo.dense else 3.0) + float(ppo.learned) + 6.0 * ppo.ppo_epochs
         # One optimizer step per mini-batch: the LR schedules run over all of them.
         self.optimizer_steps = ctx.train_iters * ppo.ppo_epochs * ppo.ppo_mini_batches
 
@@ -106,6 +108,14 @@ class PPOAlgorithm(Algorithm):
         self.frozen["ref"] = setup.build_frozen(arch, cfg, ModelSource.of(cfg.ref_load, seed=seed))
         if ppo.dense:
             self.frozen["dpo"] = setup.build_frozen(arch, cfg, ModelSource.of(ppo.reward_model_load, seed=seed))
+        if ppo.learned:
+            if not is_reward_model_checkpoint(ppo.learned_reward_load):
+                raise ConfigError(f"--learned-reward-load {ppo.learned_reward_load}: not a reward model checkpoint "
+                                  "(train one with `megatron-tgdpo train --loss-type rm`)")
+            self.learned_rm = build_reward_model(arch, cfg, load=ppo.learned_reward_load, seed=seed)
+            for chunk in self.learned_rm:
+                chunk.eval()
+                chunk.requires_grad_(False)
         chunks = setup.build_chunks(arch, cfg)
         start = setup.policy_start(cfg)
         if start == ModelSource.of(cfg.ref_load, seed=seed):
@@ -114,9 +124,14 @@ class PPOAlgorithm(Algorithm):
         else:
             start.load_into(chunks)
         self.actor = setup.wrap_trained(cfg, chunks, train_iters=self.optimizer_steps)
-        self.critic = build_critic(arch, cfg, load=ppo.critic_load or cfg.ref_load,
+        self.critic = build_critic(arch, cfg, load=self._critic_source(),
                                    lr=ppo.critic_lr if ppo.critic_lr is not None else cfg.lr,
-                                   train_iters=self.optimizer_steps, head_init_std=ppo.value_head_init_std, seed=seed)
+                                   train_iters=self.optimizer_steps, head_init_std=ppo.value_head_init_std, seed=seed,
+                                   normalise=(ppo.learned_reward_mean, ppo.learned_reward_std))
+
+    def _critic_source(self) -> Optional[str]:
+        """--critic-load, else the learned reward model (as RTO's official recipe), else --ref-load."""
+        return self.ppo.critic_load or self.ppo.learned_reward_load or self.cfg.ref_load
 
     def _load_prompts(self) -> None:
         from megatron_tgdpo.data.manifest import read_manifest
@@ -139,7 +154,7 @@ class PPOAlgorithm(Algorithm):
         for what, prompts in sets:
             problems.append(check_lengths(prompts, max_new_tokens=ppo.max_new_tokens, seq_length=cfg.seq_length,
                                           what=what))
-        if ppo.sparse:
+        if ppo.sparse and not ppo.learned:
             problems.append(self.scorer.check(self.train_prompts.records, what="--prompts"))
         if self.eval_prompts is not None:
             problems.append(self.scorer.check(self.eval_prompts.records, what="--eval-prompts"))
@@ -147,7 +162,8 @@ class PPOAlgorithm(Algorithm):
         if problems:
             raise ConfigError(problems)
         # Monitoring: the training prompts' score even when the reward does not use it.
-        self.score_train = ppo.sparse or self.scorer.check(self.train_prompts.records, what="") is None
+        self.score_train = (ppo.sparse and not ppo.learned) or self.scorer.check(self.train_prompts.records,
+                                                                                 what="") is None
 
     def parts(self) -> dict[str, CheckpointPart]:
         return {POLICY: self.actor, CRITIC: self.critic}
@@ -156,10 +172,15 @@ class PPOAlgorithm(Algorithm):
         ppo = self.ppo
         reward = {"dense-dpo": "dense DPO token reward", "sparse": "sparse sequence score",
                   "dense-dpo+sparse": "dense DPO token reward + sparse sequence score (RTO)"}[ppo.reward]
-        return (f"ppo: {reward}, KL coef {ppo.kl_coef} | {self.cfg.global_batch_size} prompts x "
+        if ppo.dense:
+            reward += f" (dense clip {ppo.dense_reward_clip or 'off'})"
+        if ppo.learned:
+            reward += f", sequence score from the reward model {ppo.learned_reward_load}"
+        return (f"ppo: {reward}, KL coef {ppo.kl_coef}, {ppo.ppo_loss_averaging}-averaged losses | "
+                f"{self.cfg.global_batch_size} prompts x "
                 f"{ppo.samples_per_prompt} samples per iteration, {ppo.ppo_epochs} epochs x {ppo.ppo_mini_batches} "
                 f"mini-batches | frozen: {', '.join(self.frozen)} | critic from "
-                f"{ppo.critic_load or self.cfg.ref_load or 'the seeded init'}")
+                f"{self._critic_source() or 'the seeded init'}")
 
     def _prompt_source(self, prompts: PromptSet, *, consumed_samples: int, held_out: bool) -> PromptSource:
         return PromptSource(prompts, global_batch_size=self.cfg.global_batch_size, dp_rank=self.dp_rank,
@@ -208,8 +229,12 @@ class PPOAlgorithm(Algorithm):
             models["dpo"] = self.frozen["dpo"]
         ro.score(rollout, models, micro_batch_size=cfg.micro_batch_size, logprobs=self.logprobs,
                  values_fn=lambda micro: score_values(self.critic.chunks, micro))
+        learned = None
+        if self.learned_rm is not None:
+            scored = score_sequences(self.learned_rm, rollout.micro_batches(range(len(rollout)), cfg.micro_batch_size))
+            learned = torch.cat(scored, dim=0).double() if scored else None
         if rollout.tensors:  # the last pipeline stage
-            adv.compute_advantages(rollout, ppo=ppo, beta=cfg.beta, scores=scores, metrics=metrics)
+            adv.compute_advantages(rollout, ppo=ppo, beta=cfg.beta, scores=scores, metrics=metrics, learned=learned)
         t2 = time.monotonic()
         result = ppo_update(rollout, actor=self.actor, critic=self.critic, ppo=ppo, seed=cfg.seed,
                             micro_batch_size=cfg.micro_batch_size, logprobs=self.logprobs, metrics=metrics)

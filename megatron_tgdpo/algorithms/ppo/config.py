@@ -18,9 +18,14 @@ from typing import Optional
 from megatron_tgdpo import flag_checks
 from megatron_tgdpo.config import TrainConfig
 
-__all__ = ["NOT_FOR_PPO", "REWARDS", "PPOConfig", "problems"]
+__all__ = ["DEFAULT_DENSE_REWARD_CLIP", "DEFAULT_KL_COEF", "NOT_FOR_PPO", "REWARDS", "PPOConfig", "problems"]
 
 REWARDS = ("dense-dpo", "sparse", "dense-dpo+sparse")
+LOSS_AVERAGING = ("token", "sequence")
+#: RTO's official recipe (OpenRLHF-based code, its Llama-3-8B script): the dense token reward clipped to
+#: +-0.05 per token and a KL coefficient of 0.01 (docs/rto.md)
+DEFAULT_DENSE_REWARD_CLIP = 0.05
+DEFAULT_KL_COEF = 0.01
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,25 @@ class PPOConfig:
         "help": "the DPO-trained model whose implicit token reward --beta*(log pi_dpo - log pi_ref) is the dense "
                 "reward (needed by dense-dpo)"})
     dense_reward_scale: float = field(default=1.0, metadata={"help": "multiplies the dense reward"})
+    dense_reward_clip: float = field(default=DEFAULT_DENSE_REWARD_CLIP, metadata={
+        "help": "clip each token's dense reward (after --dense-reward-scale and --beta) to [-c, c]; 0: no clip. "
+                "Default: RTO's official value"})
     sparse_reward_scale: float = field(default=1.0, metadata={"help": "multiplies the sequence score"})
     sparse_reward_command: Optional[str] = field(default=None, metadata={
         "help": "score responses with this shell command instead of the prompt records' task verifier: it reads one "
                 "JSON object per response on stdin ({\"id\", \"prompt\", \"response\", and the prompt record's other "
                 "fields}) and writes one score per line (a number, or {\"score\": x}) on stdout"})
-    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty kl_coef*(log pi - log pi_ref)"})
+    learned_reward_load: Optional[str] = field(default=None, metadata={
+        "help": "a Bradley-Terry reward model (a `train --loss-type rm` checkpoint): its score of each response, "
+                "normalised and clipped, is the sparse reward in place of the verifier (which still reports "
+                "`score`); the critic starts from it unless --critic-load is given"})
+    learned_reward_mean: float = field(default=0.0, metadata={
+        "help": "the learned score is normalised as (r - mean) / std (the reward model's held-out score_mean)"})
+    learned_reward_std: float = field(default=1.0, metadata={"help": "see --learned-reward-mean (score_std)"})
+    learned_reward_clip: float = field(default=10.0, metadata={
+        "help": "clip the normalised learned score to [-c, c] (0: no clip); default as OpenRLHF, which RTO uses"})
+    kl_coef: float = field(default=DEFAULT_KL_COEF, metadata={
+        "help": "per-token KL penalty kl_coef*(log pi - log pi_ref); default: RTO's official 0.01"})
     # --- advantages and losses ----------------------------------------------------------------
     gamma: float = 1.0
     lam: float = 0.95
@@ -50,6 +68,10 @@ class PPOConfig:
     clip_range: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
     value_clip_range: Optional[float] = field(default=0.2, metadata={
         "help": "value clip around the rollout's values (0: no clipping)"})
+    ppo_loss_averaging: str = field(default="token", metadata={
+        "help": "token: the policy and value losses are means over every response token of a mini-batch; "
+                "sequence: means of each response's per-token mean (RTO's official code)",
+        "choices": LOSS_AVERAGING})
     # --- schedule -----------------------------------------------------------------------------
     samples_per_prompt: int = 4
     ppo_epochs: int = 2
@@ -75,6 +97,11 @@ class PPOConfig:
         return self.reward in ("sparse", "dense-dpo+sparse")
 
     @property
+    def learned(self) -> bool:
+        """The sparse reward is the learned reward model's score."""
+        return self.learned_reward_load is not None
+
+    @property
     def value_clip(self) -> Optional[float]:
         return self.value_clip_range if self.value_clip_range else None
 
@@ -98,7 +125,8 @@ NOT_FOR_PPO = {
 def _model_dir_problems(ppo: PPOConfig) -> list[str]:
     from megatron_tgdpo.runtime.path_checks import model_dir_problem
 
-    lines = [model_dir_problem(_flag(name), getattr(ppo, name)) for name in ("reward_model_load", "critic_load")]
+    lines = [model_dir_problem(_flag(name), getattr(ppo, name))
+             for name in ("reward_model_load", "critic_load", "learned_reward_load")]
     return [line for line in lines if line]
 
 
@@ -113,17 +141,30 @@ def problems(ppo: PPOConfig, cfg: TrainConfig) -> list[str]:
         p.append(f"--reward {ppo.reward} needs --reward-model-load (a DPO-trained checkpoint of the same architecture)")
     if not ppo.dense and ppo.reward_model_load is not None:
         p.append(f"--reward-model-load does not apply to --reward {ppo.reward}; use dense-dpo or dense-dpo+sparse")
-    for name in ("reward_model_load", "critic_load"):
+    for name in ("reward_model_load", "critic_load", "learned_reward_load"):
         path = getattr(ppo, name)
         if path is not None and not os.path.exists(path):
             p.append(f"{_flag(name)} {path}: does not exist")
+    if ppo.learned and not ppo.sparse:
+        p.append(f"--learned-reward-load is the sparse reward; it does not apply to --reward {ppo.reward}")
+    if ppo.learned and ppo.sparse_reward_command is not None:
+        p.append("--learned-reward-load and --sparse-reward-command are two sparse rewards; give one")
+    if ppo.learned and os.path.exists(ppo.learned_reward_load):
+        from megatron_tgdpo.algorithms.reward_model import is_reward_model_checkpoint
+
+        if not is_reward_model_checkpoint(ppo.learned_reward_load):
+            p.append(f"--learned-reward-load {ppo.learned_reward_load}: not a reward model checkpoint (train one with "
+                     "`megatron-tgdpo train --loss-type rm`)")
+    if not ppo.learned_reward_std > 0:
+        p.append(f"--learned-reward-std must be > 0, got {ppo.learned_reward_std}")
     if ppo.sparse_reward_command is not None and not ppo.sparse:
         p.append(f"--sparse-reward-command does not apply to --reward {ppo.reward}")
     for name, low in (("samples_per_prompt", 1), ("ppo_epochs", 1), ("ppo_mini_batches", 1), ("max_new_tokens", 1),
                       ("generation_batch_size", 1)):
         if getattr(ppo, name) < low:
             p.append(f"{_flag(name)} must be >= {low}, got {getattr(ppo, name)}")
-    for name in ("kl_coef", "clip_range", "dense_reward_scale", "sparse_reward_scale", "value_head_init_std"):
+    for name in ("kl_coef", "clip_range", "dense_reward_scale", "sparse_reward_scale", "value_head_init_std",
+                 "dense_reward_clip", "learned_reward_clip"):
         if not getattr(ppo, name) >= 0:
             p.append(f"{_flag(name)} must be >= 0, got {getattr(ppo, name)}")
     if not ppo.clip_range > 0:

@@ -1,9 +1,12 @@
 """The critic: built, loaded, wrapped, and run through megatron-core's schedules.
 
 The critic is the policy's architecture at the run's layout with a scalar value head on the last
-stage (``models.value_head``). Its backbone starts from ``--critic-load`` (default ``--ref-load``): any
-model source (torch_dist, converted, Hugging Face, seeded), loaded *before* the head is attached; or a
-PPO checkpoint, whose ``critic`` part (value head included) is loaded *after*. It is trained with its
+stage (``models.value_head``). Its backbone starts from ``--critic-load`` (default: the learned reward
+model when ``--learned-reward-load`` is given, else ``--ref-load``): any model source (torch_dist,
+converted, Hugging Face, seeded), loaded *before* the head is attached; or a PPO checkpoint, whose
+``critic`` part (value head included) is loaded *after*; or a reward model (``train --loss-type rm``),
+backbone and head, whose head is then rescaled so that the critic starts predicting the reward model's
+*normalised* score ``(r - mean) / std`` (``normalise``), the scale of the sparse reward it learns. It is trained with its
 own megatron optimizer and LR scheduler (``--critic-lr``), and checkpointed as the part ``critic``.
 
 :func:`run_value_schedule` is ``runtime.schedule.run_schedule`` with the value head as its ``head``
@@ -22,7 +25,7 @@ from megatron_tgdpo.config import TrainConfig
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.models.llama import LlamaArch
 from megatron_tgdpo.models.sources import ModelSource
-from megatron_tgdpo.models.value_head import attach_value_head, value_output
+from megatron_tgdpo.models.value_head import attach_value_head, rescale_value_head, value_output
 from megatron_tgdpo.runtime import setup
 from megatron_tgdpo.runtime.schedule import LossFn, run_schedule
 
@@ -44,10 +47,17 @@ def _ppo_checkpoint_with_critic(path: Optional[str]) -> bool:
 
 
 def build_critic(arch: LlamaArch, cfg: TrainConfig, *, load: Optional[str], lr: float, train_iters: int,
-                 head_init_std: float, seed: int) -> CheckpointPart:
+                 head_init_std: float, seed: int, normalise: tuple[float, float] = (0.0, 1.0)) -> CheckpointPart:
     """The critic's chunks (value head on the last stage) wrapped with DDP, optimizer and scheduler."""
     from megatron_tgdpo import checkpointing
+    from megatron_tgdpo.algorithms.reward_model import build_reward_model, is_reward_model_checkpoint
 
+    if is_reward_model_checkpoint(load):
+        chunks = build_reward_model(arch, cfg, load=load, seed=seed)
+        for chunk in chunks:
+            rescale_value_head(chunk, mean=normalise[0], std=normalise[1])
+        return setup.wrap_trained(dataclasses.replace(cfg, lr=lr, min_lr=min(cfg.min_lr, lr)), chunks,
+                                  train_iters=train_iters, lr=lr)
     chunks = setup.build_chunks(arch, cfg)
     from_ppo = _ppo_checkpoint_with_critic(load)
     if not from_ppo:

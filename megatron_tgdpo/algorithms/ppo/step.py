@@ -3,8 +3,9 @@
 Each mini-batch is a seeded shuffle of this rank's rollout rows (keyed by (seed, iteration, epoch): the
 same on every rank of a model-parallel group, and after a resume). For each mini-batch the actor runs
 forward+backward through megatron-core's schedule with the clipped policy loss, then steps; the critic
-does the same with the clipped value loss. Both losses are per-token means over the global mini-batch
-(numerator and count per micro-batch; ``calculate_per_token_loss``), and each optimizer step is guarded
+does the same with the clipped value loss. Both losses are means over the global mini-batch — per token, or
+per response with ``--ppo-loss-averaging sequence`` (numerator and count per micro-batch;
+``calculate_per_token_loss``), and each optimizer step is guarded
 against NaN/Inf (``runtime.algorithm.optimizer_step``).
 """
 from __future__ import annotations
@@ -76,11 +77,11 @@ def ppo_update(rollout: Rollout, *, actor: CheckpointPart, critic: CheckpointPar
 
     def policy_loss(batch: Batch, logps: torch.Tensor):
         return policy_loss_sums(logps, batch["old_logps"], batch["advantages"], batch["loss_mask"],
-                                clip_range=ppo.clip_range)
+                                clip_range=ppo.clip_range, averaging=ppo.ppo_loss_averaging)
 
     def value_loss(batch: Batch, values: torch.Tensor):
         return value_loss_sums(values, batch["values"], batch["returns"], batch["loss_mask"],
-                               clip_range=ppo.value_clip)
+                               clip_range=ppo.value_clip, averaging=ppo.ppo_loss_averaging)
 
     def run_actor(chunks, batches, fn):
         run_schedule(chunks, batches, fn, forward_only=False, logprobs=logprobs)
