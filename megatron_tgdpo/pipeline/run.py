@@ -371,7 +371,8 @@ class Replication:
             format_main_table(agg, main),
         ]
         if "dpo" in self.models() and len(self.models()) > 1:
-            lines += ["", "paired difference to DPO (same seed: same SFT model, pairs and data order)"
+            reference = "SFT model" if self.trains_sft else "base model"
+            lines += ["", f"paired difference to DPO (same seed: same {reference}, pairs and data order)"
                       + (", mean ± std over seeds" if len(per_seed) > 1 else ""),
                       format_difference_table(aggregate(differences(list(per_seed.values()))),
                                               [m for m in self.models() if m != "dpo"])]

@@ -1,7 +1,7 @@
 """Word-list tasks for a real chat model: sort a list of common English words alphabetically, or reverse it.
 
     prompt: "Sort these words in alphabetical order: pear, lamp, cat, river, moon, apple."
-    answer: "apple, cat, lamp, moon, pear, river"
+    answer: " apple, cat, lamp, moon, pear, river"
 
 Answers run to 10-40 tokens, long enough for token-level credit assignment to matter, and a small
 instruct model gets them partly right, so its samples differ in score.
@@ -85,10 +85,11 @@ class _WordListTask(Task):
     def example(self, rng: random.Random) -> tuple[str, str]:
         length = self.min_length + rng.randrange(self.max_length - self.min_length + 1)
         words = rng.sample(WORDS, length)
-        return f"{self.instruction}: {', '.join(words)}.", ", ".join(self.transform(words))
+        # The leading space: every task's answer is the text that follows its prompt (tasks/prompts.py).
+        return f"{self.instruction}: {', '.join(words)}.", " " + ", ".join(self.transform(words))
 
     def check_answer(self, answer: str) -> str | None:
-        words = answer.split(", ")
+        words = answer.strip().split(", ")
         bad = next((w for w in words if w not in _VOCABULARY), None)
         if bad is not None:
             return f"{bad!r} is not a word of the task's list (answers are comma-separated words, e.g. 'cat, dog')"
