@@ -108,9 +108,30 @@ def _base_path(args: argparse.Namespace, preset_name: str) -> str:
     name = getattr(args, "real_model", None) or (REAL_PRESET_MODEL if preset_name == REAL_PRESET else None)
     if not name:
         return ""
-    from megatron_tgdpo.cli.fetch_model import fetch
+    return fetched_model_dir(name)
 
-    return str(fetch(name, say=lambda message: print(message, flush=True)).hf_dir)
+
+class FetchFailed(RuntimeError):
+    """``megatron-tgdpo fetch-model`` failed; ``code`` is its exit status (2: usage, 1: download)."""
+
+    def __init__(self, message: str, *, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def fetched_model_dir(name: str) -> str:
+    """The cached Hugging Face directory of model ``name``, fetched first if needed, by the fetch-model
+    command in a child process (its progress goes to this console's stderr; the command layer is not
+    imported here)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "megatron_tgdpo.cli.fetch_model", name],
+                            stdout=subprocess.PIPE, text=True)
+    paths = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    if result.returncode != 0 or "hf" not in paths:
+        raise FetchFailed(f"fetch-model {name} failed (exit {result.returncode}; its message is above)",
+                          code=result.returncode or 1)
+    return paths["hf"]
 
 
 def config_from_args(args: argparse.Namespace):
@@ -153,13 +174,11 @@ def run(args: argparse.Namespace, *, out=print) -> int:
 
     # Data preparation and checkpoint checks import megatron-core here too: the console shows the run only.
     quiet_library_warnings(verbose=args.verbose)
-    from megatron_tgdpo.cli.fetch_model import FetchError
-
     try:
         cfg = config_from_args(args)
-    except FetchError as exc:
+    except FetchFailed as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
-        return 2 if exc.usage else 1
+        return exc.code
     if cfg.base and not Path(cfg.base).exists():
         print(f"error: --base: {cfg.base} does not exist (a Hugging Face directory or a .gguf file)", file=sys.stderr)
         return 2
