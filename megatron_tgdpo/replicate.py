@@ -2,6 +2,7 @@
 
     megatron-tgdpo replicate                        # one seed, about 15 CPU-minutes
     megatron-tgdpo replicate --seeds 3 --alphas 0.5,1,2 --curves 14 --figures docs/img
+    megatron-tgdpo replicate --model smollm2 --seeds 3   # a real chat model: about 12 CPU-minutes a seed
 
 Make prompts (SFT / preference / held-out, disjoint) -> SFT on prompt + ideal answer -> sample k responses
 per preference prompt from the SFT model -> score them with the task's verifier -> best vs worst pairs ->
@@ -10,6 +11,10 @@ SimPO, IPO from the SFT model -> every model scored on the same held-out prompts
 mean score, exact match, win rate against DPO. One table at the end; with several seeds each cell is the
 mean ± standard deviation over seeds. Everything lands under --workdir; a rerun skips every stage whose
 output is complete and whose settings are unchanged, so an interrupted run resumes where it stopped.
+With a pretrained model (``--model smollm2``, fetched into the cache like ``megatron-tgdpo fetch-model``,
+or ``--base`` a Hugging Face directory or .gguf file) the SFT stage is left out: the base model samples the
+pairs, is the reference and starting point, renders prompts with its own chat template, and is scored as
+the "base" row (``--preset smollm2``, the default then: sorting English words).
 Results and the exact commands behind docs/results.md: see that file.
 """
 from __future__ import annotations
@@ -24,6 +29,9 @@ from typing import Optional, Sequence
 from megatron_tgdpo.pipeline.config import ALL_METHODS, METHODS, PRESETS, PipelineConfig, preset
 
 __all__ = ["build_parser", "main"]
+
+REAL_PRESET = "smollm2"  # the preset of --model / --base
+REAL_PRESET_MODEL = "smollm2"  # the model --preset smollm2 fetches when neither is given
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -44,8 +52,16 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
                  default_workdir: str = "runs/replicate", default_preset: str = "full") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=default_workdir, help=f"where everything goes (default {default_workdir})")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
-                        help=f"sizes (default {default_preset}); the flags below override single settings")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help=f"sizes (default {default_preset}; {REAL_PRESET} with --model / --base); the flags "
+                        "below override single settings")
+    parser.set_defaults(default_preset=default_preset)
+    real = parser.add_mutually_exclusive_group()
+    real.add_argument("--model", dest="real_model", metavar="NAME",
+                      help="a pretrained model by name (smollm2), fetched once into the user cache "
+                      "(megatron-tgdpo fetch-model); it replaces the SFT stage (see above)")
+    real.add_argument("--base", metavar="PATH", help="a pretrained model: Hugging Face directory or .gguf file "
+                      "(like --model)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, metavar="N", help="run seeds 1..N (default 1)")
     seeds.add_argument("--seed-list", type=_ints, metavar="S1,S2", help="run exactly these seeds")
@@ -65,7 +81,7 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     parser.add_argument("--verbose", action="store_true", help="show library warnings (also MEGATRON_TGDPO_VERBOSE=1)")
     parser.add_argument("--nproc", type=int, help="ranks per training job (default 1: fastest for the tiny model)")
     sizes = parser.add_argument_group("task and sizes (defaults from --preset)")
-    sizes.add_argument("--task", choices=("addition", "sort", "reverse"))
+    sizes.add_argument("--task", choices=("addition", "sort", "reverse", "word-sort", "word-reverse"))
     sizes.add_argument("--sft-prompts", type=int)
     sizes.add_argument("--pref-prompts", type=int)
     sizes.add_argument("--heldout-prompts", type=int)
@@ -80,9 +96,55 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     return parser
 
 
+def _preset_name(args: argparse.Namespace) -> str:
+    if args.preset is not None:
+        return args.preset
+    if getattr(args, "real_model", None) or getattr(args, "base", None):
+        return REAL_PRESET
+    return getattr(args, "default_preset", "full")
+
+
+def _base_path(args: argparse.Namespace, preset_name: str) -> str:
+    """The pretrained model's path: --base, --model's cached files, or the real preset's model; '' for none."""
+    if getattr(args, "base", None):
+        return str(Path(args.base).resolve())
+    name = getattr(args, "real_model", None) or (REAL_PRESET_MODEL if preset_name == REAL_PRESET else None)
+    if not name:
+        return ""
+    return fetched_model_dir(name)
+
+
+class FetchFailed(RuntimeError):
+    """``megatron-tgdpo fetch-model`` failed; ``code`` is its exit status (2: usage, 1: download)."""
+
+    def __init__(self, message: str, *, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def fetched_model_dir(name: str) -> str:
+    """The cached Hugging Face directory of model ``name``, fetched first if needed, by the fetch-model
+    command in a child process (its progress goes to this console's stderr; the command layer is not
+    imported here)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "megatron_tgdpo.cli.fetch_model", name],
+                            stdout=subprocess.PIPE, text=True)
+    paths = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    if result.returncode != 0 or "hf" not in paths:
+        raise FetchFailed(f"fetch-model {name} failed (exit {result.returncode}; its message is above)",
+                          code=result.returncode or 1)
+    return paths["hf"]
+
+
 def config_from_args(args: argparse.Namespace):
-    cfg = preset(args.preset)
+    name = _preset_name(args)
+    args.preset = name
+    cfg = preset(name)
     overrides = {}
+    base = _base_path(args, name)
+    if base:
+        overrides["base"] = base
     if args.seeds is not None:
         overrides["seeds"] = tuple(range(1, args.seeds + 1))
     elif args.seed_list is not None:
@@ -115,7 +177,14 @@ def run(args: argparse.Namespace, *, out=print) -> int:
 
     # Data preparation and checkpoint checks import megatron-core here too: the console shows the run only.
     quiet_library_warnings(verbose=args.verbose)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except FetchFailed as exc:
+        print(f"error: --model: {exc}", file=sys.stderr)
+        return exc.code
+    if cfg.base and not Path(cfg.base).exists():
+        print(f"error: --base: {cfg.base} does not exist (a Hugging Face directory or a .gguf file)", file=sys.stderr)
+        return 2
     problems = cfg.problems()
     if args.figures is not None and not cfg.curve_every:
         problems.append("--figures needs --curves N")

@@ -114,6 +114,7 @@ SLOW: tuple[str, ...] = (
     "tests/realmodel/test_smollm2_generate.py",
     "tests/realmodel/test_smollm2_source.py",
     "tests/realmodel/test_smollm2_training.py",
+    "tests/realmodel/test_smollm2_pipeline.py",  # every pipeline stage on the real model, then its resume
     "tests/e2e/test_replicate.py",  # 64.6: the whole smoke pipeline, then its resume
     "tests/e2e/test_replicate_controls.py",  # ~95 CPU-s (measured on a loaded machine): smoke pipeline + controls
     "tests/e2e/test_sft_data_training.py",  # 34.8: prepare, train and refuse through the CLI

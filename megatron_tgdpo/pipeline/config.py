@@ -42,6 +42,11 @@ class PipelineConfig:
     sft_noise: float = 0.3  # fraction of SFT answers with one digit replaced (an imperfect teacher)
     # ---- models ------------------------------------------------------------------------------------
     model: str = "tiny"
+    # A pretrained starting model (Hugging Face directory or .gguf). Set: it is the reference and the
+    # starting point of every preference model unless "sft" is among the methods (then SFT starts from
+    # it), its tokenizer and its own chat template render every prompt, and it is scored as "base".
+    # Empty: the tiny model above, trained from its seeded initialisation by the SFT stage.
+    base: str = ""
     seq_length: int = 32
     pad_to_multiple_of: int = 16  # rows are padded to a multiple of this (8 saves ~15% on 13-21 token sort rows)
     # --pack-sequences for every training job (the trainer's default). Off in "full": docs/results.md was
@@ -90,8 +95,11 @@ class PipelineConfig:
         out += control_problems(self.methods)
         if "tgdpo" in self.methods and "dpo" not in self.methods:
             out.append("tgdpo needs dpo: the DPO model is its guidance model")
-        if "sft" not in self.methods:
-            out.append("sft is always needed: it is the reference and the starting point of every other model")
+        if "sft" not in self.methods and not self.base:
+            out.append("sft is needed without a pretrained --base / --model: it is the reference and the starting "
+                       "point of every other model")
+        if self.base and "sft" in self.methods and self.sft_noise > 0:
+            out.append("sft_noise replaces digits (the tiny tasks' answers): use --sft-noise 0 with a pretrained base")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             out.append(f"seeds must be distinct and at least one, got {self.seeds}")
         for name, settings in (("sft", self.sft), ("preference", self.preference)):
@@ -120,6 +128,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  preference=TrainSettings(30, 1e-4, 1e-5), methods=("sft", "dpo", "tgdpo"), eval_samples=0,
                  pad_to_multiple_of=8, pack_sequences=True),
     # The test suite's smoke run: every stage and every table row, in well under a minute of compute.
+    # A real pretrained chat model (megatron-tgdpo replicate --model smollm2): SmolLM2-135M-Instruct sorts
+    # 6-8 English words only partly right (greedy: it mostly copies the list), and its samples at
+    # temperature 0.7 differ in score, so best-vs-worst pairs exist without an SFT stage (at temperature 1
+    # most samples are off-topic). Sized for a shared 2-core machine (docs/results.md): sampling costs as
+    # much as training at this size. beta 0.1 as in the paper; lr 1e-5 because six full fine-tuning steps
+    # at DPO's usual 5e-7 would barely move a model.
+    "smollm2": dict(task="word-sort", task_params={"min_length": 6, "max_length": 8}, sft_prompts=1,
+                    pref_prompts=48, heldout_prompts=64, methods=("dpo", "tgdpo"), num_samples=4,
+                    temperature=0.7, max_new_tokens=32, eval_samples=0, seq_length=128, sft_noise=0.0,
+                    preference=TrainSettings(6, 1e-5, 1e-6, global_batch_size=8, micro_batch_size=8,
+                                             warmup_fraction=0.1),
+                    beta=0.1, pack_sequences=True),
     "smoke": dict(sft_prompts=48, pref_prompts=32, heldout_prompts=16, sft=TrainSettings(4, 3e-3, 3e-4, 16, 16),
                   preference=TrainSettings(2, 1e-4, 1e-5, 16, 16), num_samples=4, max_new_tokens=4,
                   eval_samples=2),

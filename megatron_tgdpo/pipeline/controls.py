@@ -90,10 +90,11 @@ def train_controls(rep: Any, seed: int, *, pairs: Path) -> None:
     if not wanted:
         return
     main = rep.main_tgdpo
-    inputs = [f"{tag}.sft", f"{tag}.pairs"]
+    reference, reference_stage = rep.reference(seed)
+    inputs = [reference_stage, f"{tag}.pairs"]
 
     def tgdpo(model: str, *extra: str, data: Path = pairs, guidance: Path = s / "dpo") -> list[str]:
-        return preference_flags(cfg, "tgdpo", seed=seed, data=data, sft=s / "sft", save=s / model,
+        return preference_flags(cfg, "tgdpo", seed=seed, data=data, sft=reference, save=s / model,
                                 log_dir=s / "logs" / model, guidance=guidance, alpha=cfg.alpha) + list(extra)
 
     first = []
@@ -108,7 +109,7 @@ def train_controls(rep: Any, seed: int, *, pairs: Path) -> None:
         halves = _halves(rep, seed, pairs=pairs)
         for half, prefix in halves.items():
             model = f"crossfit-dpo-{half}"
-            first.append((model, preference_flags(cfg, "dpo", seed=seed, data=prefix, sft=s / "sft", save=s / model,
+            first.append((model, preference_flags(cfg, "dpo", seed=seed, data=prefix, sft=reference, save=s / model,
                                                   log_dir=s / "logs" / model), [f"{tag}.crossfit.halves"]))
     rep._train_stages([(f"{tag}.{model}", flags, s / model, s / "logs" / model, cfg.preference.iters,
                         inputs + extra) for model, flags, extra in first])
@@ -148,6 +149,7 @@ def _halves(rep: Any, seed: int, *, pairs: Path) -> dict[str, Path]:
 
 def _crossfit_score_file(rep: Any, seed: int, *, pairs: Path, launch: Any) -> Path:
     cfg, s, tag = rep.cfg, rep.seed_dir(seed), f"seed{seed}"
+    reference, reference_stage = rep.reference(seed)
     work = s / "crossfit"
     output = work / "scores.jsonl"
     caches = {half: work / f"cache-{half}" for half in "AB"}
@@ -156,9 +158,10 @@ def _crossfit_score_file(rep: Any, seed: int, *, pairs: Path, launch: Any) -> Pa
         from megatron_tgdpo.data import read_manifest
 
         for half, cache in caches.items():
-            flags = ["--model", cfg.model, "--seq-length", str(cfg.seq_length), "--data-path", str(pairs),
+            model = ["--load", cfg.base] if cfg.base else ["--model", cfg.model]
+            flags = [*model, "--seq-length", str(cfg.seq_length), "--data-path", str(pairs),
                      "--micro-batch-size", str(cfg.preference.micro_batch_size), "--seed", str(seed),
-                     "--ref-load", str(s / "sft"), "--guidance-load", str(s / f"crossfit-dpo-{half}"),
+                     "--ref-load", str(reference), "--guidance-load", str(s / f"crossfit-dpo-{half}"),
                      "--output", str(cache), "--overwrite", "--no-tensorboard"]
             if cfg.pad_to_multiple_of != 16:
                 flags += ["--pad-to-multiple-of", str(cfg.pad_to_multiple_of)]
@@ -169,7 +172,7 @@ def _crossfit_score_file(rep: Any, seed: int, *, pairs: Path, launch: Any) -> Pa
 
     stage = Stage(f"{tag}.crossfit.scores",
                   spec={"dpo-A": rep.fp[f"{tag}.crossfit-dpo-A"], "dpo-B": rep.fp[f"{tag}.crossfit-dpo-B"],
-                        "pairs": rep.fp[f"{tag}.pairs"], "sft": rep.fp[f"{tag}.sft"], "beta": cfg.beta},
+                        "pairs": rep.fp[f"{tag}.pairs"], "sft": rep.fp[reference_stage], "beta": cfg.beta},
                   outputs=[output, *caches.values()], run=run)
     rep.fp[stage.name] = rep.runner.run(stage)
     return output

@@ -8,6 +8,11 @@ Per seed (``<work>/seed<N>``):
         ├─▶ simpo, ipo
         └─▶ eval.<model> (greedy, and k samples, on the held-out prompts; scored)
 
+With a pretrained ``base`` (``--model smollm2`` / ``--base PATH``) and no "sft" among the methods, the
+base model takes the SFT model's place: it samples the pairs, is every preference model's reference
+and starting point, and is scored as the "base" row; its tokenizer and own chat template (ChatML for
+SmolLM2) render every prompt.
+
 Training runs in child processes (``python -m megatron_tgdpo.train``, one rank or torchrun), sampling in
 one worker process per batch of jobs (``sample.py``); the rest (prompts, scoring, pairs, preparation,
 metrics, tables) runs here.
@@ -32,6 +37,8 @@ from megatron_tgdpo.pipeline.training import model_name, preference_flags, sft_f
 __all__ = ["Replication", "run_replication"]
 
 CHAT_TEMPLATE = "plain"  # the built-in tokenizer's template: prompt and response concatenated
+BASE_CHAT_TEMPLATE = "auto"  # a pretrained model's own template, from its files
+BASE = "base"  # the row and stage name of a pretrained starting model
 
 
 def _tokenizer() -> Path:
@@ -63,6 +70,34 @@ class Replication:
         self.data_dir = self.work / "data"
         self.fp: dict[str, str] = {}  # stage name -> fingerprint, for the stages that read it
         self.pair_stats: dict[int, dict[str, Any]] = {}  # seed -> build_pairs counts
+        if cfg.base:
+            # The path names the model: a different file at the same path is the user's to rerun.
+            self.fp[BASE] = fingerprint({"base": str(Path(cfg.base).resolve())})
+
+    @property
+    def tokenizer(self) -> Path:
+        return Path(self.cfg.base) if self.cfg.base else _tokenizer()
+
+    @property
+    def chat_template(self) -> str:
+        return BASE_CHAT_TEMPLATE if self.cfg.base else CHAT_TEMPLATE
+
+    @property
+    def trains_sft(self) -> bool:
+        return "sft" in self.cfg.methods
+
+    def reference(self, seed: int) -> tuple[Path, str]:
+        """The model that samples the pairs and starts (and anchors) every preference model, and the
+        stage whose fingerprint stands for it: the seed's SFT model, or the pretrained base."""
+        if self.trains_sft:
+            return self.seed_dir(seed) / "sft", f"seed{seed}.sft"
+        return Path(self.cfg.base), BASE
+
+    def model_path(self, seed: int, model: str) -> Path:
+        return Path(self.cfg.base) if model == BASE else self.seed_dir(seed) / model
+
+    def model_stage(self, seed: int, model: str) -> str:
+        return BASE if model == BASE else f"seed{seed}.{model}"
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _rel(self, flags: list[str]) -> list[str]:
@@ -98,15 +133,15 @@ class Replication:
              seed: int) -> dict[str, Any]:
         return {"load": str(load), "input": str(prompts), "output": str(output), "temperature": temperature,
                 "num_samples": num_samples, "max_new_tokens": self.cfg.max_new_tokens, "seed": seed,
-                "tokenizer": str(_tokenizer()), "chat_template": CHAT_TEMPLATE, "model": self.cfg.model}
+                "tokenizer": str(self.tokenizer), "chat_template": self.chat_template, "model": self.cfg.model}
 
     def _prepare(self, source: Path, prefix: Path, *, kind: str) -> dict[str, Any]:
         from megatron_tgdpo.data.prepare import PrepareConfig, prepare_preference_data
 
         # Task prompts are short; a cut arithmetic prompt would be a different question, so drop, never cut.
         return prepare_preference_data(PrepareConfig(
-            inputs=(str(source),), output_prefix=str(prefix), tokenizer=str(_tokenizer()),
-            chat_template=CHAT_TEMPLATE, max_seq_length=self.cfg.seq_length, truncation="drop",
+            inputs=(str(source),), output_prefix=str(prefix), tokenizer=str(self.tokenizer),
+            chat_template=self.chat_template, max_seq_length=self.cfg.seq_length, truncation="drop",
             min_prompt_tokens=4, workers=1, kind=kind))
 
     # ---- shared data -----------------------------------------------------------------------------
@@ -125,6 +160,8 @@ class Replication:
                           task=cfg.task, task_params=cfg.task_params, sft=cfg.sft_prompts, pref=cfg.pref_prompts,
                           heldout=cfg.heldout_prompts, seed=cfg.data_seed, out=files)))
         self.fp["data.prompts"] = self.runner.run(stage)
+        if not self.trains_sft:
+            return
         sft_jsonl, prefix = self.data_dir / "sft.jsonl", self.data_dir / "sft"
         info = {}
 
@@ -132,8 +169,11 @@ class Replication:
             info.update(write_sft_data(files["sft"], sft_jsonl, noise=cfg.sft_noise, seed=cfg.data_seed))
             self._prepare(sft_jsonl, prefix, kind="sft")
 
-        stage = Stage("data.sft", spec={"prompts": self.fp["data.prompts"], "noise": cfg.sft_noise,
-                                        "seed": cfg.data_seed, "seq_length": cfg.seq_length},
+        spec = {"prompts": self.fp["data.prompts"], "noise": cfg.sft_noise, "seed": cfg.data_seed,
+                "seq_length": cfg.seq_length}
+        if cfg.base:  # added only with a base, so the tiny runs' specs are unchanged
+            spec["base"] = self.fp[BASE]
+        stage = Stage("data.sft", spec=spec,
                       outputs=[sft_jsonl, *prepared_files(prefix)], run=make_sft, info=info,
                       check=lambda: prepared_problem(prefix))
         self.fp["data.sft"] = self.runner.run(stage)
@@ -141,7 +181,7 @@ class Replication:
     # ---- one seed --------------------------------------------------------------------------------
     def models(self) -> list[str]:
         """Trained models in table order (TGDPO: the main alpha, then the others)."""
-        out = []
+        out = [] if self.trains_sft else [BASE]
         for method in self.cfg.methods:
             if method == "tgdpo":
                 out += [model_name("tgdpo", a) for a in self.cfg.tgdpo_alphas()]
@@ -155,16 +195,19 @@ class Replication:
     def run_seed(self, seed: int, *, curves: bool = False) -> dict[str, dict[str, Any]]:
         cfg, s = self.cfg, self.seed_dir(seed)
         tag = f"seed{seed}"
-        self._train_stages([(f"{tag}.sft", sft_flags(cfg, seed=seed, data=self.data_dir / "sft", save=s / "sft",
-                                                     log_dir=s / "logs" / "sft"),
-                             s / "sft", s / "logs" / "sft", cfg.sft.iters, ["data.sft"])])
+        if self.trains_sft:
+            self._train_stages([(f"{tag}.sft", sft_flags(cfg, seed=seed, data=self.data_dir / "sft", save=s / "sft",
+                                                         log_dir=s / "logs" / "sft"),
+                                 s / "sft", s / "logs" / "sft", cfg.sft.iters,
+                                 ["data.sft", *([BASE] if cfg.base else [])])])
         pairs = self._pairs(seed)
         every = cfg.curve_every if curves else 0
-        common = dict(seed=seed, data=pairs, sft=s / "sft")
-        inputs = [f"{tag}.sft", f"{tag}.pairs"]
+        reference, reference_stage = self.reference(seed)
+        common = dict(seed=seed, data=pairs, sft=reference)
+        inputs = [reference_stage, f"{tag}.pairs"]
         batch = []
         for model in self.models():
-            if model == "sft" or model in CONTROL_METHODS:
+            if model in ("sft", BASE) or model in CONTROL_METHODS:
                 continue
             method = "tgdpo" if model.startswith("tgdpo") else model
             alpha = float(model.removeprefix("tgdpo-a")) if method == "tgdpo" else None
@@ -191,12 +234,14 @@ class Replication:
         samples = s / "samples" / "pref.jsonl"
         info: dict[str, Any] = {}
 
+        reference, reference_stage = self.reference(seed)
+
         def sample() -> None:
-            self._sample([self._job(s / "sft", self.prompt_files["pref"], samples, temperature=cfg.temperature,
+            self._sample([self._job(reference, self.prompt_files["pref"], samples, temperature=cfg.temperature,
                                     num_samples=cfg.num_samples, seed=seed)], log_name=f"{tag}.samples")
             info.update(score_file(samples))
 
-        stage = Stage(f"{tag}.samples", spec={"sft": self.fp[f"{tag}.sft"], "prompts": self.fp["data.prompts"],
+        stage = Stage(f"{tag}.samples", spec={"sft": self.fp[reference_stage], "prompts": self.fp["data.prompts"],
                                               "k": cfg.num_samples, "temperature": cfg.temperature,
                                               "max_new_tokens": cfg.max_new_tokens, "seed": seed},
                       outputs=[samples], run=sample, info=info, check=lambda: scored_problem([samples]))
@@ -233,14 +278,15 @@ class Replication:
         stages, jobs = [], {}
         for model in self.models():
             greedy, sampled = self._eval_files(seed, model)
-            jobs[f"{tag}.eval.{model}"] = [self._job(s / model, self.prompt_files["heldout"], greedy, temperature=0.0,
+            path = self.model_path(seed, model)
+            jobs[f"{tag}.eval.{model}"] = [self._job(path, self.prompt_files["heldout"], greedy, temperature=0.0,
                                                      num_samples=1, seed=seed)]
             if sampled is not None:
-                jobs[f"{tag}.eval.{model}"].append(self._job(s / model, self.prompt_files["heldout"], sampled,
+                jobs[f"{tag}.eval.{model}"].append(self._job(path, self.prompt_files["heldout"], sampled,
                                                              temperature=cfg.temperature,
                                                              num_samples=cfg.eval_samples, seed=seed))
             stages.append(Stage(f"{tag}.eval.{model}",
-                                spec={"model": self.fp[f"{tag}.{model}"], "prompts": self.fp["data.prompts"],
+                                spec={"model": self.fp[self.model_stage(seed, model)], "prompts": self.fp["data.prompts"],
                                       "k": cfg.eval_samples, "temperature": cfg.temperature,
                                       "max_new_tokens": cfg.max_new_tokens, "seed": seed},
                                 outputs=[p for p in (greedy, sampled) if p is not None], run=lambda: None,
@@ -279,7 +325,7 @@ class Replication:
                     jobs.append(self._job(path, self.prompt_files["heldout"], files[(model, iteration)],
                                           temperature=0.0, num_samples=1, seed=seed))
             self._sample(jobs, log_name=f"{tag}.curves")
-            start = summary_of(self._eval_files(seed, "sft")[0])
+            start = summary_of(self._eval_files(seed, "sft" if self.trains_sft else BASE)[0])
             for model in models:
                 points = {0: start}
                 for (name, iteration), path in files.items():
@@ -326,7 +372,8 @@ class Replication:
             format_main_table(agg, main),
         ]
         if "dpo" in self.models() and len(self.models()) > 1:
-            lines += ["", "paired difference to DPO (same seed: same SFT model, pairs and data order), over "
+            reference = "SFT model" if self.trains_sft else "base model"
+            lines += ["", f"paired difference to DPO (same seed: same {reference}, pairs and data order), over "
                       f"{len(per_seed)} seed(s); W/T/L: seeds where the model is above / equal to / below DPO",
                       format_comparison_table(list(per_seed.values()), [m for m in self.models() if m != "dpo"])]
         if cfg.alphas and "tgdpo" in cfg.methods:

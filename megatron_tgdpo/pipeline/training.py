@@ -6,6 +6,8 @@
 * ``tgdpo``: TGDPO on the same pairs, reference and start the SFT model, guided by the DPO model, with
   the token weights ``1 ± alpha * beta * (log pi_guide - log pi_ref)`` (the guidance reward uses the
   run's ``beta``, as the loss does).
+* With a pretrained ``base`` and no SFT stage, the base model stands where the SFT model does above;
+  with one, SFT starts from the base.
 * ``simpo``: SimPO (no reference) and ``ipo``: IPO, both starting from the SFT model.
 
 Every preference model gets the same schedule, data order (the seed) and batch size; only the loss
@@ -28,8 +30,10 @@ def model_name(method: str, alpha: Optional[float] = None) -> str:
 
 def _common(cfg: PipelineConfig, settings: TrainSettings, *, seed: int, data: Path, save: Path, log_dir: Path,
             save_interval: int = 0) -> list[str]:
+    # A pretrained base names its own architecture (and the policy starts from it unless it resumes).
+    model = ["--load", cfg.base] if cfg.base else ["--model", cfg.model]
     flags = [
-        "--model", cfg.model, "--seq-length", str(cfg.seq_length), "--data-path", str(data),
+        *model, "--seq-length", str(cfg.seq_length), "--data-path", str(data),
         "--micro-batch-size", str(settings.micro_batch_size), "--global-batch-size", str(settings.global_batch_size),
         "--lr", str(settings.lr), "--min-lr", str(settings.min_lr), "--lr-warmup-fraction", str(settings.warmup_fraction),
         "--train-iters", str(settings.iters), "--seed", str(seed), "--eval-iters", "0",

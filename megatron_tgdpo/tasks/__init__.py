@@ -13,7 +13,9 @@ Files (JSONL, one object per line):
 
 Tasks (:mod:`.registry`; the wording fits the built-in tokenizer, which knows only digits, space,
 ``s o r t : =``): ``addition`` (``"tot: 4 7 : 3 5 ="`` -> ``" 8 2"``), ``sort`` (``"sort: 7 2 9 4 ="``
--> ``" 2 4 7 9"``) and ``reverse`` (``"tros: 7 2 9 4 ="`` -> ``" 4 9 2 7"``). Nothing here imports torch.
+-> ``" 2 4 7 9"``) and ``reverse`` (``"tros: 7 2 9 4 ="`` -> ``" 4 9 2 7"``); for a real chat model's
+tokenizer, ``word-sort`` and ``word-reverse`` (lists of English words, scored by longest common
+subsequence: :mod:`.words`). Nothing here imports torch.
 """
 from megatron_tgdpo.tasks.base import Task, exact_match, parse_response, positional_score
 from megatron_tgdpo.tasks.evaluate import HeadToHead, Summary, head_to_head, summarize

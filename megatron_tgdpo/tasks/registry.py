@@ -7,10 +7,12 @@ from typing import Any
 from megatron_tgdpo.tasks.arithmetic import AdditionTask
 from megatron_tgdpo.tasks.base import Task
 from megatron_tgdpo.tasks.lists import ReverseTask, SortTask
+from megatron_tgdpo.tasks.words import WordReverseTask, WordSortTask
 
 __all__ = ["TASKS", "get_task"]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (AdditionTask, SortTask, ReverseTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (AdditionTask, SortTask, ReverseTask,
+                                                        WordSortTask, WordReverseTask)}
 
 
 def get_task(name: str, **params: Any) -> Task:

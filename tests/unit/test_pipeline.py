@@ -218,3 +218,9 @@ def test_paired_differences_to_dpo():
     assert diffs["tgdpo-a1"]["sampled_exact"][0] == pytest.approx(0.0) and "dpo" not in diffs
     table = format_difference_table(diffs, ["tgdpo-a1"])
     assert table.splitlines()[2].startswith("TGDPO (alpha 1)") and "+0.100 ± 0.000" in table
+
+
+def test_pretrained_base_makes_sft_optional():
+    assert any("sft is needed" in p for p in preset("smollm2").problems())  # no base: SFT stays required
+    assert preset("smollm2", base="/some/model").problems() == []
+    assert any("sft_noise" in p for p in preset("smollm2", base="/m", methods=("sft", "dpo"), sft_noise=0.3).problems())
