@@ -574,6 +574,7 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
         "step_time_s": total_time / steps, "step_time_min_s": min(times), "step_times_s": times,
         # process CPU time (all threads, user + sys) summed over ranks: steadier than wall time on a busy CPU
         "cpu_time_s": sum(sum(s["cpu_s"] for s in r["steps"]) for r in per_rank) / steps,
+        "cpu_times_s": [sum(r["steps"][i]["cpu_s"] for r in per_rank) for i in range(steps)],
         "build_s": max(r["build_s"] for r in per_rank),
         "computed_tokens_per_step": computed / steps, "real_tokens_per_step": real / steps,
         "micro_batches_per_step": totals["micro_batches"] / steps,
