@@ -36,12 +36,14 @@ from megatron_tgdpo import integrity
 from megatron_tgdpo.data.batch import Batch
 
 __all__ = [
+    "attach_cached_logps",
     "CacheFormatError",
     "CacheMismatchError",
     "LogprobCache",
     "LogprobCacheError",
     "ROLES",
     "cached_logps",
+    "cached_role_logps",
     "fingerprint_dataset",
     "publish_cache",
     "staging_dir",
@@ -338,17 +340,43 @@ class LogprobCache:
 
     def sample_logps(self, sample: int, role: str) -> tuple[np.ndarray, np.ndarray]:
         """(chosen, rejected) response-token log-probs of one sample, fp32 copies."""
-        if role not in self._values:
-            raise CacheMismatchError(f"{self.path}: role {role!r} not available (opened roles: {list(self.roles)})")
-        if not 0 <= sample < self.num_samples:
-            raise CacheMismatchError(
-                f"{self.path}: sample {sample} is not in the cache (it covers 0..{self.num_samples - 1}); "
-                f"{RERUN} over the whole data set"
-            )
+        self._check_role(role)
+        self._check_samples(np.asarray([sample], dtype=np.int64))
         o = self.offsets
         values = self._values[role]
         return (np.array(values[o[2 * sample] : o[2 * sample + 1]], dtype=np.float32),
                 np.array(values[o[2 * sample + 1] : o[2 * sample + 2]], dtype=np.float32))
+
+    def _check_role(self, role: str) -> None:
+        if role not in self._values:
+            raise CacheMismatchError(f"{self.path}: role {role!r} not available (opened roles: {list(self.roles)})")
+
+    def _check_samples(self, samples: np.ndarray) -> None:
+        outside = samples[(samples < 0) | (samples >= self.num_samples)]
+        if outside.size:
+            raise CacheMismatchError(
+                f"{self.path}: sample {int(outside[0])} is not in the cache (it covers 0..{self.num_samples - 1}); "
+                f"{RERUN} over the whole data set"
+            )
+
+    def sequence_spans(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, length) in the values files of each sequence of a batch of pairs whose dataset indices
+        are ``samples`` (``[P]``): the batch contract's order, the chosen responses of the ``P`` pairs, then
+        their rejected responses (int64 ``[2P]`` each)."""
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        self._check_samples(samples)
+        sequences = np.concatenate([2 * samples, 2 * samples + 1])
+        starts = self.offsets[sequences]
+        return starts, self.offsets[sequences + 1] - starts
+
+    def gather(self, role: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """fp32 values of the spans ``[starts[i], starts[i] + lengths[i])`` back to back, in one indexed read
+        of the (memory-mapped) values file."""
+        self._check_role(role)
+        total = int(lengths.sum())
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
+        index = np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
+        return np.asarray(self._values[role][index], dtype=np.float32)
 
     def batch_logps(self, batch: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
         """fp32 full-length log-probs of ``role`` for a collated batch (a :class:`Batch`, or the rows
@@ -356,27 +384,101 @@ class LogprobCache:
         are found through the batch contract, so rows and packed layouts are served alike."""
         if not isinstance(batch, Batch):
             batch = Batch.from_rows(batch, num_pairs=len(batch["sample_idx"]))
-        samples = batch["sample_idx"].tolist()
-        pairs = batch.num_pairs
-        mask = batch["loss_mask"]
-        if pairs != len(samples) or batch.num_sequences != 2 * pairs:
-            raise ValueError(f"a batch of {len(samples)} pairs holds {batch.num_sequences} sequences; expected 2 x pairs")
-        on = mask.detach().to("cpu") != 0
-        owner = (batch["sequence_ids"].to("cpu") if batch.packed
-                 else torch.arange(on.shape[0]).unsqueeze(1).expand_as(on))
-        out = torch.zeros(mask.shape, dtype=torch.float32)
-        for sequence in range(2 * pairs):
-            sample, side = samples[sequence % pairs], sequence // pairs
-            values = self.sample_logps(sample, role)[side]
-            positions = (on & (owner == sequence)).nonzero(as_tuple=True)
-            if positions[0].numel() != values.size:
-                raise CacheMismatchError(
-                    f"{self.path}: sample {sample} ({'chosen' if side == 0 else 'rejected'}) has {positions[0].numel()} "
-                    f"response tokens in this batch but {values.size} in the cache: the data were prepared or "
-                    f"truncated differently from when the cache was made; {RERUN} on this data set"
-                )
-            out[positions] = torch.from_numpy(values)
-        return out.to(mask.device)
+        return cached_role_logps(self, [batch], role)[0]
+
+
+def _check_pairs(batch: Batch) -> None:
+    pairs = batch.num_pairs
+    if int(batch["sample_idx"].numel()) != pairs or batch.num_sequences != 2 * pairs:
+        raise ValueError(f"a batch of {int(batch['sample_idx'].numel())} pairs holds {batch.num_sequences} sequences; "
+                         "expected 2 x pairs")
+
+
+def _owners(batch: Batch) -> torch.Tensor:
+    """Which sequence each position belongs to, flattened (-1: none)."""
+    if batch.packed:
+        return batch["sequence_ids"].reshape(-1)
+    rows, seq = batch.shape
+    device = batch["loss_mask"].device
+    return torch.arange(rows, device=device).repeat_interleave(seq)
+
+
+def _response_counts(batch: Batch, owners: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Response tokens of each sequence, on the batch's device without a host round trip ([N], int64)."""
+    counts = torch.zeros(batch.num_sequences + 1, dtype=torch.int64, device=on.device)
+    return counts.index_add_(0, owners + 1, on.to(torch.int64))[1:]  # slot 0 collects the tail (-1)
+
+
+def _place(batch: Batch, owners: torch.Tensor, on: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (the batch's sequences' response-token log-probs back to back, in sequence order) put
+    at their positions: the k-th response position in (sequence, position) order gets ``values[k]``.
+
+    Positions are ordered by a stable sort on the owner, so any layout whose sequences keep their own
+    tokens in order works (rows, packed segments); all on device, no host synchronisation."""
+    if batch.packed:
+        order = torch.sort(owners, stable=True).indices
+        sorted_on = on[order]
+    else:  # row n is sequence n: row-major order is already (sequence, position) order
+        order, sorted_on = None, on
+    rank = torch.cumsum(sorted_on.to(torch.int64), 0) - 1
+    if values.numel() == 0:
+        picked = torch.zeros(rank.shape, dtype=torch.float32, device=on.device)
+    else:
+        picked = values[rank.clamp(min=0, max=values.numel() - 1)]
+    picked = torch.where(sorted_on, picked, torch.zeros((), dtype=torch.float32, device=on.device))
+    if order is not None:
+        picked = torch.empty_like(picked).index_copy_(0, order, picked)
+    return picked.reshape(batch["loss_mask"].shape)
+
+
+def _count_mismatch(cache: LogprobCache, batch: Batch, samples: np.ndarray, expected: np.ndarray) -> str:
+    """The message for the first sequence whose response-token count differs from the cache's span."""
+    owners = _owners(batch)
+    on = batch["loss_mask"].reshape(-1) != 0
+    got = _response_counts(batch, owners, on).cpu().numpy()
+    sequence = int(np.flatnonzero(got != expected)[0])
+    pairs = len(samples)
+    sample, side = int(samples[sequence % pairs]), sequence // pairs
+    return (f"{cache.path}: sample {sample} ({'chosen' if side == 0 else 'rejected'}) has {int(got[sequence])} "
+            f"response tokens in this batch but {int(expected[sequence])} in the cache: the data were prepared or "
+            f"truncated differently from when the cache was made; {RERUN} on this data set")
+
+
+def cached_role_logps(cache: LogprobCache, batches: Sequence[Batch], role: str) -> list[torch.Tensor]:
+    """fp32 full-length log-probs of ``role`` for each batch (shaped like its ``loss_mask``, zero where it
+    is 0), on the batch's device.
+
+    Per call, not per sequence: one host read of the batches' sample ids, one indexed read of the
+    values file for all of them, one copy to the device, one synchronisation for the token-count check;
+    each batch's values are then placed on device (:func:`_place`) without touching its mask on the host."""
+    cache._check_role(role)
+    if not batches:
+        return []
+    for batch in batches:
+        _check_pairs(batch)
+    ids = torch.cat([batch["sample_idx"].reshape(-1) for batch in batches]).cpu().numpy()
+    splits = np.cumsum([batch.num_pairs for batch in batches])[:-1]
+    samples = np.split(ids, splits)
+    spans = [cache.sequence_spans(s) for s in samples]
+    values = cache.gather(role, np.concatenate([start for start, _ in spans]),
+                          np.concatenate([length for _, length in spans]))
+    device = batches[0]["loss_mask"].device
+    values = torch.from_numpy(values).to(device)
+    owners = [_owners(batch) for batch in batches]
+    on = [batch["loss_mask"].reshape(-1) != 0 for batch in batches]
+    expected = torch.from_numpy(np.concatenate([length for _, length in spans])).to(device)
+    counts = torch.cat([_response_counts(b, o, m) for b, o, m in zip(batches, owners, on)])
+    if not bool(torch.equal(counts, expected)):  # the step's one synchronisation
+        for batch, sample_ids, (_, length) in zip(batches, samples, spans):
+            if not torch.equal(_response_counts(batch, _owners(batch), batch["loss_mask"].reshape(-1) != 0).cpu(),
+                               torch.from_numpy(length)):
+                raise CacheMismatchError(_count_mismatch(cache, batch, sample_ids, length))
+    out, start = [], 0
+    for batch, owner, mask, (_, length) in zip(batches, owners, on, spans):
+        end = start + int(length.sum())
+        out.append(_place(batch, owner, mask, values[start:end]))
+        start = end
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,20 +486,36 @@ class LogprobCache:
 # ------------------------------------------------------------------------------------------------
 
 
+def attach_cached_logps(cache: LogprobCache, batches: list[Batch]) -> list[Batch]:
+    """The micro-batches carrying each cached role's full-length log-probs under
+    ``runtime.frozen.logps_key(role)``, where online scoring puts them for the loss (the schedule slices
+    them for context parallelism with the other per-token tensors). Only the last pipeline stage reads
+    them: elsewhere the batches are returned unchanged."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_tgdpo.runtime.frozen import logps_key
+
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return list(batches)
+    per_role = {role: cached_role_logps(cache, batches, role) for role in cache.roles}
+    return [batch.with_per_token(**{logps_key(role): per_role[role][i] for role in cache.roles})
+            for i, batch in enumerate(batches)]
+
+
 def cached_logps(cache: LogprobCache, batches: list[Batch]) -> dict[str, list[torch.Tensor]]:
     """``{role: [fp32 logps * loss_mask per micro-batch]}`` on this rank's context-parallel slice, on
     the batch's device; empty lists off the last pipeline stage (as ``score_logps``)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_tgdpo.runtime.frozen import logps_key
     from megatron_tgdpo.runtime.schedule import context_parallel
 
     out: dict[str, list[torch.Tensor]] = {role: [] for role in cache.roles}
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return out
     cp_rank, cp_size, _ = context_parallel()
-    for batch in batches:
+    for batch in attach_cached_logps(cache, batches):
+        local = batch.for_context_parallel(cp_rank=cp_rank, cp_size=cp_size)
         for role in cache.roles:
-            local = batch.with_per_token(cached_logps=cache.batch_logps(batch, role)).for_context_parallel(
-                cp_rank=cp_rank, cp_size=cp_size)
-            out[role].append(local["cached_logps"] * local["loss_mask"])
+            out[role].append(local[logps_key(role)] * local["loss_mask"])
     return out

@@ -11,8 +11,8 @@ Takes every training flag (``--help`` lists them after this tool's own); only th
 and precision flags matter. The set-up is the Trainer's (``runtime.trainer.set_up``: data, architecture,
 parallel groups, seeds). The data set is read in order, no shuffle: each global step hands every
 data-parallel rank its micro-batches (``runtime.data.BatchSource``), the models score them through the
-same megatron-core schedule as online training (``runtime.schedule.score_logps``), so the cache holds what online
-scoring computes. ``--global-batch-size`` is not used: a step is 4 x PP micro-batches per DP rank with
+same megatron-core schedule and model calls as online training, all frozen models in one pass
+(``runtime.schedule.score_frozen``), so the cache holds what online scoring computes. ``--global-batch-size`` is not used: a step is 4 x PP micro-batches per DP rank with
 pipeline parallelism (to fill the pipeline), one without.
 
 Context parallelism: each CP rank scores its sequence chunks; the chunks are all-gathered over the CP
@@ -142,7 +142,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     from megatron_tgdpo.runtime import setup
     from megatron_tgdpo.runtime.data import BatchSource
     from megatron_tgdpo.runtime.metrics import holds_metrics
-    from megatron_tgdpo.runtime.schedule import LogprobSettings, context_parallel, score_logps
+    from megatron_tgdpo.runtime.schedule import LogprobSettings, context_parallel, score_frozen
     from megatron_tgdpo.runtime.trainer import set_up
 
     output_path = Path(output)
@@ -186,7 +186,7 @@ def run(cfg: TrainConfig, *, output: str, limit_samples: Optional[int] = None, o
     tokens = 0
     for step in range(1, steps + 1):
         batches = source.next_global_batch()
-        scored = {role: score_logps(chunks, batches, logprobs=settings) for role, chunks in models.items()}
+        scored = score_frozen(models, batches, logprobs=settings)  # every role in one forward-only pass
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             cp_rank, cp_size, _ = context_parallel()
             for index, batch in enumerate(batches):

@@ -610,6 +610,7 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
         "round_median_step_s": [float(np.median(rounds[k])) for k in sorted(rounds)],
         # process CPU time (all threads, user + sys) summed over ranks, median step: steadier than wall time
         "cpu_time_s": float(np.median(cpu_times)),
+        "cpu_times_s": [sum(r["steps"][i]["cpu_s"] for r in per_rank) for i in range(steps)],
         "build_s": max(r["build_s"] for r in per_rank),
         "computed_tokens_per_step": computed / steps, "real_tokens_per_step": real / steps,
         "micro_batches_per_step": totals["micro_batches"] / steps,

@@ -1,9 +1,10 @@
 """Preference optimisation — DPO, TGDPO, IPO, SimPO — as a runtime algorithm: the step, nothing else.
 
-One iteration: the frozen reference (and, for TGDPO, guidance) model scores this rank's micro-batches
-forward-only (or the offline log-prob cache supplies those log-probs); the policy runs forward+backward
-through megatron-core's schedule with the loss at the last stage; the optimizer steps unless the loss
-or gradient is non-finite. Frozen models are built only for roles the loss reads: SimPO uses no
+One iteration: the policy runs forward+backward through megatron-core's schedule with the loss at the
+last stage, and the frozen reference (and, for TGDPO, guidance) model scores each micro-batch
+forward-only inside the policy's forward step of that micro-batch (one schedule, one pipeline pass:
+``runtime/frozen.py``), or the offline log-prob cache supplies those log-probs; the optimizer steps
+unless the loss or gradient is non-finite. Frozen models are built only for roles the loss reads: SimPO uses no
 reference, and a run with ``--logprob-cache`` builds no frozen model at all.
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ from megatron_tgdpo.losses import preference_loss_sums
 from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.runtime import setup
 from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext, StepResult, optimizer_step
+from megatron_tgdpo.runtime.frozen import logps_key
 from megatron_tgdpo.runtime.metrics import StepMetrics
-from megatron_tgdpo.runtime.schedule import (LogprobSettings, context_parallel, local_batch, run_schedule,
-                                             score_logps)
+from megatron_tgdpo.runtime.schedule import LogprobSettings, context_parallel, local_batch, run_schedule, score_frozen
 
 __all__ = ["PreferenceAlgorithm"]
 
@@ -111,12 +112,11 @@ class PreferenceAlgorithm(Algorithm):
         return f"{self.cfg.loss_type} (frozen: {frozen})"
 
     # ---- one step -----------------------------------------------------------------------------
-    def _frozen_logps(self, batches: list[Batch]) -> dict[str, list[torch.Tensor]]:
-        if self.cache is not None:
-            from megatron_tgdpo.logprob_cache import cached_logps
+    def _with_cached_logps(self, batches: list[Batch]) -> list[Batch]:
+        """The micro-batches carrying the cache's log-probs where online scoring puts them."""
+        from megatron_tgdpo.logprob_cache import attach_cached_logps
 
-            return cached_logps(self.cache, batches)
-        return {role: score_logps(chunks, batches, logprobs=self.logprobs) for role, chunks in self.frozen.items()}
+        return attach_cached_logps(self.cache, batches)
 
     def _loss_options(self) -> dict:
         cfg, pref = self.cfg, self.section
@@ -161,25 +161,27 @@ class PreferenceAlgorithm(Algorithm):
         return out, count
 
     def train_step(self, batches: list[Batch]) -> StepResult:
-        frozen = self._frozen_logps(batches)
-        ref = frozen.get("reference")
+        if self.cache is not None:
+            batches = self._with_cached_logps(batches)
         options = self._loss_options()
         metrics = StepMetrics()
         if self.source is not None:
             self.source.begin_step(batches)
+        ref_key = logps_key("reference")
+        frozen_keys = {role: logps_key(role) for role in ("reference", "guidance")}
 
         def loss_fn(index: int, batch: Batch, logps: torch.Tensor):
             if batch.num_pairs == 0:  # a padding micro-batch (interleaved schedule filler)
                 return (logps * 0).sum(), 0, None
+            ref = batch.get(ref_key)
             step_options = options
             if self.guided:
-                step_options = {**options, **self._token_weights(
-                    index, batches[index], batch, logps, {role: logps_[index] for role, logps_ in frozen.items()})}
-            out, count = self._pair_loss(batch, logps, None if ref is None else ref[index], None,
-                                         options=step_options)
+                frozen = {role: batch[key] for role, key in frozen_keys.items() if key in batch}
+                step_options = {**options, **self._token_weights(index, batches[index], batch, logps, frozen)}
+            out, count = self._pair_loss(batch, logps, ref, None, options=step_options)
             metrics.add(out.metrics)
             if ref is not None:
-                diff = ((logps.detach() - ref[index]) * batch["loss_mask"]).abs().max()
+                diff = ((logps.detach() - ref) * batch["loss_mask"]).abs().max()
                 metrics.add_max("logratio/abs_max", diff, cp_local=True)
             return out.losses.sum(), count, None
 
@@ -187,7 +189,8 @@ class PreferenceAlgorithm(Algorithm):
             chunk.train()
             chunk.zero_grad_buffer()
         self.policy.optimizer.zero_grad()
-        run_schedule(self.policy.chunks, batches, loss_fn, forward_only=False, logprobs=self.logprobs)
+        run_schedule(self.policy.chunks, batches, loss_fn, forward_only=False, logprobs=self.logprobs,
+                     frozen=self.frozen)
         updated, grad_norm = optimizer_step(self.policy, metrics)
         return StepResult(metrics=metrics, grad_norm=grad_norm, updated=updated)
 
@@ -199,10 +202,11 @@ class PreferenceAlgorithm(Algorithm):
             return None  # the cache holds training-set log-probs only
         options = dict(beta=self.cfg.beta, loss_type="dpo" if self.uses_reference else "simpo")
         metrics = StepMetrics()
+        models = {"policy": self.policy.chunks, **({"reference": reference} if reference is not None else {})}
         for global_batch in batches:
-            ref = score_logps(reference, global_batch, logprobs=self.logprobs) if reference is not None else None
-            policy = score_logps(self.policy.chunks, global_batch, logprobs=self.logprobs)
-            for index, logps in enumerate(policy):
+            scored = score_frozen(models, global_batch, logprobs=self.logprobs)  # one forward-only pass
+            ref = scored.get("reference")
+            for index, logps in enumerate(scored["policy"]):
                 if global_batch[index].num_pairs == 0:
                     continue
                 out, _ = self._pair_loss(local_batch(global_batch[index]), logps,

@@ -23,15 +23,17 @@ micro-batches and whatever each one holds (``docs/loss.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.data.packing import packed_seq_params_for
 from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, output_logprobs
+from megatron_tgdpo.runtime.frozen import FrozenScorer, logps_key
 
-__all__ = ["Head", "LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_logps"]
+__all__ = ["Head", "LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_frozen",
+           "score_logps"]
 
 LossFn = Callable[[int, Batch, torch.Tensor], tuple[torch.Tensor, Any, Any]]
 #: What the last stage computes from the model's output before the loss: ``(model, batch, output)`` ->
@@ -80,6 +82,7 @@ def run_schedule(
     forward_only: bool,
     logprobs: LogprobSettings = LogprobSettings(),
     head: Head | None = None,
+    frozen: Optional[Mapping[str, Sequence[torch.nn.Module]]] = None,
 ) -> list[Any]:
     """Run every micro-batch through megatron-core's schedule (1F1B, interleaved with virtual stages);
     returns the ``report`` of each micro-batch on the last pipeline stage (an empty list elsewhere).
@@ -87,11 +90,21 @@ def run_schedule(
     ``head`` replaces the token log-probs (``logprobs`` then does not apply): the loss function gets
     what it returns, under the same ``(numerator, count, report)`` contract.
 
+    ``frozen``: role -> chunks of models scored forward-only in the same schedule, inside each
+    micro-batch's forward step (``runtime/frozen.py``: one pipeline pass for all models); the loss
+    function's batch then carries each one's ``logps * loss_mask`` under ``frozen.logps_key(role)``.
+
     ``microbatches`` hold full sequences (all of one shape when pipeline-parallel); each rank takes its
     context-parallel slice here, so ``loss_fn`` sees this rank's tokens."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cp_rank, cp_size, _ = context_parallel()
+    scorer = None
+    if frozen:
+        scorer = FrozenScorer(frozen, chunks=chunks, chunk_size=logprobs.chunk_size)
+        for models in scorer.models.values():
+            for chunk in models:
+                (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
     if head is None:
         for chunk in chunks:  # cheap and idempotent: generation may have switched the head back meanwhile
             (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
@@ -106,7 +119,15 @@ def run_schedule(
         packed = packed_seq_params_for(batch)
         if packed is not None:
             kwargs["packed_seq_params"] = packed
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
+        inputs = (batch["input_ids"], batch["position_ids"])
+        if scorer is not None:  # the frozen models first: their transient memory is gone before ours exists
+            frozen_outputs, scored = scorer.forward(scorer.split_input(model), batch, inputs,
+                                                    dict(kwargs, attention_mask=None))
+            if scored:
+                batch = batch.with_per_token(**scored)
+        output = model(*inputs, attention_mask=None, **kwargs)
+        if scorer is not None:
+            output = scorer.join_output(output, frozen_outputs)
 
         def loss_func(last_stage_output: torch.Tensor):
             loss, count, report = loss_fn(index, batch, head(model, batch, last_stage_output))
@@ -117,13 +138,16 @@ def run_schedule(
     n = len(microbatches)
     iterators = [iter(range(n)) for _ in chunks] if len(chunks) > 1 else iter(range(n))
     rows, seq = microbatches[0].shape
+    parts = scorer.parts if scorer is not None else 1
     with torch.no_grad() if forward_only else torch.enable_grad():
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators,
             model=chunks,
             num_microbatches=n,
-            seq_length=seq,  # full length: megatron divides by CP (and TP with SP) itself
+            # full length (megatron divides by CP, and TP with SP, itself), times the models whose
+            # activations one pipeline message holds
+            seq_length=seq * parts,
             micro_batch_size=rows,
             forward_only=forward_only,
         )
@@ -145,3 +169,26 @@ def score_logps(
     for chunk in chunks:
         chunk.eval()
     return run_schedule(chunks, microbatches, collect, forward_only=True, logprobs=logprobs)
+
+
+def score_frozen(
+    models: Mapping[str, Sequence[torch.nn.Module]],
+    microbatches: list[Batch],
+    *,
+    logprobs: LogprobSettings = LogprobSettings(),
+) -> dict[str, list[torch.Tensor]]:
+    """:func:`score_logps` of several models in one forward-only schedule (one pipeline pass): role ->
+    one ``logps * loss_mask`` per micro-batch on the last pipeline stage, empty lists elsewhere."""
+    roles = list(models)
+    first, others = roles[0], {role: models[role] for role in roles[1:]}
+
+    def collect(index: int, batch: Batch, logps: torch.Tensor):
+        values = {first: logps.detach() * batch["loss_mask"]}
+        values.update({role: batch[logps_key(role)] for role in others})
+        return logps.new_zeros(()), 0, values
+
+    for chunk in models[first]:
+        chunk.eval()
+    reports = run_schedule(list(models[first]), microbatches, collect, forward_only=True, logprobs=logprobs,
+                           frozen=others)
+    return {role: [report[role] for report in reports] for role in roles}

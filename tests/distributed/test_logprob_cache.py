@@ -161,6 +161,41 @@ def test_cache_spans_are_the_loss_mask_positions(workspace):
     assert torch.equal(full[4][batch["loss_mask"][4] == 1], torch.from_numpy(rejected))
 
 
+def _reversed_segments(batch):
+    """The same packed row with its sequences' segments in reverse order (the tail stays last): the
+    sequence ids then descend along the row."""
+    from megatron_tgdpo.data.batch import Batch
+
+    bounds = batch.segment_bounds()
+    segments = [(bounds[n], bounds[n + 1]) for n in range(batch.num_sequences)][::-1]
+    tail = [(bounds[batch.num_sequences], bounds[-1])] if bounds[-1] > bounds[batch.num_sequences] else []
+    order = torch.cat([torch.arange(a, b) for a, b in segments + tail])
+    lengths = [b - a for a, b in segments + tail]
+    tensors = {k: (v[:, order] if k in batch.per_token else v) for k, v in batch.tensors.items()}
+    tensors["cu_seqlens"] = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return Batch.from_packed(tensors, num_pairs=batch.num_pairs, num_sequences=batch.num_sequences)
+
+
+def test_every_layout_gets_each_sequences_cached_span(workspace):
+    """Rows, packed rows and packed rows whose sequences are out of order: each sequence's loss-mask
+    positions hold exactly its sample's cached span (read one sample at a time), zero elsewhere."""
+    from megatron_tgdpo.data import PreferenceCollator, PreferenceDataset
+    from megatron_tgdpo.data.packing import PackedPreferenceCollator
+
+    cache = _open(workspace)
+    dataset = PreferenceDataset(workspace["train"])
+    items = [dataset[i] for i in (9, 2, 41)]
+    packed = PackedPreferenceCollator(pad_id=0, pad_to_multiple_of=64)(items)
+    for batch in (PreferenceCollator(pad_id=0)(items), packed, _reversed_segments(packed)):
+        full = cache.batch_logps(batch, "guidance")
+        mask = batch["loss_mask"] == 1
+        owners = batch["sequence_ids"] if "sequence_ids" in batch else torch.arange(6)[:, None].expand_as(mask)
+        assert full.dtype == torch.float32 and torch.all(full[~mask] == 0)
+        for sequence in range(6):
+            want = cache.sample_logps(int(items[sequence % 3]["index"]), "guidance")[sequence // 3]
+            assert torch.equal(full[mask & (owners == sequence)], torch.from_numpy(want)), sequence
+
+
 def test_tensor_parallel_cache_bit_exact_online_and_close_to_single_rank(workspace):
     ws = workspace
     out = ws["tmp"] / "cache-tp2"
