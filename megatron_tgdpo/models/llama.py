@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_tgdpo import compat
+from megatron_tgdpo.models.rope_positions import install_row_positions
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ def build_stage(
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
     model = GPTModel(**kwargs)
+    install_row_positions(model)  # shared-prompt rows: RoPE at the rows' positions (a no-op otherwise)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return model.to(device)
 
