@@ -408,12 +408,16 @@ def packed_seq_params_for(batch: Batch):
                                    for (a, b), p in zip(segments, prefix_of) if p >= 0])
         rope_positions = batch["position_ids"].reshape(-1)
     cu = batch["cu_seqlens"]
+    # megatron's thd RoPE splits q and k by the padded bounds. A shared-prompt row gives it the row as
+    # one span: the table it gets has one entry per row position (rope_positions), so the split would
+    # only cost a device-to-host read per segment and layer. The attention reads ``bounds``.
+    rope_cu = cu if rope_positions is None else cu.new_tensor([0, bounds[-1]])
     return RowSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
+        cu_seqlens_q_padded=rope_cu,
+        cu_seqlens_kv_padded=rope_cu,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
         bounds=tuple(bounds),

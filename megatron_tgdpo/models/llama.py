@@ -177,7 +177,12 @@ def layer_spec(config, *, use_te: Optional[bool] = None):
     if use_te is None:
         use_te = compat.te_available()
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        from megatron_tgdpo.models.te_shared_prompt import shared_prompt_te_attention
+
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        # megatron's TE attention, plus shared-prompt rows (the same call for every other row)
+        spec.submodules.self_attention.submodules.core_attention = shared_prompt_te_attention()
+        return spec
     from megatron_tgdpo.models.layers import ContextParallelAttention, RMSNorm
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
