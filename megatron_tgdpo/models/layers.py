@@ -16,8 +16,12 @@
     ``[t, heads, d]`` tensors (batch dimension squeezed) and reshapes our ``[t, heads * d]`` output
     back to ``[t, 1, h]``. The mask is block-diagonal causal over the segments of ``cu_seqlens``: a
     token sees earlier tokens of its own segment only. Without CP each segment is attended on its own
-    (segments of one length batched), so a row of short sequences costs the sum of their squares; under
-    CP one masked ``[local, row]`` score matrix is used. Under CP every segment is split into 2*CP
+    (segments of similar length batched into one padded causal call, :class:`BlockPlan`), so a row of
+    short sequences costs about the sum of their squares; under CP one masked ``[local, row]`` score
+    matrix is used. The segment bounds come from the batch as host ints (no device-to-host copy per
+    layer), and the per-micro-batch gather plan is built by the first layer and reused by the others.
+  - **shared-prompt rows** (CP = 1, ``docs/data.md``): a response segment also attends to its prompt
+    segment's keys (:func:`shared_prefix_blocks`). Under CP every segment is split into 2*CP
     chunks on its own (:func:`megatron_tgdpo.data.batch.cp_row_positions`), as TE and megatron's thd
     RoPE do. RoPE itself needs nothing here: megatron-core's unfused thd RoPE
     (``rope_utils._apply_rotary_pos_emb_thd``) already restarts positions per segment, CP-aware.
