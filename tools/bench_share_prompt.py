@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 r"""Shared vs unshared prompts: the model's work for one global batch, in interleaved rounds.
 
-    python tools/bench_share_prompt.py --length-scale 0.25 --seq-length 512 --pairs 64 --rounds 5
+    python tools/bench_share_prompt.py --length-scale 0.25 --seq-length 512 --pairs 64 --rounds 5 \
+        --arch hidden_size=256,ffn_hidden_size=768,num_attention_heads=8,num_query_groups=2,vocab_size=4096
 
 The same pairs (the built-in UltraFeedback-like lengths of ``tools/bench_step.py``, scaled) are packed
 with and without ``--share-prompt`` (first-fit-decreasing into rows of ``2 x micro-batch x seq-length``)
@@ -35,7 +36,11 @@ def _rank(args: argparse.Namespace) -> dict:
     from megatron_tgdpo.runtime.schedule import LogprobSettings, run_schedule, score_logps
 
     torch.set_num_threads(1)
-    arch = llama.preset(args.model)
+    overrides = {}
+    for part in filter(None, args.arch.split(",")):
+        key, _, value = part.partition("=")
+        overrides[key] = float(value) if "." in value else int(value)
+    arch = llama.preset(args.model, **overrides)
     lengths = draw_lengths(args.pairs, scale=args.length_scale)
     rng = np.random.default_rng(0)
     items = [{"prompt": rng.integers(1, arch.vocab_size, p), "chosen": rng.integers(1, arch.vocab_size, c),
@@ -80,6 +85,8 @@ def _rank(args: argparse.Namespace) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--arch", default="", metavar="FIELD=VALUE[,...]",
+                        help="LlamaArch fields to change in the preset (e.g. hidden_size=256,ffn_hidden_size=768)")
     parser.add_argument("--length-scale", type=float, default=0.25)
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=1)
