@@ -209,3 +209,41 @@ def test_share_prompt_refusals_name_the_flag(tmp_path, extra, needle):
                         num_query_groups=ARCH.num_query_groups, num_layers=ARCH.num_layers)
     assert [p for p in problems if "--share-prompt" in p] == [next(p for p in problems if p.startswith(needle))]
     assert all("\n" not in p for p in problems)
+
+
+def _te_plan_rank():
+    """The TransformerEngine path's plan (query blocks in place, keys gathered as prompt + own,
+    bottom-right causal), evaluated here with plain per-block attention, equals the local attention."""
+    from megatron_tgdpo.data.packing import packed_seq_params_for
+    from megatron_tgdpo.models.layers import ContextParallelAttention
+    from megatron_tgdpo.models.te_shared_prompt import TeQueryKeyPlan
+
+    cfg = llama.transformer_config(ARCH, llama.ParallelLayout())
+    attention = ContextParallelAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self")
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for batch in _batches(True):
+        params = packed_seq_params_for(batch)
+        t = batch.shape[1]
+        q = torch.randn(t, attention.heads, attention.head_dim, generator=g)
+        k, v = (torch.randn(t, attention.groups, attention.head_dim, generator=g) for _ in range(2))
+        local = attention(q, k, v, packed_seq_params=params)  # [t, heads * d]
+        plan = TeQueryKeyPlan.build(list(params.bounds), list(params.prefix_of), device=q.device)
+        kk, vv = k[plan.kv_index], v[plan.kv_index]
+        cq, ck = plan.cu_seqlens_q.tolist(), plan.cu_seqlens_kv.tolist()
+        assert cq[-1] == t and ck[-1] == len(plan.kv_index)
+        pieces = []
+        for (q0, q1), (k0, k1) in zip(zip(cq[:-1], cq[1:]), zip(ck[:-1], ck[1:])):
+            lq, lk = q1 - q0, k1 - k0
+            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)  # bottom-right causal
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[q0:q1].transpose(0, 1)[None], kk[k0:k1].transpose(0, 1)[None], vv[k0:k1].transpose(0, 1)[None],
+                attn_mask=allowed, enable_gqa=True, scale=attention.softmax_scale)
+            pieces.append(out[0].transpose(0, 1).reshape(lq, -1))
+        worst = max(worst, float((torch.cat(pieces) - local).abs().max()))
+    return worst
+
+
+def test_te_query_key_plan_equals_the_local_attention():
+    (worst,) = run_on_ranks(1, _te_plan_rank)
+    assert worst < 1e-5, worst
