@@ -30,7 +30,3 @@ class RowSeqParams(PackedSeqParams):
     rope_positions: Optional[torch.Tensor] = None
     #: per-micro-batch structures built by the first layer that needs them, reused by the others
     plans: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def shared(self) -> bool:
-        return any(p >= 0 for p in self.prefix_of)
