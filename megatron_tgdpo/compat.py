@@ -1,6 +1,6 @@
 """The one place that knows about megatron-core versions and about running it without CUDA.
 
-Two jobs, nothing else:
+Three jobs, nothing else:
 
 1. **Version differences.** The project supports megatron-core 0.16.x (the newest that installs on
    Python 3.11, our CI) and 0.19.x (clusters, Python 3.12). Anything that differs between them is
@@ -25,6 +25,9 @@ Two jobs, nothing else:
      names (``Tensor.type()``): it catches the hard-coded ``torch.zeros(..., device="cuda")`` in
      schedules, grad clipping and the optimizer, and their ``'torch.cuda.FloatTensor'`` checks,
      without patching those modules one by one.
+
+3. **torch differences** the hot path cares about: grouped-query attention without copying K/V
+   (:func:`grouped_query_sdpa`).
 """
 from __future__ import annotations
 
@@ -54,6 +57,35 @@ def silence_known_warnings() -> None:
     the documented model class for the versions we support, so the notice is noise in every rank's log."""
     warnings.filterwarnings("ignore", message=".*GPTModel.*deprecated.*")
     warnings.filterwarnings("ignore", message=".*HybridModel.*")
+
+
+# --------------------------------------------------------------------------------------------
+# torch attention: grouped-query heads without copying K/V where the installed torch can
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def sdpa_has_gqa() -> bool:
+    """``scaled_dot_product_attention`` takes ``enable_gqa`` (torch >= 2.5)."""
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: ask the version instead
+        return Version(torch.__version__.split("+")[0]) >= Version("2.5")
+
+
+def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over ``[b, heads, s, d]`` queries and ``[b, groups, s, d]``
+    keys/values (``heads`` a multiple of ``groups``). Where torch supports it the groups are broadcast
+    inside the kernel (``enable_gqa``); older torch gets K/V repeated per head (a copy)."""
+    rep = query.shape[1] // key.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if rep == 1:
+        return sdpa(query, key, value, **kwargs)
+    if sdpa_has_gqa():
+        return sdpa(query, key, value, enable_gqa=True, **kwargs)
+    return sdpa(query, key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

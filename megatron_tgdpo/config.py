@@ -106,6 +106,9 @@ class TrainConfig:
         "help": "pack several pairs into one row of up to 2 x micro-batch-size x seq-length tokens (no padding "
                 "between them; attention and RoPE stay within each sequence); --no-pack-sequences: one padded "
                 "row per sequence (PPO always uses rows)"})
+    share_prompt: bool = field(default=False, metadata={
+        "help": "with packed rows (the default): each pair's prompt computed once, both responses attending to "
+                "it (exact; not with --context-parallel-size > 1; no effect on --loss-type sft)"})
     data_cache_dir: str = "runs/data"
     # --- loss ---------------------------------------------------------------------------------
     loss_type: str = field(default="tgdpo", metadata={"choices": LOSS_TYPES})
@@ -514,6 +517,19 @@ def _guidance_problems(cfg: TrainConfig) -> list[str]:
     return p
 
 
+def _share_prompt_problems(cfg: TrainConfig) -> list[str]:
+    if not cfg.share_prompt:
+        return []
+    if cfg.context_parallel_size > 1:
+        # Each CP rank holds two chunks of every segment; a response would need its prompt's keys from
+        # other ranks' chunks of another segment, which neither the CP split nor TE's CP attention has.
+        return [f"--share-prompt does not work with --context-parallel-size {cfg.context_parallel_size} (the "
+                "context-parallel split attends within each packed segment only); drop --share-prompt"]
+    if not cfg.pack_sequences:
+        return ["--share-prompt needs --pack-sequences (the prompt is shared inside a packed row)"]
+    return []
+
+
 def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_groups: int, num_layers: int) -> list[str]:
     """Every problem that can be found before any compute, each naming the flag(s) to change: the one
     place parsed values are checked (``flag_values`` gives them by flag name, sections included)."""
@@ -567,6 +583,7 @@ def validate(cfg: TrainConfig, *, world_size: int, num_heads: int, num_query_gro
     if cfg.seq_length % pad:
         p.append(f"--seq-length {cfg.seq_length} must be a multiple of the padding multiple {pad} "
                  "(--pad-to-multiple-of, 2 x --context-parallel-size, and TP x CP with --sequence-parallel)")
+    p.extend(_share_prompt_problems(cfg))
     if cfg.train_iters is None and cfg.train_epochs is None:
         p.append("set --train-iters or --train-epochs")
     if cfg.train_iters is not None and cfg.train_epochs is not None:

@@ -41,7 +41,8 @@ and the measured steps give:
   the run actually had; on CUDA the table gives the estimator's error against the measured peak.
 
 Variants (``--compare``, default all): ``packing`` adds the padded layout of the base variant,
-``logprobs`` its plain (unfused) LM head, ``algorithms`` DPO online, TGDPO with the offline cache
+``logprobs`` its plain (unfused) LM head, ``sharing`` the base variant with ``--share-prompt``,
+``algorithms`` DPO online, TGDPO with the offline cache
 (built first with ``tools/precompute_logprobs.run``; its time is reported, not counted in the steps)
 and SimPO (no frozen model: the policy-only step). The base variant is ``--base-loss`` (default
 tgdpo) online, packed, fused head. ``--pack-sequences``, ``--fused-logprobs``, ``--loss-type``,
@@ -105,7 +106,7 @@ from megatron_tgdpo.monitoring import PeakMemory, mmap_large_blocks, release_fre
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
-COMPARISONS = ("packing", "logprobs", "algorithms")
+COMPARISONS = ("packing", "logprobs", "algorithms", "sharing")
 MIB = 2**20
 GIB = 2**30
 
@@ -204,6 +205,7 @@ class Variant:
     cached: bool = False
     packed: bool = True
     fused: bool = True
+    shared: bool = False  # --share-prompt (packed rows only)
 
     @property
     def frozen(self) -> str:
@@ -222,12 +224,14 @@ def plan_variants(compare: Sequence[str], base_loss: str = "tgdpo") -> list[Vari
         out.append(dataclasses.replace(base, name=f"{base_loss} online, padded", packed=False))
     if "logprobs" in compare:
         out.append(dataclasses.replace(base, name=f"{base_loss} online, plain head", fused=False))
+    if "sharing" in compare:
+        out.append(dataclasses.replace(base, name=f"{base_loss} online, shared prompt", shared=True))
     if "algorithms" in compare:
         out += [Variant("dpo online", "dpo"), Variant("tgdpo online", "tgdpo"),
                 Variant("tgdpo cached", "tgdpo", cached=True), Variant("simpo (policy only)", "simpo")]
     seen, unique = set(), []
     for v in out:
-        key = (v.loss_type, v.cached, v.packed, v.fused)
+        key = (v.loss_type, v.cached, v.packed, v.fused, v.shared)
         if key not in seen:
             seen.add(key)
             unique.append(v)
@@ -241,6 +245,7 @@ def variant_config(cfg: TrainConfig, variant: Variant, *, data_path: str, guidan
                                      guidance_load=guidance if tgdpo else None)
     return dataclasses.replace(
         cfg, loss_type=variant.loss_type, pack_sequences=variant.packed, fused_logprobs=variant.fused,
+        share_prompt=variant.shared and variant.packed,
         preference=preference, data_path=data_path, eval_data_path=None, eval_iters=0, eval_interval=None, train_iters=iterations,
         train_epochs=None, load=None, save=None, save_interval=None, keep_last=None, log_dir=None,
         tensorboard=False, wandb_project=None, exit_duration_in_mins=None,

@@ -85,6 +85,8 @@ class Batch(Mapping[str, torch.Tensor]):
     real_tokens: int = 0
     #: packed: ``cu_seqlens`` as host ints (read without a device sync once the batch is on the GPU)
     bounds: Optional[tuple[int, ...]] = None
+    #: shared-prompt rows: per segment, the segment whose keys it also attends to (its prompt), or -1
+    prefix_of: Optional[tuple[int, ...]] = None
     #: set when this is one context-parallel rank's slice: (cp_rank, cp_size, full sequence length)
     cp_slice: Optional[tuple[int, int, int]] = field(default=None, compare=False)
 
@@ -109,12 +111,15 @@ class Batch(Mapping[str, torch.Tensor]):
 
     @classmethod
     def from_packed(cls, tensors: Mapping[str, torch.Tensor], *, num_pairs: int, num_sequences: int,
-                    real_tokens: int = 0) -> "Batch":
+                    real_tokens: int = 0, prefix_of: Optional[tuple[int, ...]] = None) -> "Batch":
         if tensors["input_ids"].shape[0] != 1:
             raise ValueError("a packed batch is one row of sequences")
         bounds = tuple(int(x) for x in tensors["cu_seqlens"].tolist())
+        if prefix_of is not None and len(prefix_of) != len(bounds) - 1:
+            raise ValueError(f"prefix_of names {len(prefix_of)} segments, cu_seqlens {len(bounds) - 1}")
         return cls(dict(tensors), per_token=PER_TOKEN_KEYS + ("sequence_ids",), num_pairs=num_pairs,
-                   num_sequences=num_sequences, packed=True, real_tokens=real_tokens, bounds=bounds)
+                   num_sequences=num_sequences, packed=True, real_tokens=real_tokens, bounds=bounds,
+                   prefix_of=prefix_of)
 
     def with_per_token(self, **extra: torch.Tensor) -> "Batch":
         """A batch with more per-token tensors (shaped like ``input_ids``), sliced with it under CP."""
@@ -175,6 +180,8 @@ class Batch(Mapping[str, torch.Tensor]):
             return self
         if self.cp_slice is not None:
             raise ValueError("batch is already a context-parallel slice")
+        if self.prefix_of is not None:
+            raise ValueError("shared-prompt rows cannot be split for context parallelism (docs/data.md)")
         idx = self.cp_positions(cp_rank=cp_rank, cp_size=cp_size)
         tensors = {k: (v[:, idx] if k in self.per_token else v) for k, v in self.tensors.items()}
         return replace(self, tensors=tensors, cp_slice=(cp_rank, cp_size, self.shape[1]))

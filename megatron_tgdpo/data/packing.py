@@ -18,6 +18,20 @@ their rejected sequences, then (with ``fixed_length``, or to reach ``pad_to_mult
 segment of padding. Every segment is one ``cu_seqlens`` entry: the padded boundaries, the same in
 ``cu_seqlens_q`` and ``cu_seqlens_q_padded`` (a sequence's own padding follows its tokens, so causally
 no real token sees it; see models/layers.py).
+
+**Shared prompts** (``share_prompt``, context parallelism 1): a pair's prompt is computed once. Per pair,
+in stream order: its prompt without the last token (one segment, not padded), then the prompt's last
+token followed by the chosen response, then the prompt's last token followed by the rejected response
+(each padded like any sequence). The last prompt token is repeated because its logits predict the
+response's first token, and each response has its own first token: with it at the start of each
+response segment every position still predicts exactly one label, so the vocab-parallel log-prob op,
+``labels``/``loss_mask``/``sequence_ids`` and the ``[chosen; rejected]`` sequence numbering are those of
+the unshared row. ``position_ids`` continue the prompt's (the response segments start at the position
+the repeated token has in the prompt). ``Batch.prefix_of`` names, per segment, the prompt segment its
+queries also attend to; the attention gives a response segment the prompt's keys plus its own,
+causally (models/layers.py); RoPE takes ``position_ids`` instead of restarting per segment. The prompt
+segment's ``sequence_ids`` are -1 (it carries no loss). A prompt of one token is not split (nothing
+to share); an empty prompt leaves the responses as they are.
 """
 from __future__ import annotations
 
@@ -39,6 +53,7 @@ __all__ = [
     "packed_seq_params_for",
     "padded_length",
     "plan_packing",
+    "shared_prompt_split",
 ]
 
 
@@ -105,9 +120,26 @@ def _as_lengths(pair_lengths: Any) -> np.ndarray:
 PAIR_SIDES = ("chosen", "rejected")
 
 
-def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int, sides: Sequence[str] = PAIR_SIDES) -> list[int]:
-    """Tokens each item takes in a bin: its sequences (prompt + each side's response), each padded."""
+def shared_prompt_split(prompt_length: int) -> tuple[int, int]:
+    """(tokens of the shared prompt segment, prompt tokens repeated at the start of each response
+    segment) in the shared-prompt layout: the prompt's last token starts every response segment (its
+    logits predict the response's first token), the rest is computed once."""
+    keep = min(prompt_length, 1)
+    return prompt_length - keep, keep
+
+
+def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int, sides: Sequence[str] = PAIR_SIDES,
+                share_prompt: bool = False) -> list[int]:
+    """Tokens each item takes in a bin: its sequences (prompt + each side's response), each padded;
+    with ``share_prompt`` the prompt once plus each response after the prompt's last token."""
     columns = [1 + PAIR_SIDES.index(side) for side in sides]
+    if share_prompt:
+        sizes = []
+        for row in lengths:
+            shared, keep = shared_prompt_split(int(row[0]))
+            sizes.append(shared + sum(padded_length(keep + int(row[c]), context_parallel_size=context_parallel_size)
+                                      for c in columns))
+        return sizes
     return [sum(padded_length(int(row[0] + row[c]), context_parallel_size=context_parallel_size) for c in columns)
             for row in lengths]
 
@@ -171,12 +203,14 @@ def plan_packing(
     sides: Sequence[str] = PAIR_SIDES,
     bin_multiple: int = 1,
     uniform_rows: bool = False,
+    share_prompt: bool = False,
 ) -> PackingPlan:
     """Bins for the pairs of one window (``pair_lengths[i] = (prompt, chosen, rejected)`` of the pair
     at stream position ``i``). ``fixed_length`` / ``pad_to_multiple_of`` only shape the statistics;
     pass the collator's (:meth:`PackedPreferenceCollator.plan` does). ``sample_ids`` (dataset indices)
     name a pair in the error raised when it cannot fit a bin on its own. ``sides=("chosen",)`` packs
-    single sequences (SFT on the chosen responses) instead of pairs.
+    single sequences (SFT on the chosen responses) instead of pairs; ``share_prompt`` sizes pairs in the
+    shared-prompt layout (:class:`PackedPreferenceCollator`).
 
     ``bin_multiple``: the number of micro-batches must be a multiple of it (the interleaved pipeline
     schedule wants whole groups of PP; empty ``padding_bins`` fill a group). ``uniform_rows``: all rows
@@ -192,7 +226,7 @@ def plan_packing(
     if fixed_length is not None and fixed_length < capacity:
         raise ValueError(f"fixed_length={fixed_length} is smaller than the bin capacity {capacity}")
     lengths = _as_lengths(pair_lengths)
-    sizes = _pair_sizes(lengths, context_parallel_size=context_parallel_size, sides=sides)
+    sizes = _pair_sizes(lengths, context_parallel_size=context_parallel_size, sides=sides, share_prompt=share_prompt)
     for i, size in enumerate(sizes):
         if size > capacity:
             name = f"pair at stream position {i}" if sample_ids is None else f"pair {sample_ids[i]} (stream position {i})"
@@ -254,12 +288,18 @@ class PackedPreferenceCollator:
     pad_to_multiple_of: int = 1
     #: which responses become sequences: pairs (chosen then rejected), or ("chosen",) for SFT
     sides: tuple[str, ...] = PAIR_SIDES
+    #: each pair's prompt once per row, both responses attending to it (see "Shared prompts" above)
+    share_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.context_parallel_size < 1:
             raise ValueError(f"context_parallel_size must be >= 1, got {self.context_parallel_size}")
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if self.share_prompt and self.context_parallel_size > 1:
+            raise ValueError("shared prompts need context_parallel_size 1 (see docs/data.md, \"Shared prompts\")")
+        if self.share_prompt and tuple(self.sides) != PAIR_SIDES:
+            raise ValueError(f"shared prompts are for pairs (sides {PAIR_SIDES}), got sides {tuple(self.sides)}")
         cp_chunks = 2 * self.context_parallel_size
         if self.fixed_length is not None and (self.fixed_length < 1 or self.fixed_length % cp_chunks):
             raise ValueError(
@@ -286,11 +326,14 @@ class PackedPreferenceCollator:
             pair_lengths, capacity=capacity, context_parallel_size=self.context_parallel_size,
             fixed_length=self.fixed_length, pad_to_multiple_of=self.pad_to_multiple_of, sample_ids=sample_ids,
             sides=self.sides, bin_multiple=bin_multiple, uniform_rows=uniform_rows,
+            share_prompt=self.share_prompt,
         )
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         if not items:
             raise ValueError("cannot collate an empty bin")
+        if self.share_prompt:
+            return self._shared(items)
         prompts = [np.asarray(item["prompt"], dtype=np.int64) for item in items]
         # [chosen of pairs 0..P-1; rejected of pairs 0..P-1], as the rows layout orders its rows.
         sequences = [np.concatenate([p, np.asarray(item[side], dtype=np.int64)])
@@ -314,6 +357,66 @@ class PackedPreferenceCollator:
         pairs = len(items) if self.sides == PAIR_SIDES else 0
         return Batch.from_packed(tensors, num_pairs=pairs, num_sequences=len(sequences),
                                  real_tokens=sum(len(s) for s in sequences))
+
+    def _shared(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        """The shared-prompt layout of one bin: per pair (stream order) its prompt but the last token,
+        then [last prompt token + chosen], then [last prompt token + rejected] (module docstring)."""
+        pairs = len(items)
+        segments: list[dict] = []  # tokens, labels, first loss position, first RoPE position, sequence, prefix
+        for i, item in enumerate(items):
+            prompt = np.asarray(item["prompt"], dtype=np.int64)
+            shared, keep = shared_prompt_split(len(prompt))
+            prefix = -1
+            if shared:
+                prefix = len(segments)
+                segments.append(dict(tokens=prompt[:shared], labels=prompt[1 : shared + 1], loss_from=None,
+                                     position=0, sequence=-1, prefix=-1, pad=False))
+            for side, sequence in ((0, i), (1, pairs + i)):
+                tokens = np.concatenate([prompt[shared:], np.asarray(item[PAIR_SIDES[side]], dtype=np.int64)])
+                segments.append(dict(tokens=tokens, labels=tokens[1:], loss_from=0, position=shared,
+                                     sequence=sequence, prefix=prefix, pad=True))
+        cp = self.context_parallel_size
+        # The prompt segment is not padded: its responses attend to all of its keys.
+        lengths = [padded_length(len(g["tokens"]), context_parallel_size=cp) if g["pad"] else len(g["tokens"])
+                   for g in segments]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        content = int(bounds[-1])
+        row = _row_length(content, fixed_length=self.fixed_length, multiple=self.multiple)
+        if content > row:
+            names = [int(item.get("index", i)) for i, item in enumerate(items)]
+            raise ValueError(
+                f"pairs {names} need {content} tokens, more than fixed_length={self.fixed_length}; "
+                "pack with plan_packing(capacity <= fixed_length, share_prompt=True)"
+            )
+        prefix_of = [g["prefix"] for g in segments]
+        if row > content:
+            bounds = np.append(bounds, row)  # the tail segment
+            prefix_of.append(-1)
+        input_ids = np.full(row, self.pad_id, dtype=np.int64)
+        labels = np.full(row, self.pad_id, dtype=np.int64)
+        loss_mask = np.zeros(row, dtype=np.float32)
+        position_ids = np.zeros(row, dtype=np.int64)
+        sequence_ids = np.full(row, -1, dtype=np.int64)
+        for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            first = segments[n]["position"] if n < len(segments) else 0
+            position_ids[start:end] = first + np.arange(end - start)
+        for n, g in enumerate(segments):
+            start, length = int(bounds[n]), len(g["tokens"])
+            input_ids[start : start + length] = g["tokens"]
+            labels[start : start + len(g["labels"])] = g["labels"]
+            if g["loss_from"] is not None:
+                # Position t predicts token t + 1: the segment's first token is the prompt's last
+                # (or the response's first when there is no prompt), as in the unshared row.
+                loss_mask[start + g["loss_from"] : start + length - 1] = 1.0
+                sequence_ids[start : int(bounds[n + 1])] = g["sequence"]
+        arrays = dict(input_ids=input_ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+                      sequence_ids=sequence_ids)
+        tensors = {key: torch.from_numpy(a).unsqueeze(0) for key, a in arrays.items()}
+        tensors["cu_seqlens"] = torch.from_numpy(bounds.astype(np.int32))
+        tensors["sample_idx"] = torch.tensor([int(item["index"]) for item in items], dtype=torch.long)
+        real = sum(2 * len(item["prompt"]) + len(item["chosen"]) + len(item["rejected"]) for item in items)
+        return Batch.from_packed(tensors, num_pairs=pairs, num_sequences=2 * pairs, real_tokens=real,
+                                 prefix_of=tuple(prefix_of))
 
     def padding_batch(self) -> Batch:
         """A micro-batch of padding only (no sequence, nothing to learn): fills an interleaved pipeline
@@ -357,20 +460,39 @@ def packed_seq_params_for(batch: Batch):
     segment by CP themselves) and must be on the model's device. ``max_seqlen`` is the longest segment,
     a host int (megatron sizes the RoPE table with it and caches by it); it must not be the row length
     when there are several segments, or megatron's thd RoPE takes the freqs as whole-row positions and
-    stops restarting per sequence (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1")."""
+    stops restarting per sequence (``rope_utils._apply_rotary_pos_emb_thd``, "CASE 1").
+
+    The object is a :class:`~megatron_tgdpo.data.packed_params.RowSeqParams`: it also carries the bounds
+    as host ints and, for a shared-prompt row, which segment each one attends to besides itself and
+    the RoPE position of every row position (``models/rope_positions.py`` applies them)."""
     if not batch.packed:
         return None
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_tgdpo.data.packed_params import RowSeqParams
 
     bounds = batch.segment_bounds()
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    longest = max(b - a for a, b in segments)
+    prefix_of = batch.prefix_of or ()
+    rope_positions = None
+    if any(p >= 0 for p in prefix_of):
+        # A response's keys are its prompt's and its own: the longest such span bounds the positions.
+        longest = max([longest] + [b - a + segments[p][1] - segments[p][0]
+                                   for (a, b), p in zip(segments, prefix_of) if p >= 0])
+        rope_positions = batch["position_ids"].reshape(-1)
     cu = batch["cu_seqlens"]
-    return PackedSeqParams(
+    # megatron's thd RoPE splits q and k by the padded bounds. A shared-prompt row gives it the row as
+    # one span: the table it gets has one entry per row position (rope_positions), so the split would
+    # only cost a device-to-host read per segment and layer. The attention reads ``bounds``.
+    rope_cu = cu if rope_positions is None else cu.new_tensor([0, bounds[-1]])
+    return RowSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu,
+        cu_seqlens_q_padded=rope_cu,
+        cu_seqlens_kv_padded=rope_cu,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
+        bounds=tuple(bounds),
+        prefix_of=tuple(prefix_of),
+        rope_positions=rope_positions,
     )

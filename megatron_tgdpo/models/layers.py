@@ -16,8 +16,12 @@
     ``[t, heads, d]`` tensors (batch dimension squeezed) and reshapes our ``[t, heads * d]`` output
     back to ``[t, 1, h]``. The mask is block-diagonal causal over the segments of ``cu_seqlens``: a
     token sees earlier tokens of its own segment only. Without CP each segment is attended on its own
-    (segments of one length batched), so a row of short sequences costs the sum of their squares; under
-    CP one masked ``[local, row]`` score matrix is used. Under CP every segment is split into 2*CP
+    (segments of similar length batched into one padded causal call, :class:`BlockPlan`), so a row of
+    short sequences costs about the sum of their squares; under CP one masked ``[local, row]`` score
+    matrix is used. The segment bounds come from the batch as host ints (no device-to-host copy per
+    layer), and the per-micro-batch gather plan is built by the first layer and reused by the others.
+  - **shared-prompt rows** (CP = 1, ``docs/data.md``): a response segment also attends to its prompt
+    segment's keys (:func:`shared_prefix_blocks`). Under CP every segment is split into 2*CP
     chunks on its own (:func:`megatron_tgdpo.data.batch.cp_row_positions`), as TE and megatron's thd
     RoPE do. RoPE itself needs nothing here: megatron-core's unfused thd RoPE
     (``rope_utils._apply_rotary_pos_emb_thd``) already restarts positions per segment, CP-aware.
@@ -38,21 +42,24 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_tgdpo.compat import grouped_query_sdpa
 
 # Re-exported: existing callers import the CP position helper from here (one definition, in batch.py).
 from megatron_tgdpo.data.batch import cp_chunk_positions, cp_row_positions
 
 __all__ = [
     "AttentionLayout",
+    "BlockPlan",
     "ContextParallelAttention",
     "RMSNorm",
     "cp_chunk_positions",
     "cp_row_positions",
     "packed_segment_bounds",
+    "shared_prefix_blocks",
 ]
 
 
@@ -95,6 +102,8 @@ class _GatherSeqOverCP(torch.autograd.Function):
 def packed_segment_bounds(packed_seq_params: Any) -> Optional[list[int]]:
     """Host list of the segment boundaries of a thd ``PackedSeqParams`` (None when not packed).
 
+    The host ints the batch carries (:class:`~megatron_tgdpo.data.packed_params.RowSeqParams`) are
+    used as they are; plain ``PackedSeqParams`` are read from their tensors (a device-to-host copy).
     Padded boundaries win (megatron's thd RoPE makes the same choice); queries and keys must share
     them because this is self-attention over one packed row."""
     if packed_seq_params is None:
@@ -103,6 +112,9 @@ def packed_segment_bounds(packed_seq_params: Any) -> Optional[list[int]]:
         raise NotImplementedError(
             f"packed_seq_params with qkv_format={packed_seq_params.qkv_format!r}: the local attention supports 'thd'"
         )
+    host = getattr(packed_seq_params, "bounds", ())
+    if host:
+        return list(host)
     q = packed_seq_params.cu_seqlens_q_padded
     q = packed_seq_params.cu_seqlens_q if q is None else q
     kv = packed_seq_params.cu_seqlens_kv_padded
@@ -115,6 +127,34 @@ def packed_segment_bounds(packed_seq_params: Any) -> Optional[list[int]]:
     if not bounds or bounds[0] != 0 or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens must start at 0 and increase strictly, got {bounds}")
     return bounds
+
+
+def shared_prefix_blocks(bounds: list[int], prefix_of: list[int]) -> list[tuple[int, int, int, int]]:
+    """Attention blocks ``(start, end, prefix_start, prefix_end)`` of a shared-prompt row: the queries
+    ``[start, end)`` attend to the keys ``[prefix_start, prefix_end)`` and, causally, to their own.
+
+    A segment whose prefix segment directly precedes it (a pair's prompt, then its chosen response)
+    is merged with it into one plain causal block: the prompt's queries see only the prompt, the
+    response's see the prompt and themselves, exactly as the two segments would. A later segment of
+    the same prefix (the rejected response) keeps the prefix as extra keys."""
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    if len(prefix_of) != len(segments):
+        raise ValueError(f"prefix_of names {len(prefix_of)} segments, cu_seqlens {len(segments)}")
+    merged_into_next = {p for n, p in enumerate(prefix_of) if p >= 0 and p == n - 1}
+    blocks = []
+    for n, (start, end) in enumerate(segments):
+        if n in merged_into_next:
+            continue
+        p = prefix_of[n]
+        if p < 0:
+            blocks.append((start, end, start, start))
+        elif p == n - 1:
+            blocks.append((segments[p][0], end, start, start))
+        elif p < n:
+            blocks.append((start, end, *segments[p]))
+        else:
+            raise ValueError(f"segment {n}'s prompt is segment {p}: a prompt must precede its responses")
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -212,6 +252,7 @@ class ContextParallelAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("attention bias needs the TransformerEngine spec")
         bounds = packed_segment_bounds(packed_seq_params)
+        prefix_of = list(getattr(packed_seq_params, "prefix_of", ()) or ())
         if bounds is not None:  # thd: give the tensors back their batch dimension of one
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         cp_size = parallel_state.get_context_parallel_world_size()
@@ -219,8 +260,15 @@ class ContextParallelAttention(MegatronModule):
             if query.shape[0] != bounds[-1] or key.shape[0] != bounds[-1]:
                 raise ValueError(f"packed row of {bounds[-1]} tokens (cu_seqlens) does not match {query.shape[0]} "
                                  f"queries / {key.shape[0]} keys")
-            # Packed, no CP split: attend per segment (sum of n_i^2 scores, not row^2), see blocks().
-            return self._attend_blocks(query, key, value, self.blocks(bounds)).squeeze(1)
+            # Packed, no CP split: attend per block (sum of n_i^2 scores, not row^2), see blocks().
+            if any(p >= 0 for p in prefix_of):
+                blocks = shared_prefix_blocks(bounds, prefix_of)
+            else:
+                blocks = self.blocks(bounds)
+            plans = getattr(packed_seq_params, "plans", None)
+            return self._attend_blocks(query, key, value, blocks, plans=plans).squeeze(1)
+        if any(p >= 0 for p in prefix_of):
+            raise NotImplementedError("shared-prompt rows with context parallelism (see docs/data.md)")
         where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
                      cp_size=cp_size, device=query.device)
         layout = _sequence_layout(**where) if bounds is None else _packed_layout(bounds=bounds, **where)
@@ -234,50 +282,139 @@ class ContextParallelAttention(MegatronModule):
     def blocks(self, bounds: list[int]) -> list[tuple[int, int]]:
         """``[start, end)`` of each causal block of a packed row at CP=1: its segments, which tile the row.
         The same semantics as :meth:`allowed` (causal within a segment) without the ``[row, row]`` mask:
-        a row of many short sequences costs the sum of their squares, and segments of one length are
-        batched into one call. (A method so that a test can merge blocks and show its checks catch it.)"""
+        a row of many short sequences costs the sum of their squares. (A method so that a test can
+        merge blocks and show its checks catch it.)"""
         return list(zip(bounds[:-1], bounds[1:]))
 
     def _attend_blocks(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: list[tuple[int, int]]
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        blocks: list[tuple[int, ...]],
+        *,
+        plans: Optional[dict] = None,
     ) -> torch.Tensor:
-        """Causal attention within each block of a ``[t, 1, heads, d]`` row; blocks of equal length
-        share one attention call (as a batch). Returns ``[t, 1, heads * d]``."""
-        by_length: dict[int, list[int]] = {}
-        for start, end in blocks:
-            by_length.setdefault(end - start, []).append(start)
-        if 2 * len(by_length) > len(blocks):
-            # Mostly distinct lengths: nothing to batch, so slice (views, no gather or permutation).
-            return torch.cat([self._attend(query[start:end], key[start:end], value[start:end]) for start, end in blocks])
-        order, pieces = [], []
-        for length, starts in by_length.items():
-            index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(query.device)
-            n = len(starts)
+        """Causal attention within each block of a ``[t, 1, heads, d]`` row. A block is ``(start, end)``
+        (its own tokens) or ``(start, end, prefix_start, prefix_end)`` (the prefix's keys, then its own:
+        see :class:`BlockPlan`); the blocks tile the row in order. Blocks of similar length run as one
+        padded batch (:class:`BlockPlan`). Returns ``[t, 1, heads * d]``. ``plans``: a per-micro-batch
+        dict where the plan is kept for the other layers (built once per micro-batch, not per layer)."""
+        plan_key = ("blocks", tuple(blocks), query.device)
+        plan = plans.get(plan_key) if plans is not None else None
+        if plan is None:
+            plan = BlockPlan.build(blocks, device=query.device)
+            if plans is not None:
+                plans[plan_key] = plan
+        pieces = []
+        for group in plan.groups:
+            if group.span is not None:  # one contiguous block: views, no gather
+                start, end = group.span
+                pieces.append(self._attend(query[start:end], key[start:end], value[start:end])[:, 0])
+                continue
+            n, length = group.index.shape
 
-            def as_batch(x: torch.Tensor) -> torch.Tensor:  # [n * L, 1, h, d] -> [L, n, h, d]: n rows of L
-                return x[index, 0].view(n, length, *x.shape[2:]).transpose(0, 1)
+            def as_batch(x: torch.Tensor) -> torch.Tensor:  # [t, 1, h, d] -> [L, n, h, d]: n blocks of L
+                return x[group.index.reshape(-1), 0].view(n, length, *x.shape[2:]).transpose(0, 1)
 
             out = self._attend(as_batch(query), as_batch(key), as_batch(value))  # [L, n, heads * d]
-            pieces.append(out.transpose(0, 1).reshape(n * length, -1))
-            order.append(index)
-        order_t = torch.cat(order)
-        inverse = torch.empty_like(order_t)
-        inverse[order_t] = torch.arange(order_t.numel(), device=order_t.device)
-        return torch.cat(pieces)[inverse].unsqueeze(1)
+            pieces.append(out.transpose(0, 1).reshape(n * length, -1)[group.keep])
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return (out if plan.order is None else out[plan.order]).unsqueeze(1)
 
     def _attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """``[s, b, heads|groups, d]`` -> ``[sq, b, heads * d]``: attention under ``mask`` (True = may
-        attend), or plain causal without one."""
-        rep = self.heads // self.groups
+        attend; ``[sq, sk]`` or ``[b, 1, sq, sk]``), or plain causal without one. Grouped-query K/V are
+        broadcast over the heads inside the kernel where torch can (``compat.grouped_query_sdpa``)."""
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
-        k = key.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
-        v = value.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        out = grouped_query_sdpa(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
             scale=self.softmax_scale,
         )
         # [b, h, sq, d] -> [sq, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.heads * self.head_dim)
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Blocks run as one attention call: ``span`` (one contiguous block, sliced), or ``index`` ``[n, L]``
+    (row positions of n blocks, each padded at its end to L) and ``keep`` (the rows of the flattened
+    ``[n * L]`` output that are real queries of the block itself, in order)."""
+
+    span: Optional[tuple[int, int]] = None
+    index: Optional[torch.Tensor] = None
+    keep: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How :meth:`ContextParallelAttention._attend_blocks` runs the blocks of a packed row (CP = 1).
+
+    Every block becomes one plain causal sequence of row positions: its own tokens, or for a
+    shared-prompt block ``(start, end, prefix_start, prefix_end)`` the prompt's positions followed by
+    its own. The prompt's queries are then computed again inside that block and their outputs dropped:
+    causal attention over "prompt, then own tokens" is exactly what each response needs (bottom-right
+    aligned: a response token sees the whole prompt and its own earlier tokens), and it runs on the
+    causal kernel without a mask, which on CPU is about twice as fast as the masked kernel a query-only
+    gather would need; the cost is the prompt's share of that block's scores.
+
+    Blocks are sorted by length and cut into groups whose padded cost (``n * longest^2``) stays within
+    ``SLACK`` of their own (``sum of length^2``); a group is one batched call, padded at the end (a
+    real query never sees padding under causal attention). ``order`` puts the groups' outputs back in
+    row order (None when they already are)."""
+
+    groups: tuple[BlockGroup, ...]
+    order: Optional[torch.Tensor]
+
+    SLACK = 1.25
+
+    @classmethod
+    def build(cls, blocks: list[tuple[int, ...]], *, device: torch.device) -> "BlockPlan":
+        import numpy as np
+
+        sequences, drops = [], []
+        for block in blocks:
+            start, end = block[0], block[1]
+            prefix = range(block[2], block[3]) if len(block) == 4 else range(0)
+            sequences.append(np.concatenate([np.arange(prefix.start, prefix.stop), np.arange(start, end)]))
+            drops.append(len(prefix))
+        by_length = sorted(range(len(blocks)), key=lambda b: (len(sequences[b]), b))
+        cuts, group = [], []
+        for b in by_length:
+            trial = group + [b]
+            longest = len(sequences[b])
+            if group and len(trial) * longest**2 > cls.SLACK * sum(len(sequences[i]) ** 2 for i in trial):
+                cuts.append(group)
+                trial = [b]
+            group = trial
+        cuts.append(group)
+        groups, emitted = [], []
+        for members in cuts:
+            if len(members) == 1 and drops[members[0]] == 0:
+                b = members[0]
+                groups.append(BlockGroup(span=(blocks[b][0], blocks[b][1])))
+                emitted.append(sequences[b])
+                continue
+            length = max(len(sequences[b]) for b in members)
+            index = np.empty((len(members), length), dtype=np.int64)
+            keep = []
+            for row, b in enumerate(members):
+                seq = sequences[b]
+                index[row] = seq[0]
+                index[row, : len(seq)] = seq
+                keep.append(row * length + np.arange(drops[b], len(seq)))
+                emitted.append(seq[drops[b]:])
+            groups.append(BlockGroup(index=torch.from_numpy(index).to(device),
+                                     keep=torch.from_numpy(np.concatenate(keep)).to(device)))
+        positions = np.concatenate(emitted)
+        order = None
+        if not np.array_equal(positions, np.arange(len(positions))):
+            inverse = np.empty_like(positions)
+            inverse[positions] = np.arange(len(positions))
+            order = torch.from_numpy(inverse).to(device)
+        return cls(tuple(groups), order)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_tgdpo import compat
+from megatron_tgdpo.models.rope_positions import install_row_positions
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,12 @@ def layer_spec(config, *, use_te: Optional[bool] = None):
     if use_te is None:
         use_te = compat.te_available()
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        from megatron_tgdpo.models.te_shared_prompt import shared_prompt_te_attention
+
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        # megatron's TE attention, plus shared-prompt rows (the same call for every other row)
+        spec.submodules.self_attention.submodules.core_attention = shared_prompt_te_attention()
+        return spec
     from megatron_tgdpo.models.layers import ContextParallelAttention, RMSNorm
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -232,6 +238,7 @@ def build_stage(
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
     model = GPTModel(**kwargs)
+    install_row_positions(model)  # shared-prompt rows: RoPE at the rows' positions (a no-op otherwise)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return model.to(device)
 

@@ -76,7 +76,8 @@ class BatchSource:
             self.uniform_rows = not variable_row_lengths(cfg) and cfg.pipeline_model_parallel_size > 1
             self.packer = PackedPreferenceCollator(
                 pad_id=pad_id, context_parallel_size=cp, pad_to_multiple_of=multiple,
-                sides=("chosen",) if sequences else PAIR_SIDES)
+                sides=("chosen",) if sequences else PAIR_SIDES,
+                share_prompt=cfg.share_prompt and not sequences)  # single sequences (SFT) share nothing
             vpp = cfg.virtual_pipeline_model_parallel_size
             # The interleaved schedule wants whole groups of PP micro-batches: pad with empty ones.
             self.micro_multiple = cfg.pipeline_model_parallel_size if vpp else 1

@@ -65,3 +65,13 @@ def test_fused_head_matches_plain_head_on_one_device(tmp_path):
     fused = _train(tmp_path, "fused", *common, "--no-pack-sequences")
     plain = _train(tmp_path, "plain", *common, "--no-fused-logprobs", "--no-pack-sequences")
     _compare(fused, plain, ("loss", "grad_norm", "rewards/margin"), "fused vs plain head")
+
+
+def test_shared_prompt_matches_unshared_on_one_device(tmp_path):
+    """TransformerEngine's thd attention with different query and key boundaries (the rejected
+    response's keys gathered as prompt + itself, bottom-right causal) and RoPE at the rows' positions
+    train what the unshared packed rows train."""
+    dpo = ("--loss-type", "dpo", "--pack-sequences")
+    unshared = _train(tmp_path, "unshared", *dpo)
+    shared = _train(tmp_path, "shared", *dpo, "--share-prompt")
+    _compare(shared, unshared, ("loss", "grad_norm", "rewards/margin", "rewards/chosen"), "shared vs unshared prompt")
