@@ -27,6 +27,7 @@ from typing import Any, Callable, Union
 
 import torch
 
+from megatron_tgdpo import compat
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.data.packing import packed_seq_params_for
 from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, output_logprobs
@@ -106,10 +107,12 @@ def run_schedule(
         packed = packed_seq_params_for(batch)
         if packed is not None:
             kwargs["packed_seq_params"] = packed
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
+        with compat.hot_path(context_parallel_size=cp_size):
+            output = model(batch["input_ids"], batch["position_ids"], attention_mask=None, **kwargs)
 
         def loss_func(last_stage_output: torch.Tensor):
-            loss, count, report = loss_fn(index, batch, head(model, batch, last_stage_output))
+            with compat.hot_path(context_parallel_size=cp_size):
+                loss, count, report = loss_fn(index, batch, head(model, batch, last_stage_output))
             return loss, torch.as_tensor(count, dtype=torch.int, device=loss.device), report
 
         return output, loss_func
