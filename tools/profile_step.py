@@ -11,7 +11,8 @@ variant, trains ``--warmup`` unmeasured steps, times ``--steps`` steps without t
 profiles ``--steps`` more under ``torch.profiler`` and prints, per variant (``--heads``: the fused LM
 head, the plain one or both), one table:
 
-* the step's phases: data (the next global batch: reading, packing, collating), reference forward
+* the step's phases: data (what the step waits for its next global batch; the reading, packing and
+  collating run one step ahead in a background thread and are printed apart), reference forward
   (frozen scoring), policy forward + backward (megatron-core's schedule), optimizer (grad norm, clip,
   Adam, scheduler), the metrics reduction the loop does when it logs, and the rest;
 * inside the policy's forward and backward, the model's parts: embedding, RoPE, norms, attention,
@@ -26,7 +27,7 @@ through the CPU shim's device hook (``compat``; CPU only) and times the hook per
 Data: random token ids over the model's tokenizer with ``tools/bench_step.py``'s UltraFeedback-like
 lengths scaled by ``--length-scale`` (default 0.125: prompts ~19, responses ~55 tokens), cut to
 ``--seq-length``. Every training flag applies (``--help`` lists them); the reference is ``--ref-load``
-(default: ``--load``).
+(default: ``--load``; without either, the seeded ``--model`` preset).
 """
 from __future__ import annotations
 
@@ -86,6 +87,23 @@ def _labelled(fn, label: str):
     return wrapper
 
 
+HOST_DATA_S: list[float] = []  # seconds of each batch preparation, whichever thread ran it
+
+
+def _timed(fn, into: list):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    return wrapper
+
+
 def _label_modules(chunk, *, prefix: str) -> None:
     """record_function scopes around every part of a GPTModel chunk (forward hooks; no numerics change)."""
     from torch.autograd.profiler import record_function
@@ -126,9 +144,10 @@ def instrument(algorithm) -> None:
     """Phase scopes (functions wrapped by name) and part scopes (module hooks) for one algorithm."""
     from megatron_tgdpo import compat
     from megatron_tgdpo.algorithms import preference
-    from megatron_tgdpo.runtime import data, metrics, schedule
+    from megatron_tgdpo.runtime import data, metrics, prefetch, schedule
 
-    data.BatchSource.next_global_batch = _labelled(data.BatchSource.next_global_batch, "phase:data")
+    prefetch.Prefetcher.next_global_batch = _labelled(prefetch.Prefetcher.next_global_batch, "phase:data")
+    data.BatchSource.next_global_batch = _timed(data.BatchSource.next_global_batch, HOST_DATA_S)
     preference.score_logps = _labelled(preference.score_logps, "phase:reference forward")
     preference.run_schedule = _labelled(preference.run_schedule, "phase:policy forward + backward")
     compat.guarded_optimizer_step = _labelled(compat.guarded_optimizer_step, "phase:optimizer")
@@ -174,6 +193,8 @@ def attribute(events) -> dict:
     for event in backward:
         if _scope(event, "phase") != "policy forward + backward":
             continue
+        if _scope(event.cpu_parent, "autograd::engine::evaluate_function") is not None:
+            continue  # nested in another node's backward: counted there
         part = creator.get(event.sequence_nr, "other")
         totals[(part, "backward")] += event.cpu_time_total
     return dict(totals)
@@ -218,7 +239,10 @@ def profile_rank(cfg: TrainConfig, steps: int, warmup: int, threads: Optional[in
 
     if threads:
         torch.set_num_threads(threads)
-    Trainer.check(cfg)
+    try:
+        Trainer.check(cfg)
+    except ConfigError as exc:
+        return {"error": str(exc)}
     trainer = Trainer(cfg, PreferenceAlgorithm)
     algorithm = trainer.setup(iterations=warmup + 2 * steps + (1 if hook_calls else 0))
     instrument(algorithm)
@@ -235,10 +259,12 @@ def profile_rank(cfg: TrainConfig, steps: int, warmup: int, threads: Optional[in
     plain = [step() for _ in range(steps)]
     tokens = [(sum(b.num_tokens for b in trainer.batches), sum(b.real_tokens for b in trainer.batches),
                len(trainer.batches))]
+    HOST_DATA_S.clear()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         profiled = [step() for _ in range(steps)]
+    host_data_s = sum(HOST_DATA_S) / steps
     totals = attribute(prof.events())
-    out = {"plain_s": plain, "profiled_s": profiled, "tokens": tokens[0], "totals_us": totals,
+    out = {"plain_s": plain, "profiled_s": profiled, "tokens": tokens[0], "totals_us": totals, "host_data_s": host_data_s,
            "threads": torch.get_num_threads(), "arch": dataclasses.asdict(trainer.run.arch),
            "arch_name": trainer.run.arch_name}
     if hook_calls:
@@ -282,7 +308,9 @@ def table(result: dict, *, head: str) -> str:
         attributed += (fwd or 0.0) + (bwd or 0.0)
         row(f"policy: {part}" if part != "other" else "policy: backward of other ops", fwd, bwd,
             (fwd or 0.0) + (bwd or 0.0))
-    row("policy: loss, metric sums, schedule (rest)", None, None, max(0.0, policy - attributed))
+    rest = policy - attributed
+    lines.append(f"| policy: loss, metric sums, schedule (rest) | | | {rest / 1e3:,.1f} | {100 * rest / step_us:.1f} |")
+    row("policy forward + backward, total", None, None, policy)
     phases = 0.0
     for phase in PHASES:
         if phase == "policy forward + backward":
@@ -292,6 +320,8 @@ def table(result: dict, *, head: str) -> str:
         phases += value
         row(phase, None, None, value)
     row("rest of the step (host bookkeeping)", None, None, max(0.0, step_us - phases))
+    lines += ["", f"data: {1e3 * result['host_data_s']:,.1f} ms a step of host work preparing batches (reading, "
+                  "packing, collating; one step ahead in a background thread: the data row is what the step waited)"]
     if result.get("hook"):
         hook = result["hook"]
         cost = hook["calls"] * hook["us_per_call"]
@@ -310,11 +340,8 @@ def prepare(args: argparse.Namespace, cfg: TrainConfig) -> str:
     """A prepared set of random ids over the model's tokenizer, bench_step's lengths scaled."""
     import bench_step
 
-    from megatron_tgdpo.convert.origin import run_origin  # noqa: F401 - the model's tokenizer below
-    from megatron_tgdpo.models.sources import ModelSource
-
-    source = ModelSource.of(cfg.load, seed=cfg.seed)
-    tokenizer = getattr(source, "tokenizer_path", None) or cfg.load
+    # A model directory or .gguf file holds its tokenizer; a --model preset uses the shipped one.
+    tokenizer = cfg.tokenizer or cfg.load or bench_step.DEFAULT_TOKENIZER
     pairs = args.num_pairs or cfg.global_batch_size * (args.warmup + 2 * args.steps + 1)
     prefix = Path(args.work_dir) / "pairs"
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -334,19 +361,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.steps < 1 or args.warmup < 0 or args.length_scale <= 0:
         parser.error("--steps must be >= 1, --warmup >= 0 and --length-scale > 0")
-    if cfg.load is None:
-        parser.error("--load is required (a model directory or .gguf file)")
     quiet_library_warnings(verbose=cfg.verbose)
     from megatron_tgdpo.testing import run_on_ranks
 
     prefix = prepare(args, cfg)
     cfg = dataclasses.replace(cfg, data_path=prefix, ref_load=cfg.ref_load or cfg.load, eval_data_path=None,
-                              eval_iters=0, log_dir=None, save=None, tensorboard=False, wandb_project=None)
+                              eval_iters=0, log_dir=None, save=None, tensorboard=False, wandb_project=None,
+                              train_iters=args.warmup + 2 * args.steps + 1, train_epochs=None)
     print(f"profile_step: load average {os.getloadavg()[0]:.1f} before", flush=True)
     for head in args.heads:
         variant = dataclasses.replace(cfg, fused_logprobs=head == "fused")
         result = run_on_ranks(1, profile_rank, variant, args.steps, args.warmup, args.threads, args.hook_calls,
                               model_parallel=False, timeout=args.timeout)[0]
+        if "error" in result:
+            print(f"profile_step: {result['error']}", file=sys.stderr)
+            return 2
         print(table(result, head=head), "\n", flush=True)
     print(f"profile_step: load average {os.getloadavg()[0]:.1f} after", flush=True)
     return 0
