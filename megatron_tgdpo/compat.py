@@ -26,6 +26,13 @@ Three jobs, nothing else:
      schedules, grad clipping and the optimizer, and their ``'torch.cuda.FloatTensor'`` checks,
      without patching those modules one by one.
 
+     The hook costs a Python call on every torch call (~20 us on the 2-core development machine, 5x
+     a small op), so the model's forward and loss run with it paused (:func:`hot_path`): at context
+     parallelism 1 megatron-core's model forward makes no CUDA-specific call (every layout's tests run
+     it so), while its context-parallel RoPE helper moves a pinned index with ``.cuda()``, so under CP
+     the hook stays on. Autograd's backward never passes through a function mode, and the schedules,
+     the optimizer and set-up, where the hard-coded ``device="cuda"`` calls are, keep it.
+
 3. **torch differences** the hot path cares about: grouped-query attention without copying K/V
    (:func:`grouped_query_sdpa`).
 """
@@ -211,8 +218,65 @@ def apply_cpu_shims() -> None:
     if hasattr(mcore_random, "_get_cuda_rng_state"):
         mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
 
-    _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
+    global _CPU_MODE
+    _CPU_MODE = _CudaToCpuMode()
+    _CPU_MODE.__enter__()  # stays on the mode stack for the life of the process
     _SHIMS_APPLIED = True
+
+
+_CPU_MODE: _CudaToCpuMode | None = None
+
+
+def _hook_on_top() -> bool:
+    stack = torch._C._len_torch_function_stack()
+    return _CPU_MODE is not None and stack > 0 and torch._C._get_function_stack_at(stack - 1) is _CPU_MODE
+
+
+@contextlib.contextmanager
+def cpu_device_hook_paused() -> Iterator[None]:
+    """The CPU device hook (the function mode above) off for the duration; a no-op with CUDA, before
+    :func:`apply_cpu_shims`, and when another mode was entered on top of it (it is then left alone)."""
+    if not _hook_on_top():
+        yield
+        return
+    _CPU_MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _CPU_MODE.__enter__()
+
+
+@contextlib.contextmanager
+def hot_path(*, context_parallel_size: int) -> Iterator[None]:
+    """Around a model forward and its loss: the CPU device hook paused where that code needs none
+    (context parallelism 1; see the module docstring), so its hundreds of torch calls per micro-batch
+    do not each pay a Python call. A no-op with CUDA."""
+    if context_parallel_size != 1:
+        yield
+        return
+    with cpu_device_hook_paused():
+        yield
+
+
+@contextlib.contextmanager
+def count_device_hook_calls() -> Iterator[list[int]]:
+    """Diagnostics: ``[n]``, the torch calls that went through the CPU device hook in the block (profiling
+    tools; a no-op counter with CUDA). The count is taken inside the hook, so paused regions add none."""
+    counter = [0]
+    if _CPU_MODE is None:
+        yield counter
+        return
+    plain = _CudaToCpuMode.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        counter[0] += 1
+        return plain(self, func, types, args, kwargs)
+
+    _CudaToCpuMode.__torch_function__ = counting
+    try:
+        yield counter
+    finally:
+        _CudaToCpuMode.__torch_function__ = plain
 
 
 # --------------------------------------------------------------------------------------------

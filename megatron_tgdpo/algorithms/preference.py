@@ -34,6 +34,11 @@ BASE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"
 TGDPO_METRICS = ("weights/chosen_mean", "weights/rejected_mean", "weights/negative_fraction")
 
 
+def _abs_max_logratio(logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor):
+    """max |log pi - log ref| over the trained tokens of one micro-batch, as a deferred computation."""
+    return lambda: ((logps - ref) * mask).abs().max()
+
+
 class PreferenceAlgorithm(Algorithm):
     name = "preference"
     config_section = ("preference", PreferenceConfig)
@@ -180,9 +185,9 @@ class PreferenceAlgorithm(Algorithm):
                 step_options = {**options, **self._token_weights(index, batches[index], batch, logps, frozen)}
             out, count = self._pair_loss(batch, logps, ref, None, options=step_options)
             metrics.add(out.metrics)
-            if ref is not None:
-                diff = ((logps.detach() - ref) * batch["loss_mask"]).abs().max()
-                metrics.add_max("logratio/abs_max", diff, cp_local=True)
+            if ref is not None:  # a log-only value: computed when the step's metrics are reduced
+                metrics.add_max_when_reduced("logratio/abs_max", _abs_max_logratio(logps.detach(), ref,
+                                                                                   batch["loss_mask"]), cp_local=True)
             return out.losses.sum(), count, None
 
         for chunk in self.policy.chunks:

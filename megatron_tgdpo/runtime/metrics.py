@@ -12,7 +12,7 @@ rank holds, e.g. token cross-entropy).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ class StepMetrics:
     def __init__(self) -> None:
         self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.maxima: dict[str, torch.Tensor] = {}
+        self.deferred: list[tuple[str, Callable[[], torch.Tensor]]] = []
 
     def add(self, values: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, cp_local: bool = False) -> None:
         if not holds_metrics(cp_local=cp_local):
@@ -50,6 +51,17 @@ class StepMetrics:
     def add_max(self, name: str, value: torch.Tensor, *, cp_local: bool = False) -> None:
         if not holds_metrics(cp_local=cp_local):
             return
+        self._fold_max(name, value)
+
+    def add_max_when_reduced(self, name: str, compute: Callable[[], torch.Tensor], *, cp_local: bool = False) -> None:
+        """:meth:`add_max` of ``compute()``, evaluated only if these metrics are reduced (a logged step):
+        for a value nothing but the log reads. The calls run in the order they were added, so the
+        result is the one :meth:`add_max` would have given; ``compute`` must read tensors the step does
+        not modify afterwards."""
+        if holds_metrics(cp_local=cp_local):
+            self.deferred.append((name, compute))
+
+    def _fold_max(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().double()
         self.maxima[name] = torch.maximum(self.maxima[name], value) if name in self.maxima else value
 
@@ -58,6 +70,9 @@ class StepMetrics:
         """Global values of ``means`` (sum / count) and ``maxima``; collective: every rank calls it
         with the same names. A name nobody recorded comes back as nan."""
         means, maxima = list(means), list(maxima)
+        for name, compute in self.deferred:
+            self._fold_max(name, compute())
+        self.deferred = []
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         vec = torch.zeros(2 * len(means), dtype=torch.float64, device=device)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_tgdpo import compat
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.data.packing import packed_seq_params_for
 from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, output_logprobs
@@ -120,17 +121,19 @@ def run_schedule(
         if packed is not None:
             kwargs["packed_seq_params"] = packed
         inputs = (batch["input_ids"], batch["position_ids"])
-        if scorer is not None:  # the frozen models first: their transient memory is gone before ours exists
-            frozen_outputs, scored = scorer.forward(scorer.split_input(model), batch, inputs,
-                                                    dict(kwargs, attention_mask=None))
-            if scored:
-                batch = batch.with_per_token(**scored)
-        output = model(*inputs, attention_mask=None, **kwargs)
+        with compat.hot_path(context_parallel_size=cp_size):
+            if scorer is not None:  # the frozen models first: their transient memory is gone before ours exists
+                frozen_outputs, scored = scorer.forward(scorer.split_input(model), batch, inputs,
+                                                        dict(kwargs, attention_mask=None))
+                if scored:
+                    batch = batch.with_per_token(**scored)
+            output = model(*inputs, attention_mask=None, **kwargs)
         if scorer is not None:
             output = scorer.join_output(output, frozen_outputs)
 
         def loss_func(last_stage_output: torch.Tensor):
-            loss, count, report = loss_fn(index, batch, head(model, batch, last_stage_output))
+            with compat.hot_path(context_parallel_size=cp_size):
+                loss, count, report = loss_fn(index, batch, head(model, batch, last_stage_output))
             return loss, torch.as_tensor(count, dtype=torch.int, device=loss.device), report
 
         return output, loss_func

@@ -31,6 +31,7 @@ from megatron_tgdpo.models.sources import ModelSource
 from megatron_tgdpo.monitoring import MetricsLogger, attention_span
 from megatron_tgdpo.runtime import lifecycle, setup
 from megatron_tgdpo.runtime.algorithm import Algorithm, RunContext, StepResult
+from megatron_tgdpo.runtime.prefetch import Prefetcher
 
 __all__ = ["HELDOUT_FILE", "RunSetup", "Trainer", "set_up"]
 
@@ -139,7 +140,8 @@ class Trainer:
     def step(self) -> StepResult:
         """One iteration on the next global batch; the result with every count and the LR filled in."""
         if self.source is None:
-            self.source = self.algorithm.train_source(consumed_samples=self.consumed_samples)
+            self.source = Prefetcher(self.algorithm.train_source(consumed_samples=self.consumed_samples),
+                                     remaining=max(1, self.iterations - self.iteration))
         batches = self.source.next_global_batch()
         lr = self.algorithm.learning_rate()  # the rate this step uses (the scheduler advances in the step)
         result = self.algorithm.train_step(batches)
