@@ -704,6 +704,16 @@ def ratios(results: dict[str, dict], variants: list[Variant], *, cuda: bool) -> 
             "memory_fused_over_plain": _ratio(base[mem_key], q[mem_key]),
             "memory_fused": base[mem_key], "memory_plain": q[mem_key],
         }
+    shared = next((v for v in variants if v.shared), None)
+    if shared is not None:
+        r = by[shared.name]
+        out["sharing"] = {
+            "variant": base_v.name,
+            "step_time_shared_over_unshared": _ratio(r["step_time_s"], base["step_time_s"]),
+            "cpu_time_shared_over_unshared": _ratio(r["cpu_time_s"], base["cpu_time_s"]),
+            "min_step_time_shared_over_unshared": _ratio(r["step_time_min_s"], base["step_time_min_s"]),
+            "computed_per_real_shared": r["computed_per_real"], "computed_per_real_unshared": base["computed_per_real"],
+        }
     names = {"dpo online": "dpo_online", "tgdpo online": "tgdpo_online", "tgdpo cached": "tgdpo_cached",
              "simpo (policy only)": "policy_only"}
     if all(n in by for n in names):

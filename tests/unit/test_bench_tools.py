@@ -84,8 +84,8 @@ def test_flags_and_variants():
     with pytest.raises(SystemExit):
         bs.parse(["--synthetic-model", "width=3"])
     names = [v.name for v in bs.plan_variants(bs.COMPARISONS)]
-    assert names == ["tgdpo online", "tgdpo online, padded", "tgdpo online, plain head", "dpo online",
-                     "tgdpo cached", "simpo (policy only)"]
+    assert names == ["tgdpo online", "tgdpo online, padded", "tgdpo online, plain head",
+                     "tgdpo online, shared prompt", "dpo online", "tgdpo cached", "simpo (policy only)"]
     assert [v.name for v in bs.plan_variants(["algorithms"], "dpo")] == [
         "dpo online", "tgdpo online", "tgdpo cached", "simpo (policy only)"]
     cached = bs.variant_config(cfg, bs.Variant("c", "tgdpo", cached=True), data_path="d", guidance="g", cache="x",
@@ -155,7 +155,9 @@ def test_merge_ratios_and_table():
     assert merged["estimate_error_pct"]["at_longest_row"] == pytest.approx(-40.0)
     assert merged["mfu"] == pytest.approx(1e9 / 3 / 1e12 / 2 / 100)
     variants = bs.plan_variants(bs.COMPARISONS)
-    times = {v.name: t for v, t in zip(variants, (1.0, 2.0, 1.1, 0.8, 0.7, 0.5))}
+    times = {"tgdpo online": 1.0, "tgdpo online, padded": 2.0, "tgdpo online, plain head": 1.1,
+             "tgdpo online, shared prompt": 0.8, "dpo online": 0.8, "tgdpo cached": 0.7, "simpo (policy only)": 0.5}
+    assert set(times) == {v.name for v in variants}
     results = {n: dict(merged, step_time_s=t, cpu_time_s=t) for n, t in times.items()}
     results["tgdpo online, padded"].update(computed_per_real=2.9, padding_fraction=0.655)
     results["tgdpo online, plain head"]["peak_memory_bytes"] = 400
@@ -164,6 +166,7 @@ def test_merge_ratios_and_table():
     assert rt["packing"]["computed_per_real_padded"] == 2.9
     assert rt["logprobs"]["memory_fused_over_plain"] == 0.5 and rt["logprobs"]["memory_measure"] == "peak_memory_bytes"
     assert rt["algorithms"]["step_time_over_tgdpo_online"]["policy_only"] == 0.5
+    assert rt["sharing"]["step_time_shared_over_unshared"] == 0.8
     report = {"results": results, "variants": [dataclasses.asdict(v) for v in variants], "ratios": rt,
               "cache_build": {"seconds": 1.0, "pairs": 8, "roles": ["reference", "guidance"]},
               "data": {"pairs": 8, "source": "s", "scale": 1.0, "pairs_cut_to_seq_length": 0,

@@ -106,10 +106,11 @@ def test_rto_comparison_reports_sample_sd_and_paired_differences(tmp_path):
         seeds[seed] = {"sft": {"score": 0.2, "exact_match": 0.0}, "dpo": {"2": {"score": 0.5, "exact_match": 0.0}},
                        **runs}
     args = SimpleNamespace(samples_per_prompt=4, reward_model_prompts=1, dpo_prompts=[2], task="sort",
-                           heldout_prompts=10)
+                           heldout_prompts=10, sparse_reward="verifier", kl_coef=0.01, dense_reward_clip=0.05,
+                           ppo_loss_averaging="sequence", vary_sft=False)
     text = report(args, tmp_path, {"seeds": seeds})
     sd = statistics.stdev([0.5, 0.7, 0.6])  # sample SD, not the population's
-    assert f"| sparse PPO (8 samples) | 0.000 ± 0.000 | 0.600 ± {sd:.3f} |" in text
+    assert f"| sparse PPO (8 rollout samples) | 0.000 ± 0.000 | 0.600 ± {sd:.3f} |" in text
     rto_line = next(line for line in text.splitlines() if line.startswith("| RTO") and "[" in line)
     diffs = [0.1, 0.25, 0.18]  # RTO's final score minus DPO's, by seed
     half = (0.95 / math.sqrt(2 * 0.975 * 0.025)) * statistics.stdev(diffs) / math.sqrt(3)
