@@ -199,7 +199,7 @@ def test_training_with_shared_prompts_matches_unshared(tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--pack-sequences", "--context-parallel-size", "2"], "--share-prompt does not work with --context-parallel-size 2"),
-    ([], "--share-prompt needs --pack-sequences"),
+    (["--no-pack-sequences"], "--share-prompt needs --pack-sequences"),
 ])
 def test_share_prompt_refusals_name_the_flag(tmp_path, extra, needle):
     from megatron_tgdpo.config import parse_args, validate
