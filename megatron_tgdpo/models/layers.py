@@ -74,9 +74,25 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = _row_major(x).float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with row-major strides (a copy only where they are not). A packed row ``[t, 1, h]`` comes
+    out of the embedding's transpose with stride ``t * h`` on its size-one batch dimension: torch calls
+    that contiguous, and the norm's output inherits it. ``torch.matmul`` of such a 3-D input by a weight
+    folds it into one ``mm`` when the weight requires grad, but runs a batched kernel when it does not
+    (its strides do not allow the fold as a view): a frozen model and a trained one from the same
+    weights would then round the next linear layer differently. Row-major strides fold in both."""
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= size
+    if x.stride() == tuple(reversed(expected)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 class _GatherSeqOverCP(torch.autograd.Function):

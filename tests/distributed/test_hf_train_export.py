@@ -37,7 +37,7 @@ def test_hf_in_train_tp2_export_to_hf(tmp_path):
     argv = ["--ref-load", str(hf_in), "--load", str(hf_in), "--loss-type", "dpo", "--train-iters", "3", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-2", "--tensor-model-parallel-size", "2",
             "--data-cache-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "log"), "--eval-iters", "0",
-            "--no-tensorboard", "--save", str(ckpt), "--no-pack-sequences"]
+            "--no-tensorboard", "--save", str(ckpt)]
     assert run_on_ranks(2, run_train, argv, model_parallel=False) == [0, 0]
     first = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["iteration"] == 1 and first["logratio/abs_max"] == 0.0  # policy (--load) == reference
