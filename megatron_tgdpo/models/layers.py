@@ -267,6 +267,10 @@ class ContextParallelAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise NotImplementedError("attention bias needs the TransformerEngine spec")
+        # The value is a view into the fused QKV projection's output (query and key are RoPE's new
+        # tensors): saved for backward as a view, it would keep that whole [s, b, (heads + 2 groups) d]
+        # buffer alive. Its own copy (groups x d per token) is what backward needs.
+        value = value.contiguous()
         bounds = packed_segment_bounds(packed_seq_params)
         prefix_of = list(getattr(packed_seq_params, "prefix_of", ()) or ())
         if bounds is not None:  # thd: give the tensors back their batch dimension of one
