@@ -329,6 +329,17 @@ class PackedPreferenceCollator:
             share_prompt=self.share_prompt,
         )
 
+    def _row(self, content: int, items: Sequence[Mapping[str, Any]]) -> int:
+        """The row length for ``content`` tokens of ``items`` (refused when over ``fixed_length``)."""
+        row = _row_length(content, fixed_length=self.fixed_length, multiple=self.multiple)
+        if content > row:
+            names = [int(item.get("index", i)) for i, item in enumerate(items)]
+            raise ValueError(
+                f"pairs {names} need {content} tokens, more than fixed_length={self.fixed_length}; "
+                f"pack with plan_packing(capacity <= fixed_length, share_prompt={self.share_prompt})"
+            )
+        return row
+
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         if not items:
             raise ValueError("cannot collate an empty bin")
@@ -342,13 +353,7 @@ class PackedPreferenceCollator:
         segments = [padded_length(len(s), context_parallel_size=self.context_parallel_size) for s in sequences]
         bounds = np.concatenate([[0], np.cumsum(segments)]).astype(np.int64)
         content = int(bounds[-1])
-        row = _row_length(content, fixed_length=self.fixed_length, multiple=self.multiple)
-        if content > row:
-            names = [int(item.get("index", i)) for i, item in enumerate(items)]
-            raise ValueError(
-                f"pairs {names} need {content} tokens, more than fixed_length={self.fixed_length}; "
-                "pack with plan_packing(capacity <= fixed_length)"
-            )
+        row = self._row(content, items)
         if row > content:
             bounds = np.append(bounds, row)  # the tail segment
         tensors = self._fill(sequences, prompt_lengths, bounds, row)
@@ -381,13 +386,7 @@ class PackedPreferenceCollator:
                    for g in segments]
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         content = int(bounds[-1])
-        row = _row_length(content, fixed_length=self.fixed_length, multiple=self.multiple)
-        if content > row:
-            names = [int(item.get("index", i)) for i, item in enumerate(items)]
-            raise ValueError(
-                f"pairs {names} need {content} tokens, more than fixed_length={self.fixed_length}; "
-                "pack with plan_packing(capacity <= fixed_length, share_prompt=True)"
-            )
+        row = self._row(content, items)
         prefix_of = [g["prefix"] for g in segments]
         if row > content:
             bounds = np.append(bounds, row)  # the tail segment

@@ -91,6 +91,8 @@ class PPOAlgorithm(Algorithm):
         self.last_rollout: Optional[ro.Rollout] = None
         # FLOPs per rollout token: sampling ~1 forward, scoring 3-4 forwards, each epoch 3 (actor) + 3 (critic)
         self.passes_per_token = 1.0 + (4.0 if ppo.dense else 3.0) + float(ppo.learned) + 6.0 * ppo.ppo_epochs
+        if not ppo.learned:  # no reward model: no learned-reward column (it would read NaN every step)
+            self.means = tuple(name for name in self.means if name != "reward/learned")
         # One optimizer step per mini-batch: the LR schedules run over all of them.
         self.optimizer_steps = ctx.train_iters * ppo.ppo_epochs * ppo.ppo_mini_batches
 
