@@ -8,7 +8,7 @@ Two views of each paired difference ``A - B``:
 
 * over seeds: ``d_s = metric_s(A) - metric_s(B)`` per seed (same seed: same reference model, pairs and
   data order), interval ``mean(d) ± t(0.975, n-1) * sd(d) / sqrt(n)`` with the sample standard deviation
-  (n - 1) and Student's t quantile (computed here from its closed-form distribution function). With three seeds t(0.975, 2) = 4.30: wide, and honest
+  (n - 1) and Student's t quantile (from megatron_tgdpo.pipeline.statistics, no scipy needed). With three seeds t(0.975, 2) = 4.30: wide, and honest
   about what three training runs can tell.
 * over held-out prompts: each prompt's greedy score difference averaged over the seeds, the same
   interval over the prompts: how much the prompt sample moves the mean (the training runs' variation
@@ -24,55 +24,25 @@ import json
 import math
 import sys
 from pathlib import Path
-from statistics import fmean, stdev
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
+from megatron_tgdpo.pipeline import statistics as paired_stats  # noqa: E402
 from megatron_tgdpo.pipeline.report import label  # noqa: E402
 
 DEFAULT_PAIRS = ("tgdpo-a0.5:dpo", "dpo:base", "tgdpo-a0.5:base")
 
 
-def t_within(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with ``df`` (a positive integer) degrees of freedom: the finite series of
-    Abramowitz & Stegun 26.7.3 / 26.7.4 in theta = atan(t / sqrt(df))."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 0:  # sin(theta) * (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
-        term, total = 1.0, 1.0
-        for k in range(2, df, 2):
-            term *= (k - 1) / k * c2
-            total += term
-        return math.sin(theta) * total
-    if df == 1:
-        return 2 * theta / math.pi
-    # 2/pi * (theta + sin(theta) * (cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ... up to cos^(df-2)))
-    term = math.cos(theta)
-    total = term
-    for k in range(3, df - 1, 2):
-        term *= (k - 1) / k * c2
-        total += term
-    return 2 / math.pi * (theta + math.sin(theta) * total)
-
-
 def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t (the half-width factor of a two-sided 95% interval), by bisection
-    on :func:`t_within` (no scipy needed)."""
-    low, high = 0.0, 1000.0
-    for _ in range(200):
-        mid = (low + high) / 2
-        low, high = (mid, high) if t_within(mid, df) < 0.95 else (low, mid)
-    return (low + high) / 2
+    """The 97.5% quantile of Student's t (the half-width factor of a two-sided 95% interval)."""
+    return paired_stats.t_quantile(0.975, df)
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high) of the 95% Student-t interval of the mean, ``mean ± t(0.975, n-1) * sd / sqrt(n)``
-    with the sample standard deviation; NaN bounds for fewer than 2 values."""
-    mean = fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = t_quantile_975(len(values) - 1) * stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    """(mean, low, high) of the 95% Student-t interval of the mean (``pipeline.statistics.t_interval``:
+    the sample standard deviation); NaN bounds for fewer than 2 values."""
+    return (fmean(values), *paired_stats.t_interval(values))
 
 
 def greedy_scores(workdir: Path, seed: str, model: str) -> dict[str, float]:
