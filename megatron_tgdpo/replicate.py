@@ -41,6 +41,19 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _task_params(text: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (e.g. min_length=12,max_length=24)")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key.strip()}={value!r}: the value must be an integer") from None
+    return out
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -82,6 +95,12 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     parser.add_argument("--nproc", type=int, help="ranks per training job (default 1: fastest for the tiny model)")
     sizes = parser.add_argument_group("task and sizes (defaults from --preset)")
     sizes.add_argument("--task", choices=("addition", "sort", "reverse", "word-sort", "word-reverse"))
+    sizes.add_argument("--task-params", type=_task_params, metavar="K=V,K=V",
+                       help="the task's difficulty parameters (integers), e.g. min_length=12,max_length=24 for "
+                       "sort / reverse, num_digits=3 for addition (default: the preset's, or the task's own)")
+    sizes.add_argument("--vary-data-seed", action=argparse.BooleanOptionalAction, default=None,
+                       help="seed N draws its own prompts and SFT data with data seed N, so the spread over seeds "
+                       "includes the data's (default: the preset's; otherwise one data set for all seeds)")
     sizes.add_argument("--sft-prompts", type=int)
     sizes.add_argument("--pref-prompts", type=int)
     sizes.add_argument("--heldout-prompts", type=int)
@@ -159,6 +178,10 @@ def config_from_args(args: argparse.Namespace):
             overrides[name] = getattr(args, flag)
     if getattr(args, "task", None) is not None and args.task != cfg.task:
         overrides["task_params"] = {}  # the task's own defaults
+    if getattr(args, "task_params", None) is not None:
+        overrides["task_params"] = {**overrides.get("task_params", cfg.task_params), **args.task_params}
+    if getattr(args, "vary_data_seed", None) is not None:
+        overrides["vary_data_seed"] = args.vary_data_seed
     if getattr(args, "sft_iters", None) is not None:
         overrides["sft"] = dataclasses.replace(cfg.sft, iters=args.sft_iters)
     pref = {}

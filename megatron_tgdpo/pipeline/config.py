@@ -32,13 +32,16 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    # ---- task and prompts (shared by all seeds: the seeds vary training and sampling, not the data) ----
+    # ---- task and prompts (shared by all seeds unless vary_data_seed: then each seed draws its own) ----
     task: str = "addition"
     task_params: dict[str, Any] = field(default_factory=lambda: {"num_digits": 2})
     sft_prompts: int = 2000  # prompts whose ideal answers (optionally noised) are the SFT data
     pref_prompts: int = 2000  # prompts the SFT model samples k responses for (on-policy pairs)
     heldout_prompts: int = 500  # evaluation prompts, disjoint from both (hash split, tasks/prompts.py)
     data_seed: int = 1
+    # True: seed N draws its own prompts (SFT / preference / held-out) and SFT noise with data seed N, so
+    # the spread over seeds includes the data's variance, not only training's and sampling's.
+    vary_data_seed: bool = False
     sft_noise: float = 0.3  # fraction of SFT answers with one digit replaced (an imperfect teacher)
     # ---- models ------------------------------------------------------------------------------------
     model: str = "tiny"
@@ -87,6 +90,12 @@ class PipelineConfig:
             out.append("num_samples must be >= 2: a pair needs a best and a worst sample")
         if not 0.0 <= self.sft_noise <= 1.0:
             out.append(f"sft_noise must be in [0, 1], got {self.sft_noise}")
+        from megatron_tgdpo.tasks import get_task
+
+        try:
+            get_task(self.task, **self.task_params)
+        except (TypeError, ValueError, KeyError) as exc:
+            out.append(f"task {self.task} with parameters {self.task_params}: {exc}")
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             out.append(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")

@@ -149,16 +149,22 @@ class Replication:
     def prompt_files(self) -> dict[str, Path]:
         return {name: self.data_dir / f"{name}_prompts.jsonl" for name in ("sft", "pref", "heldout")}
 
-    def shared_data(self) -> None:
-        cfg, files = self.cfg, self.prompt_files
+    def shared_data(self, *, seed: Optional[int] = None) -> None:
+        """The prompt files and the SFT set: once in ``<work>/data`` with ``cfg.data_seed``, or (``seed``
+        given, ``cfg.vary_data_seed``) in ``<work>/seed<N>/data`` with data seed N. Later stages read them
+        through ``self.data_dir`` and the ``data.*`` fingerprints, which then stand for the current seed's."""
+        cfg = self.cfg
+        prefix_name, data_seed = ("", cfg.data_seed) if seed is None else (f"seed{seed}.", seed)
+        self.data_dir = self.work / "data" if seed is None else self.seed_dir(seed) / "data"
+        files = self.prompt_files
         info: dict[str, Any] = {}
-        stage = Stage("data.prompts",
+        stage = Stage(f"{prefix_name}data.prompts",
                       spec={"task": cfg.task, "params": cfg.task_params, "sft": cfg.sft_prompts, "pref": cfg.pref_prompts,
-                            "heldout": cfg.heldout_prompts, "seed": cfg.data_seed},
+                            "heldout": cfg.heldout_prompts, "seed": data_seed},
                       outputs=list(files.values()), info=info,
                       run=lambda: info.update(write_prompt_files(
                           task=cfg.task, task_params=cfg.task_params, sft=cfg.sft_prompts, pref=cfg.pref_prompts,
-                          heldout=cfg.heldout_prompts, seed=cfg.data_seed, out=files)))
+                          heldout=cfg.heldout_prompts, seed=data_seed, out=files)))
         self.fp["data.prompts"] = self.runner.run(stage)
         if not self.trains_sft:
             return
@@ -166,14 +172,14 @@ class Replication:
         info = {}
 
         def make_sft() -> None:
-            info.update(write_sft_data(files["sft"], sft_jsonl, noise=cfg.sft_noise, seed=cfg.data_seed))
+            info.update(write_sft_data(files["sft"], sft_jsonl, noise=cfg.sft_noise, seed=data_seed))
             self._prepare(sft_jsonl, prefix, kind="sft")
 
-        spec = {"prompts": self.fp["data.prompts"], "noise": cfg.sft_noise, "seed": cfg.data_seed,
+        spec = {"prompts": self.fp["data.prompts"], "noise": cfg.sft_noise, "seed": data_seed,
                 "seq_length": cfg.seq_length}
         if cfg.base:  # added only with a base, so the tiny runs' specs are unchanged
             spec["base"] = self.fp[BASE]
-        stage = Stage("data.sft", spec=spec,
+        stage = Stage(f"{prefix_name}data.sft", spec=spec,
                       outputs=[sft_jsonl, *prepared_files(prefix)], run=make_sft, info=info,
                       check=lambda: prepared_problem(prefix))
         self.fp["data.sft"] = self.runner.run(stage)
@@ -353,9 +359,12 @@ class Replication:
 
     # ---- everything ------------------------------------------------------------------------------
     def run(self) -> dict[int, dict[str, dict[str, Any]]]:
-        self.shared_data()
+        if not self.cfg.vary_data_seed:
+            self.shared_data()
         per_seed = {}
         for i, seed in enumerate(self.cfg.seeds):
+            if self.cfg.vary_data_seed:
+                self.shared_data(seed=seed)
             per_seed[seed] = self.run_seed(seed, curves=i == 0 and self.cfg.curve_every > 0)
         return per_seed
 
@@ -368,7 +377,9 @@ class Replication:
         lines = [
             f"held-out: {cfg.heldout_prompts} {cfg.task} prompts {cfg.task_params}, greedy"
             + (f" and {cfg.eval_samples} samples at temperature {cfg.temperature:g}" if cfg.eval_samples else "")
-            + f"; seeds {seeds}{spread}; beta {cfg.beta:g} (DPO, TGDPO and its guidance reward)",
+            + f"; seeds {seeds}{spread}"
+            + ("; each seed its own prompts and SFT data (data seed = seed)" if cfg.vary_data_seed else "")
+            + f"; beta {cfg.beta:g} (DPO, TGDPO and its guidance reward)",
             format_main_table(agg, main),
         ]
         if "dpo" in self.models() and len(self.models()) > 1:

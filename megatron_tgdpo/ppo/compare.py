@@ -99,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned: sparse PPO and RTO alike take their sequence score from a Bradley-Terry reward "
                         "model trained on the pairs of RTO's DPO reward model (--reward-model-prompts), so both "
                         "are charged the same preference data; verifier: the task's exact scorer")
-    p.add_argument("--rm-epochs", type=float, default=2.0,
-                   help="--sparse-reward learned: the reward model's epochs over its pairs")
+    p.add_argument("--rm-epochs", type=float, default=8.0,
+                   help="--sparse-reward learned: the reward model's epochs over its pairs (8 at --rm-lr 1e-3 reach "
+                        "~0.76 pairwise accuracy on the 480-prompt pairs; 2 at 3e-4 stayed at chance, 0.52)")
+    p.add_argument("--rm-lr", type=float, default=1e-3,
+                   help="--sparse-reward learned: the reward model's peak learning rate (cosine to a tenth)")
     p.add_argument("--vary-sft", action="store_true",
                    help="one SFT model per seed (seeded by it) instead of one shared by every seed")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (and the dense reward's)")
@@ -325,7 +328,7 @@ class Comparison:
         num_pairs = len((pairs.parent / "pairs.jsonl").read_text().splitlines())
         flags = ["--loss-type", "rm", "--data-path", str(pairs), "--eval-data-path", str(pairs), "--ref-load", str(sft),
                  "--micro-batch-size", "16", "--global-batch-size", "16", "--seq-length", str(args.seq_length),
-                 "--lr", "3e-4", "--min-lr", "3e-5", "--train-epochs", str(args.rm_epochs), "--seed",
+                 "--lr", str(args.rm_lr), "--min-lr", str(args.rm_lr / 10), "--train-epochs", str(args.rm_epochs), "--seed",
                  str(seed), "--log-interval", "10", "--eval-iters", str(math.ceil(num_pairs / 16)), "--no-tensorboard", "--save", str(ckpt),
                  "--log-dir", str(d / "log")]
 

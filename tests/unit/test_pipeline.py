@@ -224,3 +224,43 @@ def test_pretrained_base_makes_sft_optional():
     assert any("sft is needed" in p for p in preset("smollm2").problems())  # no base: SFT stays required
     assert preset("smollm2", base="/some/model").problems() == []
     assert any("sft_noise" in p for p in preset("smollm2", base="/m", methods=("sft", "dpo"), sft_noise=0.3).problems())
+
+
+def test_task_params_and_data_seed_flags():
+    from megatron_tgdpo.replicate import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--task", "reverse", "--task-params", "min_length=12,max_length=24",
+                                      "--vary-data-seed"])
+    cfg = config_from_args(args)
+    assert cfg.task == "reverse" and cfg.task_params == {"min_length": 12, "max_length": 24} and cfg.vary_data_seed
+    assert config_from_args(build_parser().parse_args([])).vary_data_seed is False
+    for bad in ("min_length", "min_length=x", "1x=3"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--task-params", bad])
+    # Parameters the task does not have, or values it refuses, are configuration problems, not tracebacks.
+    unknown = PipelineConfig(task="sort", task_params={"num_digits": 3}).problems()
+    assert any("no parameter 'num_digits'" in p for p in unknown)
+    assert any("min_length" in p for p in PipelineConfig(task="sort", task_params={"min_length": 9,
+                                                                                    "max_length": 4}).problems())
+
+
+def test_each_seed_draws_its_own_data_when_asked(tmp_path):
+    from megatron_tgdpo.pipeline.run import Replication
+
+    cfg = preset("smoke", seeds=(1, 2), vary_data_seed=True)
+    replication = Replication(cfg, tmp_path, log=lambda m: None)
+    files = {}
+    for seed in (1, 2):
+        replication.shared_data(seed=seed)
+        assert replication.data_dir == tmp_path.resolve() / f"seed{seed}" / "data"
+        files[seed] = {name: path.read_text() for name, path in replication.prompt_files.items()}
+    for name in ("sft", "pref", "heldout"):
+        assert files[1][name] != files[2][name]
+    # Data seed N is the shared data set of --data-seed N: the same prompts, byte for byte.
+    shared = Replication(preset("smoke", data_seed=2), tmp_path / "shared", log=lambda m: None)
+    shared.shared_data()
+    assert {name: path.read_text() for name, path in shared.prompt_files.items()} == files[2]
+    # Held-out prompts stay disjoint from the same seed's training prompts.
+    heldout = {json.loads(line)["prompt"] for line in files[1]["heldout"].splitlines()}
+    train = {json.loads(line)["prompt"] for name in ("sft", "pref") for line in files[1][name].splitlines()}
+    assert heldout and not heldout & train
