@@ -136,6 +136,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  sft=TrainSettings(220, 3e-3, 3e-4, global_batch_size=128, micro_batch_size=128),
                  preference=TrainSettings(30, 1e-4, 1e-5), methods=("sft", "dpo", "tgdpo"), eval_samples=0,
                  pad_to_multiple_of=8, pack_sequences=True),
+    # Long answers where token credit matters (docs/results.md, "Token credit on long answers"): reversing
+    # 12-24 digits, scored by the fraction of positions right. After SFT the greedy answer is ~0.8 right and
+    # rarely exact; a best-vs-worst pair differs in a few positions of a 12-24-token response, which a
+    # sequence-level loss can only credit as a whole. Every method, TGDPO at three alphas, its two
+    # controls and cross-fitted guidance; each seed its own data; curves of seed 1.
+    # megatron-tgdpo replicate --preset credit --seeds 8 --figures docs/img: about 6 CPU-minutes a seed.
+    "credit": dict(task="reverse", task_params={"min_length": 12, "max_length": 24}, sft_prompts=4000,
+                   pref_prompts=800, heldout_prompts=200, seq_length=64, max_new_tokens=26, pad_to_multiple_of=8,
+                   sft=TrainSettings(600, 3e-3, 3e-4, global_batch_size=64, micro_batch_size=64),
+                   preference=TrainSettings(25, 1e-5, 1e-6), alphas=(1.0, 2.0), eval_samples=0,
+                   methods=METHODS + ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit"),
+                   vary_data_seed=True, curve_every=5, pack_sequences=True),
     # The test suite's smoke run: every stage and every table row, in well under a minute of compute.
     # A real pretrained chat model (megatron-tgdpo replicate --model smollm2): SmolLM2-135M-Instruct sorts
     # 6-8 English words only partly right (greedy: it mostly copies the list), and its samples at
