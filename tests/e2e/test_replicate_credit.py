@@ -1,0 +1,50 @@
+"""``replicate --preset credit`` (the long-answer table of docs/results.md) at the smoke size: two seeds,
+each drawing its own prompts and SFT data, the paired-difference table with intervals and W/T/L counts
+for every model, and a rerun that resumes without running anything."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_tgdpo.testing import run_command, user_env
+
+from suite import ROOT
+
+SMOKE_SIZES = ("--seeds", "2", "--sft-prompts", "48", "--pref-prompts", "24", "--heldout-prompts", "12",
+               "--sft-iters", "4", "--pref-iters", "2", "--num-samples", "4", "--curves", "0",
+               "--methods", "sft,dpo,tgdpo", "--alphas", "0.5")
+
+
+def _replicate(workdir: Path) -> subprocess.CompletedProcess:
+    return run_command([sys.executable, "-m", "megatron_tgdpo.replicate", "--preset", "credit", "--workdir",
+                        str(workdir), *SMOKE_SIZES], cwd=ROOT, env=user_env(), timeout=1200)
+
+
+def test_credit_preset_smoke_varies_the_data_per_seed_and_resumes(tmp_path):
+    work = tmp_path / "work"
+    first = _replicate(work)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "each seed its own prompts and SFT data" in first.stdout
+    prompts = {seed: [json.loads(line)["prompt"] for line in
+                      (work / f"seed{seed}" / "data" / "heldout_prompts.jsonl").read_text().splitlines()]
+               for seed in (1, 2)}
+    assert prompts[1] != prompts[2]
+    # The long-answer task: 12-24 digits to reverse.
+    assert all(12 <= len(p.split()) - 2 <= 24 for p in prompts[1] + prompts[2])
+    lines = first.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("model - DPO"))
+    rows = lines[start + 2:start + 6]
+    assert [row.split("  ")[0].strip() for row in rows] == ["SFT", "SFT", "TGDPO (alpha 0.5)", "TGDPO (alpha 0.5)"]
+    for header in ("95% t interval", "95% bootstrap", "W/T/L", "significant"):
+        assert header in lines[start]
+    for row in rows:  # two seeds: a mean, a sample SD and intervals, W/T/L summing to 2
+        wins, ties, losses = (int(x) for x in next(c for c in row.split() if c.count("/") == 2).split("/"))
+        assert wins + ties + losses == 2
+    results = json.loads((work / "results.json").read_text())
+    assert set(results["per_seed"]) == {"1", "2"} and results["config"]["vary_data_seed"] is True
+
+    again = _replicate(work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[run ]" not in again.stdout
