@@ -8,9 +8,10 @@ every parameter gradient of this rank must agree within 1e-5 (fp32). The unshare
 itself checked against each sequence alone (``test_packed_attention.py``) and against the padded
 rows in training (``test_packed_training.py``), so equality with it is equality with the plain model.
 
-Then the check is shown to catch a rejected response that sees its chosen response, and training
-end to end: losses and grad norms of ``--share-prompt`` runs equal the unshared run's (data
-parallelism included), and the configurations it refuses exit 2 with one line.
+Then the check is shown to catch a rejected response that sees its chosen response (with and without
+context parallelism), and training end to end: losses and grad norms of ``--share-prompt`` runs equal
+the unshared run's (data and context parallelism included), and the configurations it refuses exit 2
+with one line.
 """
 from __future__ import annotations
 
@@ -254,11 +255,18 @@ def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
 def test_training_with_shared_prompts_matches_unshared(tmp_path):
     assert run_on_ranks(1, run_train, _argv(tmp_path, "unshared"), model_parallel=False) == [0]
     assert run_on_ranks(2, run_train, _argv(tmp_path, "shared", "--share-prompt"), model_parallel=False) == [0, 0]
+    assert run_on_ranks(2, run_train, _argv(tmp_path, "shared-cp2", "--share-prompt", "--context-parallel-size", "2"),
+                        model_parallel=False) == [0, 0]
     ref, got = read_metrics(tmp_path / "unshared"), read_metrics(tmp_path / "shared")
     assert len(ref) == len(got) == 3
     for a, b in zip(ref, got):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    cp2 = read_metrics(tmp_path / "shared-cp2")  # the prompt split in whole 2 x CP chunks, CP's mask and RoPE
+    assert len(cp2) == 3
+    for a, b in zip(ref, cp2):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, ("cp2", key, a[key], b[key])
 
 
 @pytest.mark.parametrize("extra,needle,te", [
