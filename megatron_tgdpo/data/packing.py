@@ -23,9 +23,10 @@ no real token sees it; see models/layers.py).
 prompt without the last token (one segment, not padded), then the prompt's last token followed by the
 chosen response, then the prompt's last token followed by the rejected response (each padded like any
 sequence). Under context parallelism the prompt segment holds a multiple of ``2 x CP`` tokens and the
-few prompt tokens left over start each response segment (:func:`shared_prompt_split`). The last prompt token is repeated because its logits predict the
-response's first token, and each response has its own first token: with it at the start of each
-response segment every position still predicts exactly one label, so the vocab-parallel log-prob op,
+few prompt tokens left over start each response segment (:func:`shared_prompt_split`). The last
+prompt token is repeated because its logits predict the response's first token, and each response has
+its own first token: with it at the start of each response segment every position still predicts
+exactly one label, so the vocab-parallel log-prob op,
 ``labels``/``loss_mask``/``sequence_ids`` and the ``[chosen; rejected]`` sequence numbering are those of
 the unshared row. ``position_ids`` continue the prompt's (the response segments start at the position
 the repeated token has in the prompt). ``Batch.prefix_of`` names, per segment, the prompt segment its

@@ -270,7 +270,8 @@ def test_training_with_shared_prompts_matches_unshared(tmp_path):
 
 
 @pytest.mark.parametrize("extra,needle,te", [
-    (["--pack-sequences", "--context-parallel-size", "2"], "--share-prompt does not work with --context-parallel-size 2", True),
+    (["--pack-sequences", "--context-parallel-size", "2"], "--share-prompt does not work with --context-parallel-size 2",
+     True),
     (["--no-pack-sequences"], "--share-prompt needs --pack-sequences", False),
 ])
 def test_share_prompt_refusals_name_the_flag(tmp_path, monkeypatch, extra, needle, te):
