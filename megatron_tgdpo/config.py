@@ -108,7 +108,7 @@ class TrainConfig:
                 "row per sequence (PPO always uses rows)"})
     share_prompt: bool = field(default=False, metadata={
         "help": "with packed rows (the default): each pair's prompt computed once, both responses attending to "
-                "it (exact; not with --context-parallel-size > 1; no effect on --loss-type sft)"})
+                "it (exact; on GPU not with --context-parallel-size > 1; no effect on --loss-type sft)"})
     data_cache_dir: str = "runs/data"
     # --- loss ---------------------------------------------------------------------------------
     loss_type: str = field(default="tgdpo", metadata={"choices": LOSS_TYPES})
@@ -521,10 +521,15 @@ def _share_prompt_problems(cfg: TrainConfig) -> list[str]:
     if not cfg.share_prompt:
         return []
     if cfg.context_parallel_size > 1:
-        # Each CP rank holds two chunks of every segment; a response would need its prompt's keys from
-        # other ranks' chunks of another segment, which neither the CP split nor TE's CP attention has.
-        return [f"--share-prompt does not work with --context-parallel-size {cfg.context_parallel_size} (the "
-                "context-parallel split attends within each packed segment only); drop --share-prompt"]
+        from megatron_tgdpo import compat
+
+        if compat.te_available():
+            # The local attention masks on global positions over all-gathered keys, so a response sees
+            # its prompt's chunks on every rank; TE's context-parallel attention exchanges keys per
+            # segment with equal query and key boundaries, which a shared prompt does not have.
+            return [f"--share-prompt does not work with --context-parallel-size {cfg.context_parallel_size} "
+                    "on TransformerEngine attention (its context-parallel attention stays inside each packed "
+                    "segment); drop --share-prompt or use --context-parallel-size 1"]
     if not cfg.pack_sequences:
         return ["--share-prompt needs --pack-sequences (the prompt is shared inside a packed row)"]
     return []

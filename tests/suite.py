@@ -65,7 +65,10 @@ SLOW: tuple[str, ...] = (
     "tests/distributed/test_packed_training.py::test_packed_training_matches_unpacked[dp2-distopt]",  # 2.1
     "tests/distributed/test_shared_prompt.py::test_shared_prompt_equals_unshared_rows[pp2-vpp2]",  # 10.4
     "tests/distributed/test_shared_prompt.py::test_shared_prompt_equals_unshared_rows[tp2-sp]",  # 9.5
-    "tests/distributed/test_shared_prompt.py::test_training_with_shared_prompts_matches_unshared",  # 10.7
+    "tests/distributed/test_shared_prompt.py::test_shared_prompt_equals_unshared_rows[cp2-tp2-sp]",  # ~16 (4 ranks)
+    "tests/distributed/test_shared_prompt.py::test_shared_prompt_equals_unshared_rows[cp2]",  # ~10
+    "tests/distributed/test_shared_prompt.py::test_a_rejected_response_seeing_its_chosen_one_is_caught[2]",  # ~10
+    "tests/distributed/test_shared_prompt.py::test_training_with_shared_prompts_matches_unshared",  # ~16 (10.7 before its CP 2 run)
     "tests/distributed/test_resume.py",  # 35.4: SIGKILL and SIGTERM mid-run at 4 ranks
     "tests/distributed/test_rng_and_resume.py",  # 10.8
     # 8.7 (the pp2 case stays: a toy algorithm through the real loop, checkpointed and resumed)

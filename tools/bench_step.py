@@ -442,12 +442,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _content_segments(batch) -> int:
+    """Segments of a packed row before its tail: one per sequence, plus one per shared prompt."""
+    return batch.num_sequences + len({p for p in (batch.prefix_of or ()) if p >= 0})
+
+
 def _padding_breakdown(batch) -> tuple[int, int]:
     """(per-sequence padding, row padding) positions of one micro-batch."""
     if not batch.packed:
         return 0, batch.num_tokens - batch.real_tokens
     bounds = batch.segment_bounds()
-    segments = bounds[batch.num_sequences] - bounds[0]  # the sequences' segments come first, the tail last
+    segments = bounds[_content_segments(batch)] - bounds[0]  # the sequences' segments come first, the tail last
     return segments - batch.real_tokens, batch.num_tokens - segments
 
 
@@ -460,7 +465,7 @@ def single_stage_positions(batch, lengths: np.ndarray, *, multiple: int) -> int:
         if batch.num_sequences == 0:
             return 0
         bounds = batch.segment_bounds()
-        content = int(bounds[batch.num_sequences] - bounds[0])
+        content = int(bounds[_content_segments(batch)] - bounds[0])
         return max(-(-content // multiple), 1) * multiple
     samples = batch["sample_idx"].tolist()
     longest = max(int(lengths[i, 0] + max(lengths[i, 1], lengths[i, 2])) for i in samples)

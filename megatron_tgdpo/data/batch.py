@@ -180,8 +180,6 @@ class Batch(Mapping[str, torch.Tensor]):
             return self
         if self.cp_slice is not None:
             raise ValueError("batch is already a context-parallel slice")
-        if self.prefix_of is not None:
-            raise ValueError("shared-prompt rows cannot be split for context parallelism (docs/data.md)")
         idx = self.cp_positions(cp_rank=cp_rank, cp_size=cp_size)
         tensors = {k: (v[:, idx] if k in self.per_token else v) for k, v in self.tensors.items()}
         return replace(self, tensors=tensors, cp_slice=(cp_rank, cp_size, self.shape[1]))

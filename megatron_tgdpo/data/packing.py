@@ -19,12 +19,14 @@ segment of padding. Every segment is one ``cu_seqlens`` entry: the padded bounda
 ``cu_seqlens_q`` and ``cu_seqlens_q_padded`` (a sequence's own padding follows its tokens, so causally
 no real token sees it; see models/layers.py).
 
-**Shared prompts** (``share_prompt``, context parallelism 1): a pair's prompt is computed once. Per pair,
-in stream order: its prompt without the last token (one segment, not padded), then the prompt's last
-token followed by the chosen response, then the prompt's last token followed by the rejected response
-(each padded like any sequence). The last prompt token is repeated because its logits predict the
-response's first token, and each response has its own first token: with it at the start of each
-response segment every position still predicts exactly one label, so the vocab-parallel log-prob op,
+**Shared prompts** (``share_prompt``): a pair's prompt is computed once. Per pair, in stream order: its
+prompt without the last token (one segment, not padded), then the prompt's last token followed by the
+chosen response, then the prompt's last token followed by the rejected response (each padded like any
+sequence). Under context parallelism the prompt segment holds a multiple of ``2 x CP`` tokens and the
+few prompt tokens left over start each response segment (:func:`shared_prompt_split`). The last
+prompt token is repeated because its logits predict the response's first token, and each response has
+its own first token: with it at the start of each response segment every position still predicts
+exactly one label, so the vocab-parallel log-prob op,
 ``labels``/``loss_mask``/``sequence_ids`` and the ``[chosen; rejected]`` sequence numbering are those of
 the unshared row. ``position_ids`` continue the prompt's (the response segments start at the position
 the repeated token has in the prompt). ``Batch.prefix_of`` names, per segment, the prompt segment its
@@ -54,6 +56,7 @@ __all__ = [
     "padded_length",
     "plan_packing",
     "shared_prompt_split",
+    "shared_row_positions",
 ]
 
 
@@ -120,12 +123,18 @@ def _as_lengths(pair_lengths: Any) -> np.ndarray:
 PAIR_SIDES = ("chosen", "rejected")
 
 
-def shared_prompt_split(prompt_length: int) -> tuple[int, int]:
+def shared_prompt_split(prompt_length: int, *, context_parallel_size: int = 1) -> tuple[int, int]:
     """(tokens of the shared prompt segment, prompt tokens repeated at the start of each response
     segment) in the shared-prompt layout: the prompt's last token starts every response segment (its
-    logits predict the response's first token), the rest is computed once."""
-    keep = min(prompt_length, 1)
-    return prompt_length - keep, keep
+    logits predict the response's first token), the rest is computed once.
+
+    Under context parallelism every segment is cut into ``2 x CP`` chunks, so the shared segment holds
+    the largest multiple of ``2 x CP`` prompt tokens before the last one, and the up to ``2 x CP - 1``
+    tokens left over start each response segment too. The shared segment is never padded: both
+    responses attend to all of its keys, and a padding key would change their attention."""
+    multiple = 1 if context_parallel_size == 1 else 2 * context_parallel_size
+    shared = (max(prompt_length - 1, 0) // multiple) * multiple
+    return shared, prompt_length - shared
 
 
 def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int, sides: Sequence[str] = PAIR_SIDES,
@@ -136,7 +145,7 @@ def _pair_sizes(lengths: np.ndarray, *, context_parallel_size: int, sides: Seque
     if share_prompt:
         sizes = []
         for row in lengths:
-            shared, keep = shared_prompt_split(int(row[0]))
+            shared, keep = shared_prompt_split(int(row[0]), context_parallel_size=context_parallel_size)
             sizes.append(shared + sum(padded_length(keep + int(row[c]), context_parallel_size=context_parallel_size)
                                       for c in columns))
         return sizes
@@ -296,8 +305,6 @@ class PackedPreferenceCollator:
             raise ValueError(f"context_parallel_size must be >= 1, got {self.context_parallel_size}")
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
-        if self.share_prompt and self.context_parallel_size > 1:
-            raise ValueError("shared prompts need context_parallel_size 1 (see docs/data.md, \"Shared prompts\")")
         if self.share_prompt and tuple(self.sides) != PAIR_SIDES:
             raise ValueError(f"shared prompts are for pairs (sides {PAIR_SIDES}), got sides {tuple(self.sides)}")
         cp_chunks = 2 * self.context_parallel_size
@@ -370,7 +377,7 @@ class PackedPreferenceCollator:
         segments: list[dict] = []  # tokens, labels, first loss position, first RoPE position, sequence, prefix
         for i, item in enumerate(items):
             prompt = np.asarray(item["prompt"], dtype=np.int64)
-            shared, keep = shared_prompt_split(len(prompt))
+            shared, keep = shared_prompt_split(len(prompt), context_parallel_size=self.context_parallel_size)
             prefix = -1
             if shared:
                 prefix = len(segments)
@@ -378,8 +385,8 @@ class PackedPreferenceCollator:
                                      position=0, sequence=-1, prefix=-1, pad=False))
             for side, sequence in ((0, i), (1, pairs + i)):
                 tokens = np.concatenate([prompt[shared:], np.asarray(item[PAIR_SIDES[side]], dtype=np.int64)])
-                segments.append(dict(tokens=tokens, labels=tokens[1:], loss_from=0, position=shared,
-                                     sequence=sequence, prefix=prefix, pad=True))
+                segments.append(dict(tokens=tokens, labels=tokens[1:], loss_from=max(keep - 1, 0),
+                                     position=shared, sequence=sequence, prefix=prefix, pad=True))
         cp = self.context_parallel_size
         # The prompt segment is not padded: its responses attend to all of its keys.
         lengths = [padded_length(len(g["tokens"]), context_parallel_size=cp) if g["pad"] else len(g["tokens"])
@@ -404,8 +411,8 @@ class PackedPreferenceCollator:
             input_ids[start : start + length] = g["tokens"]
             labels[start : start + len(g["labels"])] = g["labels"]
             if g["loss_from"] is not None:
-                # Position t predicts token t + 1: the segment's first token is the prompt's last
-                # (or the response's first when there is no prompt), as in the unshared row.
+                # Position t predicts token t + 1: the loss starts at the prompt's last token (or at
+                # the response's first when there is no prompt), as in the unshared row.
                 loss_mask[start + g["loss_from"] : start + length - 1] = 1.0
                 sequence_ids[start : int(bounds[n + 1])] = g["sequence"]
         arrays = dict(input_ids=input_ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
@@ -451,6 +458,19 @@ class PackedPreferenceCollator:
         return {key: torch.from_numpy(a).unsqueeze(0) for key, a in arrays.items()}  # [1, row]
 
 
+def shared_row_positions(bounds: Sequence[int], prefix_of: Sequence[int]) -> np.ndarray:
+    """``[row]`` RoPE positions of a full shared-prompt row from its segments alone: a response segment
+    continues its prompt segment's positions (which start at 0 and are not padded), every other segment
+    starts at 0. The collator's ``position_ids`` of the same row, computable from host metadata that
+    every context-parallel rank has."""
+    positions = np.zeros(int(bounds[-1]), dtype=np.int64)
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        p = prefix_of[n] if n < len(prefix_of) else -1
+        first = bounds[p + 1] - bounds[p] if p >= 0 else 0
+        positions[start:end] = first + np.arange(end - start)
+    return positions
+
+
 def packed_seq_params_for(batch: Batch):
     """megatron-core ``PackedSeqParams`` (thd) for a packed batch, None for the rows layout: pass it as
     ``model(..., packed_seq_params=...)`` on every pipeline stage (each computes its own RoPE).
@@ -473,16 +493,22 @@ def packed_seq_params_for(batch: Batch):
     longest = max(b - a for a, b in segments)
     prefix_of = batch.prefix_of or ()
     rope_positions = None
+    cu = batch["cu_seqlens"]
+    rope_cu = cu
     if any(p >= 0 for p in prefix_of):
         # A response's keys are its prompt's and its own: the longest such span bounds the positions.
         longest = max([longest] + [b - a + segments[p][1] - segments[p][0]
                                    for (a, b), p in zip(segments, prefix_of) if p >= 0])
-        rope_positions = batch["position_ids"].reshape(-1)
-    cu = batch["cu_seqlens"]
-    # megatron's thd RoPE splits q and k by the padded bounds. A shared-prompt row gives it the row as
-    # one span: the table it gets has one entry per row position (rope_positions), so the split would
-    # only cost a device-to-host read per segment and layer. The attention reads ``bounds``.
-    rope_cu = cu if rope_positions is None else cu.new_tensor([0, bounds[-1]])
+        if batch.cp_slice is None:
+            # megatron's thd RoPE splits q and k by the padded bounds. Unsplit, a shared-prompt row gives
+            # it the row as one span: the table it gets has one entry per row position, so the split
+            # would only cost a device-to-host read per segment and layer. The attention reads ``bounds``.
+            rope_positions = batch["position_ids"].reshape(-1)
+            rope_cu = cu.new_tensor([0, bounds[-1]])
+        else:
+            # A context-parallel slice holds only its own positions; megatron's thd RoPE takes this
+            # rank's chunks of every segment from a table of the full row's positions.
+            rope_positions = torch.from_numpy(shared_row_positions(bounds, prefix_of)).to(cu.device)
     return RowSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,

@@ -20,11 +20,13 @@
     short sequences costs about the sum of their squares; under CP one masked ``[local, row]`` score
     matrix is used. The segment bounds come from the batch as host ints (no device-to-host copy per
     layer), and the per-micro-batch gather plan is built by the first layer and reused by the others.
-  - **shared-prompt rows** (CP = 1, ``docs/data.md``): a response segment also attends to its prompt
-    segment's keys (:func:`shared_prefix_blocks`). Under CP every segment is split into 2*CP
-    chunks on its own (:func:`megatron_tgdpo.data.batch.cp_row_positions`), as TE and megatron's thd
-    RoPE do. RoPE itself needs nothing here: megatron-core's unfused thd RoPE
-    (``rope_utils._apply_rotary_pos_emb_thd``) already restarts positions per segment, CP-aware.
+  - **shared-prompt rows** (``docs/data.md``): a response segment also attends to all of its prompt
+    segment's keys. Without CP it runs as blocks (:func:`shared_prefix_blocks`); under CP the mask on
+    global positions lets a query see its own segment causally and its prefix segment whole
+    (:meth:`ContextParallelAttention.allowed`): the all-gathered keys already hold every rank's chunks
+    of the prompt. Under CP every segment is split into 2*CP chunks on its own
+    (:func:`megatron_tgdpo.data.batch.cp_row_positions`), as TE and megatron's thd RoPE do. RoPE
+    itself needs nothing here (``models/rope_positions.py`` hands megatron's RoPE the row's positions).
   - **KV-cache decoding** (static batching, CP=1, not packed): megatron passes the cached keys plus the
     new ones (``sk``) and only the new queries (``sq < sk``); those are the *last* ``sq`` positions,
     so the causal mask is offset by ``sk - sq``.
@@ -178,12 +180,14 @@ class AttentionLayout:
     """Where this rank's queries and the keys it attends over sit in the full (unsliced) row.
 
     ``*_pos`` are row positions; ``*_seg`` the packed segment of each position, or None when the row
-    is one sequence (then every position is in the same segment)."""
+    is one sequence (then every position is in the same segment); ``q_prefix`` (shared-prompt rows) the
+    segment whose keys each query also sees whole, -1 for none."""
 
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     q_seg: Optional[torch.Tensor] = None
     k_seg: Optional[torch.Tensor] = None
+    q_prefix: Optional[torch.Tensor] = None
 
 
 def _segments(positions: torch.Tensor, bounds: list[int]) -> torch.Tensor:
@@ -193,7 +197,7 @@ def _segments(positions: torch.Tensor, bounds: list[int]) -> torch.Tensor:
 
 
 def _packed_layout(*, sq: int, sk: int, bounds: list[int], cp_rank: int, cp_size: int,
-                   device: torch.device) -> AttentionLayout:
+                   device: torch.device, prefix_of: Optional[list[int]] = None) -> AttentionLayout:
     if sq != sk or sq * cp_size != bounds[-1]:
         raise ValueError(
             f"packed row of {bounds[-1]} tokens (cu_seqlens) does not match {sq} local queries / {sk} keys "
@@ -207,7 +211,11 @@ def _packed_layout(*, sq: int, sk: int, bounds: list[int], cp_rank: int, cp_size
         k_pos = torch.cat(
             [cp_row_positions(bounds, cp_rank=r, cp_size=cp_size, device=device) for r in range(cp_size)]
         )
-    return AttentionLayout(q_pos, k_pos, _segments(q_pos, bounds), _segments(k_pos, bounds))
+    q_seg = _segments(q_pos, bounds)
+    q_prefix = None
+    if prefix_of and any(p >= 0 for p in prefix_of):
+        q_prefix = torch.tensor(prefix_of, dtype=q_seg.dtype, device=device)[q_seg]
+    return AttentionLayout(q_pos, k_pos, q_seg, _segments(k_pos, bounds), q_prefix)
 
 
 def _sequence_layout(*, sq: int, sk: int, cp_rank: int, cp_size: int, device: torch.device) -> AttentionLayout:
@@ -248,11 +256,14 @@ class ContextParallelAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def allowed(self, layout: AttentionLayout) -> torch.Tensor:
-        """``[sq, sk]`` bool, True where a query may attend to a key: causal, within its own segment.
+        """``[sq, sk]`` bool, True where a query may attend to a key: causal, within its own segment, and
+        every key of the query's prefix segment (shared prompts; it precedes the query's segment).
         (A method so that a test can swap in a deliberately leaky mask and show its checks catch it.)"""
         mask = layout.q_pos[:, None] >= layout.k_pos[None, :]
         if layout.q_seg is not None:
             mask &= layout.q_seg[:, None] == layout.k_seg[None, :]
+        if layout.q_prefix is not None:
+            mask |= layout.q_prefix[:, None] == layout.k_seg[None, :]
         return mask
 
     def forward(
@@ -287,11 +298,12 @@ class ContextParallelAttention(MegatronModule):
                 blocks = self.blocks(bounds)
             plans = getattr(packed_seq_params, "plans", None)
             return self._attend_blocks(query, key, value, blocks, plans=plans).squeeze(1)
-        if any(p >= 0 for p in prefix_of):
-            raise NotImplementedError("shared-prompt rows with context parallelism (see docs/data.md)")
         where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
                      cp_size=cp_size, device=query.device)
-        layout = _sequence_layout(**where) if bounds is None else _packed_layout(bounds=bounds, **where)
+        if bounds is None:
+            layout = _sequence_layout(**where)
+        else:
+            layout = _packed_layout(bounds=bounds, prefix_of=prefix_of, **where)
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
             key = _GatherSeqOverCP.apply(key, group)

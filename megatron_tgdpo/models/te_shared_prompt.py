@@ -86,6 +86,11 @@ def shared_prompt_te_attention() -> type:
             if not any(p >= 0 for p in prefix_of):
                 return super().forward(query, key, value, attention_mask, attn_mask_type,
                                        attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+            from megatron.core import parallel_state
+
+            if parallel_state.get_context_parallel_world_size() > 1:
+                raise NotImplementedError("shared-prompt rows with context parallelism on TransformerEngine "
+                                          "attention (docs/data.md, \"Shared prompts\")")
             plans = packed_seq_params.plans
             plan = plans.get(("te", query.device))
             if plan is None:

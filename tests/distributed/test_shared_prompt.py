@@ -8,9 +8,10 @@ every parameter gradient of this rank must agree within 1e-5 (fp32). The unshare
 itself checked against each sequence alone (``test_packed_attention.py``) and against the padded
 rows in training (``test_packed_training.py``), so equality with it is equality with the plain model.
 
-Then the check is shown to catch a rejected response that sees its chosen response, and training
-end to end: losses and grad norms of ``--share-prompt`` runs equal the unshared run's (data
-parallelism included), and the configurations it refuses exit 2 with one line.
+Then the check is shown to catch a rejected response that sees its chosen response (with and without
+context parallelism), and training end to end: losses and grad norms of ``--share-prompt`` runs equal
+the unshared run's (data and context parallelism included), and the configurations it refuses exit 2
+with one line.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from megatron_tgdpo.testing import read_metrics, run_on_ranks, run_train
 ARCH = llama.preset("tiny", num_attention_heads=8, num_query_groups=4)  # GQA, TP up to 4
 SEED, STD, PAD, BETA = 11, 0.05, 0, 0.1
 ROW = 80  # one row shape for every micro-batch (pipeline parallelism needs it); divisible by TP for SP
+ROW_CP = 96  # the same bins with every segment padded to 2 x CP = 4; divisible by CP x TP for SP
 # (prompt, chosen, rejected): long and short prompts, a one-token prompt (nothing to share), no prompt.
 LENGTHS = [(7, 6, 3), (3, 9, 2), (9, 4, 8), (2, 5, 3), (1, 4, 2), (0, 3, 3), (6, 2, 7), (5, 5, 5)]
 BINS = [[0, 1, 2], [3, 4, 5], [6, 7], [1, 6]]  # four micro-batches (VPP needs a multiple of PP)
@@ -40,26 +42,37 @@ def _items() -> list[dict]:
             for i, (p, c, r) in enumerate(LENGTHS)]
 
 
-def _batches(share: bool):
+def _batches(share: bool, *, cp: int = 1):
     items = _items()
-    collate = PackedPreferenceCollator(pad_id=PAD, fixed_length=ROW, share_prompt=share)
+    collate = PackedPreferenceCollator(pad_id=PAD, fixed_length=ROW if cp == 1 else ROW_CP, share_prompt=share,
+                                       context_parallel_size=cp)
     return [collate([items[i] for i in b]) for b in BINS]
 
 
 def _response_logps(batch, logps: torch.Tensor) -> list[torch.Tensor]:
-    """Per sequence (``[chosen; rejected]`` order), its response-token log-probs in order."""
-    ids, mask = batch["sequence_ids"][0], batch["loss_mask"][0] != 0
-    return [logps[0][mask & (ids == n)] for n in range(batch.num_sequences)]
+    """Per sequence (``[chosen; rejected]`` order), its response-token log-probs in order (the full row's:
+    a context-parallel slice is gathered first, since the two layouts put different tokens on a rank)."""
+    from megatron_tgdpo.runtime.schedule import context_parallel
+
+    group = context_parallel()[2]
+    ids, mask = (batch.gather_context_parallel(batch[k], group=group)[0] for k in ("sequence_ids", "loss_mask"))
+    logps = batch.gather_context_parallel(logps, group=group)
+    return [logps[0][(mask != 0) & (ids == n)] for n in range(batch.num_sequences)]
 
 
 def _loss_fn(index, batch, logps):
-    """A DPO-style loss on the sequence sums plus a small per-token term (gradients through every token)."""
+    """A DPO-style loss on the sequence sums plus a small per-token term (gradients through every token).
+    Under CP the sums are this rank's tokens', all-reduced with an identity gradient (as the real losses)."""
+    from megatron_tgdpo.losses import all_reduce_sum_identity_grad
+    from megatron_tgdpo.runtime.schedule import context_parallel
+
     masked = logps * batch["loss_mask"]
-    sums = batch.sequence_sums(masked)
+    sums = torch.cat([batch.sequence_sums(masked), masked.sum()[None]])
+    sums = all_reduce_sum_identity_grad(sums, group=context_parallel()[2])
     pairs = batch.num_pairs
-    margin = sums[:pairs] - sums[pairs:]
-    loss = -torch.nn.functional.logsigmoid(BETA * margin).sum() + 0.01 * masked.sum()
-    return loss, pairs, (loss.detach(), [t.detach() for t in _response_logps(batch, logps)])
+    margin = sums[:pairs] - sums[pairs : 2 * pairs]
+    loss = -torch.nn.functional.logsigmoid(BETA * margin).sum() + 0.01 * sums[-1]
+    return loss, pairs, (loss.detach(), [t.detach() for t in _response_logps(batch, logps.detach())])
 
 
 def _run(chunks, batches, *, leaky: bool = False):
@@ -75,6 +88,11 @@ def _run(chunks, batches, *, leaky: bool = False):
             for p in chunk.parameters():
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
                     torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+    if ps.get_context_parallel_world_size() > 1:  # DDP sums over DP x CP: each CP rank has its tokens' share
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, group=ps.get_context_parallel_group())
     grads = {name: p.grad.detach().clone() for name, (p, _, _) in local_full_names(chunks).items()
              if p.grad is not None}
     return reports, grads
@@ -95,6 +113,19 @@ class _SeesEverything:
         return blocks
 
 
+class _SeesEverythingUnderCP:
+    """Test-only, context parallelism: every query of a segment with a prompt sees the whole row
+    before it causally (a rejected response then sees its chosen one)."""
+
+    @staticmethod
+    def allowed(self, layout):
+        mask = layout.q_pos[:, None] >= layout.k_pos[None, :]
+        own = layout.q_seg[:, None] == layout.k_seg[None, :]
+        if layout.q_prefix is None:
+            return mask & own
+        return mask & (own | (layout.q_prefix[:, None] >= 0))
+
+
 def _rank(leaky: bool):
     from megatron.core import parallel_state as ps
 
@@ -104,14 +135,17 @@ def _rank(leaky: bool):
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        context_parallel_size=ps.get_context_parallel_world_size(),
         sequence_parallel=ps.get_tensor_model_parallel_world_size() > 1,
     )
     chunks = llama.build_model(ARCH, llama.transformer_config(ARCH, layout))
     seeded_init(chunks, seed=SEED, std=STD)
-    unshared = _run(chunks, _batches(False))
+    cp = layout.context_parallel_size
+    unshared = _run(chunks, _batches(False, cp=cp))
     if leaky:
         layers.shared_prefix_blocks = _SeesEverything.blocks
-    shared = _run(chunks, _batches(True))
+        layers.ContextParallelAttention.allowed = _SeesEverythingUnderCP.allowed
+    shared = _run(chunks, _batches(True, cp=cp))
     return unshared, shared
 
 
@@ -135,6 +169,8 @@ LAYOUTS = {
     "single": dict(world=1),
     "tp2-sp": dict(world=2, tensor_model_parallel_size=2),
     "pp2-vpp2": dict(world=2, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+    "cp2": dict(world=2, context_parallel_size=2),
+    "cp2-tp2-sp": dict(world=4, context_parallel_size=2, tensor_model_parallel_size=2),
 }
 
 
@@ -150,10 +186,12 @@ def test_shared_prompt_equals_unshared_rows(layout):
     assert stages_with_loss >= 1
 
 
-def test_a_rejected_response_seeing_its_chosen_one_is_caught():
-    ((unshared, shared),) = run_on_ranks(1, _rank, True)
-    worst = _compare(unshared, shared)
-    assert worst["logps"] > 1e-3 and worst["grads"] > 1e-5, worst
+@pytest.mark.parametrize("cp", [1, 2])
+def test_a_rejected_response_seeing_its_chosen_one_is_caught(cp):
+    results = run_on_ranks(cp, _rank, True, context_parallel_size=cp)
+    for unshared, shared in results:
+        worst = _compare(unshared, shared)
+        assert worst["logps"] > 1e-3 and worst["grads"] > 1e-5, worst
 
 
 def test_shared_layout_holds_each_prompt_once():
@@ -175,6 +213,33 @@ def test_shared_layout_holds_each_prompt_once():
     assert plan.real_tokens == unshared.real_tokens and plan.padded_tokens < unshared.padded_tokens
 
 
+def test_context_parallel_layout_splits_the_prompt_in_whole_chunks():
+    """At CP 2 the shared segment holds a multiple of 2 x CP prompt tokens (never padded: both responses
+    attend to all its keys), the rest starts each response; response tokens, labels and RoPE positions are
+    the unshared row's, and every CP rank's positions are derivable from the host metadata alone."""
+    from megatron_tgdpo.data.packing import shared_prompt_split, shared_row_positions
+
+    assert [shared_prompt_split(p, context_parallel_size=2) for p in (0, 1, 4, 5, 7, 9)] == \
+        [(0, 0), (0, 1), (0, 4), (4, 1), (4, 3), (8, 1)]
+    assert [shared_prompt_split(p) for p in (0, 1, 7)] == [(0, 0), (0, 1), (6, 1)]
+    for cp in (1, 2):
+        used = {True: 0, False: 0}  # positions of segments that hold tokens (the rest is the row's tail)
+        for batch, plain in zip(_batches(True, cp=cp), _batches(False, cp=cp)):
+            for shared, b in ((True, batch), (False, plain)):
+                bounds = b.segment_bounds()
+                used[shared] += int((b["sequence_ids"][0] >= 0).sum()) + sum(
+                    bounds[p + 1] - bounds[p] for p in set(b.prefix_of or ()) if p >= 0)
+            bounds = batch.segment_bounds()
+            assert all((b - a) % (2 * cp) == 0 for a, b in zip(bounds[:-1], bounds[1:])) or cp == 1
+            assert np.array_equal(shared_row_positions(bounds, batch.prefix_of), batch["position_ids"][0].numpy())
+            for n in range(plain.num_sequences):
+                for key in ("labels", "position_ids", "input_ids"):
+                    a = plain[key][0][(plain["sequence_ids"][0] == n) & (plain["loss_mask"][0] != 0)]
+                    b = batch[key][0][(batch["sequence_ids"][0] == n) & (batch["loss_mask"][0] != 0)]
+                    assert torch.equal(a, b), (cp, key, n)
+        assert used[True] < used[False], (cp, used)
+
+
 # --------------------------------------------------------------------------------------------
 # Training: the same losses and grad norms; refused where it cannot work
 # --------------------------------------------------------------------------------------------
@@ -190,20 +255,30 @@ def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
 def test_training_with_shared_prompts_matches_unshared(tmp_path):
     assert run_on_ranks(1, run_train, _argv(tmp_path, "unshared"), model_parallel=False) == [0]
     assert run_on_ranks(2, run_train, _argv(tmp_path, "shared", "--share-prompt"), model_parallel=False) == [0, 0]
+    assert run_on_ranks(2, run_train, _argv(tmp_path, "shared-cp2", "--share-prompt", "--context-parallel-size", "2"),
+                        model_parallel=False) == [0, 0]
     ref, got = read_metrics(tmp_path / "unshared"), read_metrics(tmp_path / "shared")
     assert len(ref) == len(got) == 3
     for a, b in zip(ref, got):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    cp2 = read_metrics(tmp_path / "shared-cp2")  # the prompt split in whole 2 x CP chunks, CP's mask and RoPE
+    assert len(cp2) == 3
+    for a, b in zip(ref, cp2):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, ("cp2", key, a[key], b[key])
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--pack-sequences", "--context-parallel-size", "2"], "--share-prompt does not work with --context-parallel-size 2"),
-    (["--no-pack-sequences"], "--share-prompt needs --pack-sequences"),
+@pytest.mark.parametrize("extra,needle,te", [
+    (["--pack-sequences", "--context-parallel-size", "2"], "--share-prompt does not work with --context-parallel-size 2",
+     True),
+    (["--no-pack-sequences"], "--share-prompt needs --pack-sequences", False),
 ])
-def test_share_prompt_refusals_name_the_flag(tmp_path, extra, needle):
+def test_share_prompt_refusals_name_the_flag(tmp_path, monkeypatch, extra, needle, te):
+    from megatron_tgdpo import compat
     from megatron_tgdpo.config import parse_args, validate
 
+    monkeypatch.setattr(compat, "te_available", lambda: te)  # CP is refused on TransformerEngine attention only
     argv = [a for a in _argv(tmp_path, "refused", "--share-prompt") if a != "--pack-sequences"] + extra
     problems = validate(parse_args(argv), world_size=2, num_heads=ARCH.num_attention_heads,
                         num_query_groups=ARCH.num_query_groups, num_layers=ARCH.num_layers)

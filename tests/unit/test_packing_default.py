@@ -114,6 +114,9 @@ def test_bench_step_single_stage_positions_by_hand():
     assert packed.num_tokens == 64
     assert bs.single_stage_positions(packed, lengths, multiple=8) == 40
     assert bs.single_stage_positions(packed, lengths, multiple=24) == 48
+    # shared prompts: prompt segments 2 and 3 (not padded), responses 1+5=6, 1+2=3->4, 1+9=10, 1+1=2: 27
+    shared = PackedPreferenceCollator(pad_id=0, fixed_length=64, share_prompt=True)(items)
+    assert bs.single_stage_positions(shared, lengths, multiple=8) == 32
     assert bs.single_stage_positions(PackedPreferenceCollator(pad_id=0, fixed_length=64).padding_batch(), lengths,
                                       multiple=8) == 0
 
