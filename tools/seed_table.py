@@ -84,15 +84,22 @@ def tables(workdir: Path, pairs: list[tuple[str, str]]) -> str:
             for pid, value in scores_a[s].items():
                 other = scores_b[s][pid]
                 wins, ties, losses = wins + (value > other), ties + (value == other), losses + (value < other)
-        prompt_diffs = [fmean(scores_a[s][pid] - scores_b[s][pid] for s in seeds) for pid in scores_a[seeds[0]]]
+        # With --vary-data-seed every seed has its own held-out prompts: a per-prompt mean over seeds does
+        # not exist, and that column is left empty (the seed-level interval is the measurement).
+        same_prompts = all(scores_a[s].keys() == scores_a[seeds[0]].keys() for s in seeds)
+        prompt_diffs = ([fmean(scores_a[s][pid] - scores_b[s][pid] for s in seeds) for pid in scores_a[seeds[0]]]
+                        if same_prompts else [])
         for key, name in (("greedy_score", "score"), ("greedy_exact", "exact match")):
             diffs = [per_seed[s][a][key] - per_seed[s][b][key] for s in seeds]
             mean, low, high = t_interval(diffs)
             by_prompt = ""
             record = ""
             if key == "greedy_score":
-                _, plow, phigh = t_interval(prompt_diffs)
-                by_prompt = f"[{_fmt(plow)}, {_fmt(phigh)}] (n={len(prompt_diffs)})"
+                if prompt_diffs:
+                    _, plow, phigh = t_interval(prompt_diffs)
+                    by_prompt = f"[{_fmt(plow)}, {_fmt(phigh)}] (n={len(prompt_diffs)})"
+                else:
+                    by_prompt = "— (each seed its own prompts)"
                 record = f"{wins} / {ties} / {losses}"
             lines.append(f"| {label(a)} − {label(b)} | {name} | {', '.join(_fmt(d) for d in diffs)} | {_fmt(mean)} | "
                          f"[{_fmt(low)}, {_fmt(high)}] | {by_prompt} | {record} |")
