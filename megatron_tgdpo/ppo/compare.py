@@ -446,14 +446,16 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return fmean(values), (sample_sd(values) if len(values) > 1 else 0.0)
 
 
-def _paired_lines(finals: dict[str, list[dict]], *, baseline: str) -> list[str]:
-    """Each method's final score and exact match minus the baseline's, paired by seed (statistics.py)."""
+def _paired_lines(finals: dict[str, list[dict]], *, baseline: str, only: Optional[str] = None) -> list[str]:
+    """Each method's (or ``only``'s) final score and exact match minus the baseline's, paired by seed
+    (statistics.py)."""
     from megatron_tgdpo.pipeline.statistics import compare
 
+    short = baseline.split(" (")[0]
     lines = ["", f"paired difference to {baseline}, by seed: mean [95% t interval] wins/ties/losses; * where the "
-             "interval excludes 0 (significant)", "", "| final - DPO | exact match | score |", "| --- | ---: | ---: |"]
+             "interval excludes 0 (significant)", "", f"| final - {short} | exact match | score |", "| --- | ---: | ---: |"]
     for label, rows in finals.items():
-        if label == baseline or label == "SFT":
+        if label == baseline or label == "SFT" or (only is not None and not label.startswith(only)):
             continue
         cells = [compare([r[key] - b[key] for r, b in zip(rows, finals[baseline])]).describe()
                  for key in ("exact_match", "score")]
@@ -511,17 +513,23 @@ def report(args, out: Path, results: dict) -> str:
         lines.append(f"| {label} | {cell([r['exact_match'] for r in rows])} | {cell([r['score'] for r in rows])} |")
         finals[label] = rows
     lines += _paired_lines(finals, baseline=next(name for name in finals if name.startswith("DPO")))
+    lines += _paired_lines(finals, baseline=next(name for name in finals if name.startswith("sparse PPO")), only="RTO")
     # sample efficiency: the first evaluation at which RTO's mean reaches sparse PPO's final mean
     sparse_final = fmean(_heldout(Path(results["seeds"][s]["sparse_ppo"]))[final]["score"] for s in seeds)
+    start = fmean(_heldout(Path(results["seeds"][s]["sparse_ppo"]))[0]["score"] for s in seeds)
     reached = None
     for n in ppo_points:
-        if fmean(_heldout(Path(results["seeds"][s]["rto"]))[n]["score"] for s in seeds) >= sparse_final:
+        if n > 0 and fmean(_heldout(Path(results["seeds"][s]["rto"]))[n]["score"] for s in seeds) >= sparse_final:
             reached = n
             break
-    lines += ["", f"sparse PPO's final mean score {sparse_final:.3f} ({final} samples); RTO's mean first reaches it at "
-              + (f"{reached} rollout samples ({reached + rm_samples} counting its reward model's)" if reached is not None
-                 else "no evaluated point") + "."
-              + (f" Both runs are charged the same {rm_samples} preference samples." if learned else "")]
+    if sparse_final <= start:  # sample efficiency means nothing when training lowered the score
+        efficiency = (f"sparse PPO's final mean score {sparse_final:.3f} ({final} samples) is not above the start "
+                      f"({start:.3f}): no sample-efficiency comparison.")
+    else:
+        efficiency = (f"sparse PPO's final mean score {sparse_final:.3f} ({final} samples); RTO's mean first reaches it "
+                      "at " + (f"{reached} rollout samples ({reached + rm_samples} counting its reward model's)"
+                               if reached is not None else "no evaluated point") + ".")
+    lines += ["", efficiency + (f" Both runs are charged the same {rm_samples} preference samples." if learned else "")]
     return "\n".join(lines)
 
 
