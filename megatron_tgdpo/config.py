@@ -63,7 +63,8 @@ class PreferenceConfig:
     # --- token guidance plug-ins (megatron_tgdpo.guidance, docs/guidance.md) ---
     guidance_source: str = field(default="dpo-model", metadata={
         "help": "where TGDPO's per-token reward comes from: dpo-model (beta * log(pi_guide / pi_ref), the "
-                "--guidance-load model), score-file (--guidance-scores), or a registered source"})
+                "--guidance-load model), score-file (--guidance-scores), reward-model (a --loss-type rm checkpoint "
+                "as --guidance-load: its value differences), or a registered source"})
     guidance_scores: Optional[str] = field(default=None, metadata={
         "help": "JSONL of per-token scores by pair index, for --guidance-source score-file"})
     guidance_scale: float = field(default=1.0, metadata={

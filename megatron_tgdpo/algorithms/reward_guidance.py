@@ -44,6 +44,7 @@ NAME = "reward-model"
 class RewardModelSource(GuidanceSource):
     name = NAME
     roles = ()  # no causal-LM log-probs: the source runs its own model
+    forward_passes = 1.0
 
     def __init__(self, section: Any):
         super().__init__(section)
