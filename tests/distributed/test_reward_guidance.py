@@ -104,41 +104,33 @@ def _plugin_against_hand(data_dir: str, ckpt: str) -> dict:
             "hand": {k: hand[k] for k in keys}}
 
 
-def test_token_rewards_are_value_differences_in_every_batch_layout(reward_model):
+@pytest.fixture(scope="module")
+def scored(reward_model):
     tmp = reward_model
     (out,) = run_on_ranks(1, _plugin_against_hand, str(tmp / "data"), str(tmp / "rm"))
-    hand = out["hand"]
+    return out
+
+
+def test_token_rewards_are_value_differences_in_every_batch_layout(scored):
+    hand = scored["hand"]
     assert len(hand) == 2 * GLOBAL_BATCH
     assert max(abs(x) for values in hand.values() for x in values) > 0.05  # a test that can fail
-    for name, got in out["plugin"].items():
+    for name, got in scored["plugin"].items():
         assert set(got) == set(hand), name
         for key, values in hand.items():
             assert len(got[key]) == len(values), f"{name} {key}: {len(got[key])} tokens vs {len(values)}"
             assert got[key] == pytest.approx(values, rel=1e-4, abs=1e-4 * SCALE), f"{name} {key}"
 
 
-def _expected_weights(data_dir: str, ckpt: str) -> dict:
-    """Step 1's weight metrics from the hand r̂ of its global batch (the sampler's first G pairs)."""
-    from megatron_tgdpo.data.sampler import epoch_permutation
-    from megatron_tgdpo.runtime import setup
-
-    cfg = _config(data_dir, ckpt)
-    data = setup.resolve_data(cfg)
-    arch, _ = setup.resolve_architecture(cfg, tokenizer_vocab=data.vocab_size)
-    from megatron_tgdpo.data import PreferenceDataset
-
-    order = epoch_permutation(len(PreferenceDataset(data.train_prefix)), seed=SEED, epoch=0)[:GLOBAL_BATCH]
-    hand = _hand_rewards(cfg, arch, data.train_prefix, [(int(i), side) for i in order for side in (0, 1)])
+@pytest.fixture(scope="module")
+def expected(scored):
+    """Step 1's weight metrics from the hand r̂ of its global batch: the pairs scored above are the first
+    global batch of the training stream (consumed samples 0, the run's seed, one data-parallel rank)."""
+    hand = scored["hand"]
     chosen = [1 + ALPHA * r for (_, side), values in hand.items() if side == 0 for r in values]
     rejected = [1 - ALPHA * r for (_, side), values in hand.items() if side == 1 for r in values]
-    return {"weights/chosen_mean": sum(chosen) / len(chosen), "weights/rejected_mean": sum(rejected) / len(rejected),
-            "weights/negative_fraction": sum(w < 0 for w in chosen + rejected) / len(chosen + rejected)}
-
-
-@pytest.fixture(scope="module")
-def expected(reward_model):
-    tmp = reward_model
-    (out,) = run_on_ranks(1, _expected_weights, str(tmp / "data"), str(tmp / "rm"))
+    out = {"weights/chosen_mean": sum(chosen) / len(chosen), "weights/rejected_mean": sum(rejected) / len(rejected),
+           "weights/negative_fraction": sum(w < 0 for w in chosen + rejected) / len(chosen + rejected)}
     assert abs(out["weights/chosen_mean"] - 1) > 1e-3 and abs(out["weights/rejected_mean"] - 1) > 1e-3
     return out
 
