@@ -63,9 +63,13 @@ class PreferenceConfig:
     # --- token guidance plug-ins (megatron_tgdpo.guidance, docs/guidance.md) ---
     guidance_source: str = field(default="dpo-model", metadata={
         "help": "where TGDPO's per-token reward comes from: dpo-model (beta * log(pi_guide / pi_ref), the "
-                "--guidance-load model), score-file (--guidance-scores), or a registered source"})
+                "--guidance-load model), score-file (--guidance-scores), reward-model (a --loss-type rm checkpoint "
+                "as --guidance-load: its value differences), or a registered source"})
     guidance_scores: Optional[str] = field(default=None, metadata={
         "help": "JSONL of per-token scores by pair index, for --guidance-source score-file"})
+    guidance_scale: float = field(default=1.0, metadata={
+        "help": "--guidance-source reward-model: r = scale * (V(x, y<=t) - V(x, y<t)); 1 keeps the reward model's "
+                "Bradley-Terry units, those of DPO's beta * log-ratio (docs/guidance.md)"})
     token_weight: str = field(default="linear", metadata={
         "help": "token weights from the reward: linear (1 +- alpha r), clipped, tanh, exp, normalised, and the "
                 "controls shuffled and constant-rejected"})
@@ -496,7 +500,8 @@ def _guidance_problems(cfg: TrainConfig) -> list[str]:
         changed = [flag for flag, value, default in (
             ("--guidance-source", pref.guidance_source, DEFAULT_SOURCE), ("--token-weight", pref.token_weight,
                                                                           DEFAULT_WEIGHT),
-            ("--guidance-scores", pref.guidance_scores, None), ("--rejected-weight", pref.rejected_weight, None))
+            ("--guidance-scores", pref.guidance_scores, None), ("--rejected-weight", pref.rejected_weight, None),
+            ("--guidance-scale", pref.guidance_scale, 1.0))
             if value != default]
         return [f"{flag} applies to --loss-type tgdpo only" for flag in changed]
     if pref.token_weight not in WEIGHT_FUNCTIONS:
@@ -514,6 +519,8 @@ def _guidance_problems(cfg: TrainConfig) -> list[str]:
         p.append(f"--weight-clamp-min/--weight-clamp-max do not apply to --token-weight {pref.token_weight}")
     if pref.guidance_scores is not None and pref.guidance_source != "score-file":
         p.append("--guidance-scores applies to --guidance-source score-file only")
+    if pref.guidance_scale != 1.0 and pref.guidance_source != "reward-model":
+        p.append("--guidance-scale applies to --guidance-source reward-model only")
     return p
 
 

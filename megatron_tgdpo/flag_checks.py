@@ -119,6 +119,7 @@ BOUNDS: dict[str, Bound] = {
     "--token-weight-bound": Bound(0.0, 1e3, low_open=True),
     "--rejected-weight": _COEFFICIENT,
     "--rm-margin": _COEFFICIENT,
+    "--guidance-scale": Bound(0.0, 1e3, low_open=True),
     # --- optimisation -------------------------------------------------------------------------
     "--lr": _LR,
     "--min-lr": _UNIT,

@@ -55,6 +55,7 @@ SLOW: tuple[str, ...] = (
     "tests/distributed/test_reward_model.py::test_reward_model_layouts_match_single_rank[pp2]",  # 6.6 (tp2 stays)
     "tests/distributed/test_reward_model.py::test_packed_sequences_match_padded_rows",  # one more 1-rank run
     "tests/distributed/test_ppo_learned_reward.py",  # ~12: a reward model saved, read and a PPO iteration
+    "tests/distributed/test_reward_guidance.py::test_tgdpo_guided_by_a_reward_model_logs_the_hand_weights[pp2]",  # 18 loaded (tp2 stays)
     "tests/unit/test_reward_model_loss.py::test_loss_equals_trl_reward_trainer_loss",  # importing trl: 5-40 s
     "tests/distributed/test_packed_training.py::test_packed_run_killed_after_a_save_resumes_bit_identically",  # 11.4
     "tests/distributed/test_packed_training.py::test_packed_training_matches_unpacked[tp2cp2]",  # 10.6

@@ -1,6 +1,9 @@
 """Training methods on the shared runtime: preference (DPO, TGDPO, IPO, SimPO), SFT, PPO."""
 from __future__ import annotations
 
+# Registers --guidance-source reward-model (the reward model lives here, above the guidance plug-ins).
+from megatron_tgdpo.algorithms import reward_guidance  # noqa: F401
+
 __all__ = ["algorithm_for"]
 
 

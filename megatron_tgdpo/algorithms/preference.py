@@ -77,7 +77,7 @@ class PreferenceAlgorithm(Algorithm):
         self.eval_means = BASE_METRICS
         self.logprobs = LogprobSettings.of(cfg)
         frozen = 0 if pref.logprob_cache else int(self.uses_reference) + int(self.guide_model)
-        self.passes_per_token = 3.0 + frozen
+        self.passes_per_token = 3.0 + frozen + (self.source.forward_passes if self.source is not None else 0.0)
 
     # ---- models -------------------------------------------------------------------------------
     def build(self) -> None:

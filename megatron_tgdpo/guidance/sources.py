@@ -1,18 +1,21 @@
 """Guidance sources: where TGDPO's per-token reward r̂ comes from (``--guidance-source``).
 
-==============  ==============================================================================================
-``dpo-model``   ``r̂ = beta·(log pi_guide - log pi_ref)`` per response token: the guidance model
-                (``--guidance-load``, or the guidance log-probs of ``--logprob-cache``) against the reference,
-                TGDPO as published (the default).
-``score-file``  per-token scores read from ``--guidance-scores`` (JSONL, see :mod:`.score_file`), used as r̂
-                as they are.
-==============  ==============================================================================================
+================  ============================================================================================
+``dpo-model``     ``r̂ = beta·(log pi_guide - log pi_ref)`` per response token: the guidance model
+                  (``--guidance-load``, or the guidance log-probs of ``--logprob-cache``) against the
+                  reference, TGDPO as published (the default).
+``score-file``    per-token scores read from ``--guidance-scores`` (JSONL, see :mod:`.score_file`), used as
+                  r̂ as they are.
+``reward-model``  a Bradley–Terry reward model's value differences ``V(x, y≤t) − V(x, y<t)`` (registered by
+                  ``megatron_tgdpo.algorithms.reward_guidance``, where the reward model lives).
+================  ============================================================================================
 
 A source is asked once per micro-batch, on the last pipeline stage, for r̂ on this rank's tokens
-(``[R, T]``, 0 off the response). Another source, such as a reward model's per-token value differences,
-is one :func:`register_guidance_source` call away: its ``begin_step`` runs once per step before the
-policy's forward (build or run its own frozen model there), and ``roles`` names the frozen causal-LM
-log-probs the trainer should score for it (``"guidance"``: the ``--guidance-load`` model).
+(``[R, T]``, 0 off the response). Another source is one :func:`register_guidance_source` call away: its
+``setup`` builds its own frozen model, its ``begin_step`` runs once per step before the policy's forward
+(run that model there), ``roles`` names the frozen causal-LM log-probs the trainer should score for it
+(``"guidance"``: the ``--guidance-load`` model), and ``forward_passes`` the forward passes per token its
+own model adds (for the logged FLOPs).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ class GuidanceSource(ABC):
     name: ClassVar[str]
     #: frozen causal-LM roles the trainer scores every step and passes in ``logps`` ("guidance")
     roles: ClassVar[tuple[str, ...]] = ()
+    #: forward passes per token of a model the source runs itself (not one of ``roles``)
+    forward_passes: ClassVar[float] = 0.0
 
     def __init__(self, section: Any):
         self.section = section

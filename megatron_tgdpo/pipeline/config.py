@@ -12,10 +12,10 @@ from typing import Any
 
 __all__ = ["ALL_METHODS", "METHODS", "PRESETS", "PipelineConfig", "TrainSettings", "preset"]
 
-#: The models a run compares, in table order. "tgdpo" stands for one run per alpha; the controls and
-#: cross-fitted TGDPO (``controls.py``) run only when named.
+#: The models a run compares, in table order. "tgdpo" stands for one run per alpha; the controls,
+#: cross-fitted TGDPO and TGDPO guided by a reward model (``controls.py``) run only when named.
 METHODS = ("sft", "dpo", "tgdpo", "simpo", "ipo")
-ALL_METHODS = METHODS + ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit")
+ALL_METHODS = METHODS + ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit", "tgdpo-rm")
 
 
 @dataclass(frozen=True)

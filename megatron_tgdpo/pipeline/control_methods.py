@@ -1,12 +1,12 @@
-"""The names of TGDPO's controls and cross-fitted guidance as pipeline methods (what they do: ``controls.py``),
+"""The names of TGDPO's controls, cross-fitted and reward-model guidance as pipeline methods (what they do: ``controls.py``),
 apart so that the configuration can check them without importing the stages."""
 from __future__ import annotations
 
 __all__ = ["CONTROL_METHODS", "LABELS", "control_problems"]
 
-CONTROL_METHODS = ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit")
+CONTROL_METHODS = ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit", "tgdpo-rm")
 LABELS = {"tgdpo-shuffled": "TGDPO shuffled (control)", "tgdpo-constant": "DPO + constant f_l (control)",
-          "tgdpo-crossfit": "TGDPO cross-fitted"}
+          "tgdpo-crossfit": "TGDPO cross-fitted", "tgdpo-rm": "TGDPO guided by a reward model"}
 
 
 def control_problems(methods: tuple[str, ...]) -> list[str]:

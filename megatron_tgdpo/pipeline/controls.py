@@ -1,4 +1,4 @@
-"""TGDPO's controls and cross-fitted guidance as pipeline methods (``--methods ...,tgdpo-shuffled,...``).
+"""TGDPO's controls, cross-fitted and reward-model guidance as pipeline methods (``--methods ...,tgdpo-shuffled,...``).
 
 Each is TGDPO at the main alpha, from the same SFT model, on the same pairs, schedule and seed; only the
 token weights differ (``megatron_tgdpo.guidance``, ``docs/guidance.md``):
@@ -18,6 +18,11 @@ token weights differ (``megatron_tgdpo.guidance``, ``docs/guidance.md``):
   ``beta * (log pi_other - log pi_sft)`` with ``pi_other`` the DPO model of the *other* half, scored once
   (``megatron_tgdpo.precompute``) and written as a score file; TGDPO then trains on all pairs with
   ``--guidance-source score-file``. The guidance never saw the pair it weights.
+* ``tgdpo-rm``: a Bradley–Terry reward model (``--loss-type rm``: the SFT model with a value head) is
+  trained on the seed's pairs with the preference schedule (stage ``rm``), and TGDPO is guided by its
+  per-token value differences (``--guidance-source reward-model``, ``--guidance-scale`` 1: the reward
+  model's units are those of DPO's implicit reward, so the main alpha means the same). It asks whether a
+  learned sequence reward's token split guides as well as the DPO model's log-ratio does.
 """
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ def train_controls(rep: Any, seed: int, *, pairs: Path) -> None:
     """Train this seed's control and cross-fitted models (``rep``: the ``run.Replication``); the main
     TGDPO and DPO runs are done."""
     from megatron_tgdpo.pipeline import launch
-    from megatron_tgdpo.pipeline.training import preference_flags
+    from megatron_tgdpo.pipeline.training import preference_flags, reward_model_flags
 
     cfg, s, tag = rep.cfg, rep.seed_dir(seed), f"seed{seed}"
     wanted = [m for m in CONTROL_METHODS if m in cfg.methods]
@@ -111,14 +116,24 @@ def train_controls(rep: Any, seed: int, *, pairs: Path) -> None:
             model = f"crossfit-dpo-{half}"
             first.append((model, preference_flags(cfg, "dpo", seed=seed, data=prefix, sft=reference, save=s / model,
                                                   log_dir=s / "logs" / model), [f"{tag}.crossfit.halves"]))
+    if "tgdpo-rm" in wanted:
+        first.append(("rm", reward_model_flags(cfg, seed=seed, data=pairs, sft=reference, save=s / "rm",
+                                               log_dir=s / "logs" / "rm"), []))
     rep._train_stages([(f"{tag}.{model}", flags, s / model, s / "logs" / model, cfg.preference.iters,
                         inputs + extra) for model, flags, extra in first])
+    second = []
     if "tgdpo-crossfit" in wanted:
         scores = _crossfit_score_file(rep, seed, pairs=pairs, launch=launch)
         flags = _without(tgdpo("tgdpo-crossfit"), "--guidance-load") + [
             "--guidance-source", "score-file", "--guidance-scores", str(scores)]
-        rep._train_stages([(f"{tag}.tgdpo-crossfit", flags, s / "tgdpo-crossfit", s / "logs" / "tgdpo-crossfit",
-                            cfg.preference.iters, inputs + [f"{tag}.crossfit.scores"])])
+        second.append(("tgdpo-crossfit", flags, [f"{tag}.crossfit.scores"]))
+    if "tgdpo-rm" in wanted:
+        flags = _without(tgdpo("tgdpo-rm"), "--guidance-load") + [
+            "--guidance-source", "reward-model", "--guidance-load", str(s / "rm")]
+        second.append(("tgdpo-rm", flags, [f"{tag}.rm"]))
+    if second:
+        rep._train_stages([(f"{tag}.{model}", flags, s / model, s / "logs" / model, cfg.preference.iters,
+                            inputs + extra) for model, flags, extra in second])
 
 
 def _halves(rep: Any, seed: int, *, pairs: Path) -> dict[str, Path]:

@@ -20,7 +20,7 @@ from typing import Optional
 
 from megatron_tgdpo.pipeline.config import PipelineConfig, TrainSettings
 
-__all__ = ["model_name", "preference_flags", "sft_flags"]
+__all__ = ["model_name", "preference_flags", "reward_model_flags", "sft_flags"]
 
 
 def model_name(method: str, alpha: Optional[float] = None) -> str:
@@ -70,3 +70,11 @@ def preference_flags(cfg: PipelineConfig, method: str, *, seed: int, data: Path,
     elif method == "ipo":
         flags += ["--beta", str(cfg.ipo_beta)]
     return flags
+
+
+def reward_model_flags(cfg: PipelineConfig, *, seed: int, data: Path, sft: Path, save: Path,
+                       log_dir: Path) -> list[str]:
+    """A Bradley-Terry reward model (``--loss-type rm``) on the preference pairs, with the preference schedule;
+    its backbone starts from the SFT model (the base without one), as every preference model does."""
+    return _common(cfg, cfg.preference, seed=seed, data=data, save=save, log_dir=log_dir) + [
+        "--loss-type", "rm", "--ref-load", str(sft)]

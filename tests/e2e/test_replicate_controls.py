@@ -1,6 +1,7 @@
-"""``replicate --methods ...`` with TGDPO's controls and cross-fitted guidance, at the smoke size: every
-row is printed, the shuffled control applies TGDPO's weights (same per-response sums, so the same logged
-weight means), the constant control's rejected weight is TGDPO's mean, and cross-fitting scores every pair."""
+"""``replicate --methods ...`` with TGDPO's controls, cross-fitted and reward-model guidance, at the smoke
+size: every row is printed, the shuffled control applies TGDPO's weights (same per-response sums, so the
+same logged weight means), the constant control's rejected weight is TGDPO's mean, cross-fitting scores
+every pair, and TGDPO guided by the reward model trained on the pairs applies weights of its own."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from megatron_tgdpo.testing import run_command, user_env
 
 from suite import ROOT
 
-METHODS = "sft,dpo,tgdpo,tgdpo-shuffled,tgdpo-constant,tgdpo-crossfit"
+METHODS = "sft,dpo,tgdpo,tgdpo-shuffled,tgdpo-constant,tgdpo-crossfit,tgdpo-rm"
 ROWS = ("SFT", "DPO", "TGDPO (alpha 0.5)", "TGDPO shuffled (control)", "DPO + constant f_l (control)",
-        "TGDPO cross-fitted")
+        "TGDPO cross-fitted", "TGDPO guided by a reward model")
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -44,3 +45,6 @@ def test_controls_and_crossfit_run_end_to_end(tmp_path):
     scores = (work / "seed1" / "crossfit" / "scores.jsonl").read_text().splitlines()
     assert len(scores) == pairs
     assert "weights/rejected_mean" in _metrics(logs / "tgdpo-crossfit" / "metrics.jsonl")[0]
+    assert "rm/accuracy" in _metrics(logs / "rm" / "metrics.jsonl")[0]  # the reward model, trained on the pairs
+    guided = _metrics(logs / "tgdpo-rm" / "metrics.jsonl")
+    assert guided[0]["weights/rejected_mean"] != pytest.approx(tgdpo[0]["weights/rejected_mean"], rel=1e-6)

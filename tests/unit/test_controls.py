@@ -59,3 +59,44 @@ def test_controls_need_the_runs_they_control():
     assert preset("smoke", methods=("sft", "dpo", "tgdpo", "tgdpo-shuffled", "tgdpo-constant",
                                     "tgdpo-crossfit")).problems() == []
     assert any("unknown methods" in p for p in preset("smoke", methods=("sft", "dpo", "bogus")).problems())
+
+
+def _stage_specs(work, methods, monkeypatch) -> dict:
+    """Every stage one seed of the smoke preset builds with ``methods``: name -> (fingerprint, spec), nothing run."""
+    from megatron_tgdpo.pipeline import run as pipeline_run
+    from megatron_tgdpo.pipeline.stages import StageRunner, fingerprint
+
+    built = {}
+
+    def record(self, stages, run):
+        built.update({stage.name: (fingerprint(stage.spec), stage.spec) for stage in stages})
+        return {stage.name: fingerprint(stage.spec) for stage in stages}
+
+    monkeypatch.setattr(StageRunner, "run_together", record)
+    monkeypatch.setattr(pipeline_run.Replication, "metrics", lambda self, seed: {})
+    main = work / "seed1" / "logs" / "tgdpo-a0.5" / "metrics.jsonl"  # what the constant control reads
+    main.parent.mkdir(parents=True, exist_ok=True)
+    main.write_text(json.dumps({"iteration": 1, "weights/rejected_mean": 1.1}) + "\n")
+    replication = pipeline_run.Replication(preset("smoke", methods=methods), work, log=lambda line: None)
+    replication.shared_data()
+    replication.run_seed(1)
+    return built
+
+
+def test_adding_tgdpo_rm_adds_its_stages_and_changes_no_other(tmp_path, monkeypatch):
+    before = ("sft", "dpo", "tgdpo", "simpo", "ipo", "tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit")
+    old = _stage_specs(tmp_path / "work", before, monkeypatch)
+    new = _stage_specs(tmp_path / "work", before + ("tgdpo-rm",), monkeypatch)
+    assert {name: fp for name, (fp, _) in new.items() if name in old} == {name: fp for name, (fp, _) in old.items()}
+    assert set(new) - set(old) == {"seed1.rm", "seed1.tgdpo-rm", "seed1.eval.tgdpo-rm"}
+    rm, guided, main = (new[f"seed1.{m}"][1] for m in ("rm", "tgdpo-rm", "tgdpo-a0.5"))
+    assert rm["flags"][rm["flags"].index("--loss-type") + 1] == "rm"
+    assert rm["flags"][rm["flags"].index("--data-path") + 1] == main["flags"][main["flags"].index("--data-path") + 1]
+    flags = guided["flags"]
+    assert flags[flags.index("--guidance-source") + 1] == "reward-model"
+    assert flags[flags.index("--guidance-load") + 1] == "<work>/seed1/rm" and flags.count("--guidance-load") == 1
+    for flag in ("--alpha", "--beta", "--lr", "--train-iters", "--seed", "--ref-load"):  # the main TGDPO's settings
+        assert flags[flags.index(flag) + 1] == main["flags"][main["flags"].index(flag) + 1], flag
+    assert set(guided["inputs"]) == {"seed1.sft", "seed1.pairs", "seed1.rm"}
+    only = _stage_specs(tmp_path / "alone", ("sft", "dpo", "tgdpo-rm"), monkeypatch)  # needs no TGDPO run
+    assert {"seed1.rm", "seed1.tgdpo-rm"} <= set(only)

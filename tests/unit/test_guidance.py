@@ -217,3 +217,25 @@ def test_flags_name_what_each_plugin_needs(tmp_path):
     assert any("--token-weight applies to --loss-type tgdpo" in p
                for p in problems("--loss-type", "dpo", "--token-weight", "tanh"))
     assert any("--token-weight-bound 0: out of range" in p for p in problems("--token-weight-bound", "0"))
+
+
+def test_reward_model_source_flags():
+    import megatron_tgdpo.algorithms  # noqa: F401 - registers --guidance-source reward-model
+    from megatron_tgdpo.config import ConfigError, parse_args, validate
+
+    def problems(*argv):
+        try:
+            cfg = parse_args(["--train-iters", "1", *argv])
+        except ConfigError as exc:
+            return exc.problems
+        return validate(cfg, world_size=1, num_heads=4, num_query_groups=4, num_layers=4)
+
+    assert any("reward-model needs --guidance-load" in p for p in problems("--guidance-source", "reward-model"))
+    assert any("--guidance-scale applies to --guidance-source reward-model only" in p
+               for p in problems("--guidance-scale", "2", "--guidance-load", "x"))
+    assert any("--guidance-scale applies to --loss-type tgdpo" in p
+               for p in problems("--loss-type", "dpo", "--guidance-scale", "2"))
+    assert any("--guidance-scale 0" in p and "out of range" in p
+               for p in problems("--guidance-source", "reward-model", "--guidance-scale", "0"))
+    assert not [p for p in problems("--guidance-source", "reward-model", "--guidance-scale", "2",
+                                    "--guidance-load", "x") if "guidance-s" in p]
