@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 __all__ = ["ALL_METHODS", "METHODS", "PRESETS", "PipelineConfig", "TrainSettings", "preset"]
 
@@ -57,6 +57,9 @@ class PipelineConfig:
     pack_sequences: bool = True
     sft: TrainSettings = TrainSettings(iters=3000, lr=3e-3, min_lr=3e-4)
     preference: TrainSettings = TrainSettings(iters=112, lr=1e-4, min_lr=1e-5)  # DPO, TGDPO, SimPO, IPO alike
+    # tgdpo-rm's Bradley-Terry reward model; None: the preference schedule. A value head learns from scratch,
+    # so it wants a larger learning rate and more passes than a preference model's fine-tuning.
+    reward_model: Optional[TrainSettings] = None
     beta: float = 0.5  # DPO's beta, TGDPO's (loss and guidance reward r = beta * log(pi_guide / pi_ref))
     alpha: float = 0.5  # TGDPO's alpha in the main table (the paper's default)
     alphas: tuple[float, ...] = ()  # extra TGDPO runs for the alpha-sensitivity table
@@ -146,7 +149,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    pref_prompts=800, heldout_prompts=200, seq_length=64, max_new_tokens=26, pad_to_multiple_of=8,
                    sft=TrainSettings(600, 3e-3, 3e-4, global_batch_size=64, micro_batch_size=64),
                    preference=TrainSettings(25, 1e-5, 1e-6), alphas=(1.0, 2.0), eval_samples=0,
-                   methods=METHODS + ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit"),
+                   methods=METHODS + ("tgdpo-shuffled", "tgdpo-constant", "tgdpo-crossfit", "tgdpo-rm"),
+                   reward_model=TrainSettings(200, 1e-3, 1e-4),  # 8 epochs of the 800 pairs
                    vary_data_seed=True, curve_every=5, pack_sequences=True),
     # The test suite's smoke run: every stage and every table row, in well under a minute of compute.
     # A real pretrained chat model (megatron-tgdpo replicate --model smollm2): SmolLM2-135M-Instruct sorts

@@ -119,7 +119,8 @@ def train_controls(rep: Any, seed: int, *, pairs: Path) -> None:
     if "tgdpo-rm" in wanted:
         first.append(("rm", reward_model_flags(cfg, seed=seed, data=pairs, sft=reference, save=s / "rm",
                                                log_dir=s / "logs" / "rm"), []))
-    rep._train_stages([(f"{tag}.{model}", flags, s / model, s / "logs" / model, cfg.preference.iters,
+    iters = {"rm": (cfg.reward_model or cfg.preference).iters}
+    rep._train_stages([(f"{tag}.{model}", flags, s / model, s / "logs" / model, iters.get(model, cfg.preference.iters),
                         inputs + extra) for model, flags, extra in first])
     second = []
     if "tgdpo-crossfit" in wanted:

@@ -74,7 +74,8 @@ def preference_flags(cfg: PipelineConfig, method: str, *, seed: int, data: Path,
 
 def reward_model_flags(cfg: PipelineConfig, *, seed: int, data: Path, sft: Path, save: Path,
                        log_dir: Path) -> list[str]:
-    """A Bradley-Terry reward model (``--loss-type rm``) on the preference pairs, with the preference schedule;
-    its backbone starts from the SFT model (the base without one), as every preference model does."""
-    return _common(cfg, cfg.preference, seed=seed, data=data, save=save, log_dir=log_dir) + [
+    """A Bradley-Terry reward model (``--loss-type rm``) on the preference pairs, with its own schedule
+    (``cfg.reward_model``; the preference schedule when unset); its backbone starts from the SFT model (the
+    base without one), as every preference model does."""
+    return _common(cfg, cfg.reward_model or cfg.preference, seed=seed, data=data, save=save, log_dir=log_dir) + [
         "--loss-type", "rm", "--ref-load", str(sft)]
