@@ -68,6 +68,18 @@ def _builtin_tokenizer() -> str:
     return str(SYNTHETIC_DIR / "tokenizer.model")
 
 
+def tokenizer_identity(path: str) -> str:
+    """What a stage's fingerprint records for a tokenizer: a file's content hash, so the built-in tokenizer is
+    the same one from any checkout or install (its path differs) and an edited file at one path is not;
+    a directory (a Hugging Face tokenizer) by its resolved path."""
+    import hashlib
+
+    file = Path(path)
+    if file.is_file():
+        return "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return str(file.resolve())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_tgdpo.ppo.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,7 +252,7 @@ class Comparison:
                                     for r in records))
             self._prepare(data, prefix, fmt="sft")
 
-        self._stage("sft.data", {"tokenizer": self.tokenizer, "seq_length": args.seq_length},
+        self._stage("sft.data", {"tokenizer": tokenizer_identity(self.tokenizer), "seq_length": args.seq_length},
                     [data, *prepared_files(prefix)], prepare, lambda: prepared_problem(prefix), inputs=["prompts"])
         flags = ["--loss-type", "sft", "--data-path", str(prefix), "--model", "tiny", "--micro-batch-size", "32",
                  "--global-batch-size", "32", "--seq-length", str(args.seq_length), "--lr", "3e-3", "--min-lr", "3e-4",
@@ -314,7 +326,7 @@ class Comparison:
 
         outputs = [d / "samples.jsonl", d / "pairs.jsonl", d / "pair_stats.jsonl", *prepared_files(d / "data"),
                    ckpt, d / "log"]
-        self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": self.tokenizer, "flags": self._rel(flags)}, outputs,
+        self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": tokenizer_identity(self.tokenizer), "flags": self._rel(flags)}, outputs,
                     run, lambda: _checkpoint_problem(ckpt), inputs=[self.sft_stage(seed), f"{tag}.dpo.samples"])
         return ckpt
 

@@ -132,3 +132,19 @@ def test_misplaced_reward_model_flags_are_refused_by_name(tmp_path):
     text = str(err.value)
     assert "--learned-reward-load is the sparse reward; it does not apply to --reward dense-dpo" in text
     assert f"--learned-reward-load {tmp_path / 'missing'}: does not exist" in text
+
+
+def test_comparison_fingerprints_the_tokenizer_by_content(tmp_path):
+    """A comparison resumed from another checkout or install (the built-in tokenizer at another path)
+    reruns nothing; an edited tokenizer file at the same path is a different tokenizer."""
+    import shutil
+
+    from megatron_tgdpo.ppo.compare import _builtin_tokenizer, tokenizer_identity
+
+    copy = tmp_path / "elsewhere" / "tokenizer.model"
+    copy.parent.mkdir()
+    shutil.copyfile(_builtin_tokenizer(), copy)
+    assert tokenizer_identity(str(copy)) == tokenizer_identity(_builtin_tokenizer())
+    assert str(tmp_path) not in tokenizer_identity(str(copy))
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    assert tokenizer_identity(str(copy)) != tokenizer_identity(_builtin_tokenizer())
