@@ -85,8 +85,9 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
                         "the alpha-sensitivity table (e.g. 0.5,1,2)")
     parser.add_argument("--methods", type=lambda t: tuple(t.split(",")), metavar="M1,M2",
                         help=f"models to train and compare (default: {','.join(METHODS)}; also "
-                        f"{','.join(m for m in ALL_METHODS if m not in METHODS)}: TGDPO's controls and cross-fitted "
-                        "guidance, docs/guidance.md)")
+                        f"{','.join(m for m in ALL_METHODS if m not in METHODS)}: TGDPO's controls, cross-fitted "
+                        "guidance and guidance by a reward model trained on the same pairs, docs/guidance.md; "
+                        "the default of --preset credit is all of them)")
     parser.add_argument("--curves", type=int, metavar="N", help="first seed: checkpoint DPO and TGDPO every N "
                         "iterations and score each on the held-out prompts (held-out score curves)")
     parser.add_argument("--figures", type=Path, metavar="DIR", help="also write the curves PNG there (needs --curves)")
