@@ -15,9 +15,14 @@ Helpers that start ranks or commands (``run_on_ranks``, ``run_train``, ``run_com
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -140,6 +145,16 @@ def load_tool(name: str) -> ModuleType:
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+def side_by_side(*calls: Callable[[], T]) -> list[T]:
+    """``calls`` in threads, as many at once as the machine has cores (two at least); their results in
+    order (or the first exception raised). For independent child processes (``subprocess.run``): a short
+    command spends most of its time importing torch and megatron-core on one core, so two of them take
+    about the time of one on the suite's two cores."""
+    with ThreadPoolExecutor(max_workers=min(len(calls), max(2, os.cpu_count() or 2))) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def slow_entry_matches(entry: str, nodeid: str) -> bool:
