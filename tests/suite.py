@@ -127,8 +127,10 @@ SLOW: tuple[str, ...] = (
     "tests/realmodel/test_smollm2_source.py",
     "tests/realmodel/test_smollm2_training.py",
     "tests/realmodel/test_smollm2_pipeline.py",  # every pipeline stage on the real model, then its resume
-    "tests/e2e/test_replicate.py",  # 64.6: the whole smoke pipeline, then its resume
-    "tests/e2e/test_replicate_controls.py",  # ~95 CPU-s (measured on a loaded machine): smoke pipeline + controls
+    # the whole smoke pipeline, then its resume (64.6: the session fixture smoke_replication, tests/e2e/conftest.py)
+    "tests/e2e/test_replicate.py",
+    # the controls and cross-fitting, resumed from a copy of smoke_replication's work directory
+    "tests/e2e/test_replicate_controls.py",
     "tests/e2e/test_sft_data_training.py",  # 34.8: prepare, train and refuse through the CLI
 )
 
