@@ -1,6 +1,7 @@
 """What the whole suite shares (imported by tests as ``suite``; ``tests/conftest.py`` applies the markers):
-where the repository is, how a test loads a command from ``tools/``, and the markers that let a
-contributor run it in parts.
+where the repository is, how a test loads a command from ``tools/``, how a test runs independent
+commands side by side (``side_by_side``: the suite's budget is two cores, and a short command keeps one
+busy), and the markers that let a contributor run it in parts.
 
 Markers (registered in ``pytest.ini``), given here by directory so that no test file has to repeat them:
 
