@@ -39,8 +39,6 @@ import torch
 from megatron_tgdpo import checkpointing, integrity, safe_pickle
 from megatron_tgdpo.testing import TrainingJob
 
-from suite import side_by_side
-
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 7
 BASE = ["--model", "tiny", "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "64",
@@ -326,74 +324,30 @@ def test_megatron_to_hf_refuses_a_payload(copy, tmp_path, capsys, kind):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-@dataclasses.dataclass(frozen=True)
-class CommandRun:
-    """One training run through the command line: what it was given and what it did."""
-
-    root: Path  # the save root it was given (a copy of ``saved``, damaged the case's way) or its cache
-    marker: Path  # the file a payload writes when it runs
-    where: str  # the file holding the payload, relative to iter_0000002 ("" when none)
-    code: int
-    out: str
-
-
-REFUSING_LOADS = [("--ref-load", "dpo", "common"), ("--guidance-load", "tgdpo", "byte-item")]
-
-
-@pytest.fixture(scope="module")
-def command_runs(saved: Path, work: Path, tmp_path_factory) -> dict[str, CommandRun]:
-    """The runs of the command-line tests below, by job name: each case's copy of ``saved`` is prepared
-    here, then the runs (independent one-process commands) go side by side."""
-    cases: dict[str, tuple[Path, Path, str, list]] = {}
-
-    def damaged_copy(name: str, damage: Callable[[Path, Path], str] | None) -> tuple[Path, Path, str]:
-        base = tmp_path_factory.mktemp(name)
-        root, marker = base / "save", base / "ran"
-        shutil.copytree(saved, root)
-        return root, marker, damage(root / "iter_0000002", marker) if damage else ""
-
-    root, marker, where = damaged_copy("load-payload", _payload_in_metadata)
-    cases["load-payload"] = (root, marker, where, ["--loss-type", "dpo", "--train-iters", 2, "--load", root])
-    for flag, loss, kind in REFUSING_LOADS:
-        root, marker, where = damaged_copy(f"{flag[2:]}-payload", PAYLOADS[kind])
-        cases[f"{flag[2:]}-payload"] = (root, marker, where, ["--loss-type", loss, "--train-iters", 1, flag,
-                                                              root / "iter_0000002"])
-    root, marker, where = damaged_copy("trusted", None)
-    cases["trusted"] = (root, marker, where, ["--loss-type", "dpo", "--train-iters", 2, "--load", root,
-                                              "--trust-checkpoint"])
-    base = tmp_path_factory.mktemp("other-cache")
-    cache, _ = _cache(work, base / "cache")
-    cases["other-cache"] = (cache, base / "ran", "", ["--loss-type", "dpo", "--train-iters", 1, "--logprob-cache",
-                                                      cache, "--seed", SEED + 1])
-    done = side_by_side(*(lambda name=name, flags=flags: _job(work, name, *flags)
-                          for name, (_, _, _, flags) in cases.items()))
-    return {name: CommandRun(root=root, marker=marker, where=where, code=code, out=out)
-            for (name, (root, marker, where, _)), (code, out) in zip(cases.items(), done)}
-
-
-def test_load_skips_a_checkpoint_with_a_payload_and_resumes_the_older_one(command_runs):
-    run = command_runs["load-payload"]  # iter_0000002's .metadata holds a payload
-    copy, code, out = run.root, run.code, run.out
-    newest = copy / "iter_0000002"
+def test_load_skips_a_checkpoint_with_a_payload_and_resumes_the_older_one(copy, work, tmp_path):
+    newest, marker = copy / "iter_0000002", tmp_path / "ran"
+    _payload_in_metadata(newest, marker)
+    code, out = _job(work, "load-payload", "--loss-type", "dpo", "--train-iters", 2, "--load", copy)
     assert code == 0, out[-3000:]
     assert f"skipping {newest}: {newest / '.metadata'}: {REFUSED}" in out, out[-3000:]
     assert f"resumed from {copy / 'iter_0000001'} (iteration 1, 4 samples consumed)" in out, out[-3000:]
     assert out.count(REFUSED) == 1, out[-3000:]  # said once, though the run resolves the root several times
-    assert not run.marker.exists()
+    assert not marker.exists()
 
 
-@pytest.mark.parametrize("flag, loss, kind", REFUSING_LOADS)
-def test_ref_and_guidance_load_refuse_a_payload(command_runs, flag, loss, kind):
-    run = command_runs[f"{flag[2:]}-payload"]  # ``FLAG <copy>/iter_0000002`` with a payload in the KIND file
-    newest, code, out = run.root / "iter_0000002", run.code, run.out
-    assert code != 0 and f"{newest / run.where}" in out and REFUSED in out, out[-3000:]
+@pytest.mark.parametrize("flag, loss, kind", [("--ref-load", "dpo", "common"),
+                                              ("--guidance-load", "tgdpo", "byte-item")])
+def test_ref_and_guidance_load_refuse_a_payload(copy, work, tmp_path, flag, loss, kind):
+    newest, marker = copy / "iter_0000002", tmp_path / "ran"
+    where = PAYLOADS[kind](newest, marker)
+    code, out = _job(work, f"{flag[2:]}-payload", "--loss-type", loss, "--train-iters", 1, flag, newest)
+    assert code != 0 and f"{newest / where}" in out and REFUSED in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert not run.marker.exists()
+    assert not marker.exists()
 
 
-def test_trust_checkpoint_loads_a_legitimate_checkpoint(command_runs):
-    run = command_runs["trusted"]
-    copy, code, out = run.root, run.code, run.out
+def test_trust_checkpoint_loads_a_legitimate_checkpoint(copy, work):
+    code, out = _job(work, "trusted", "--loss-type", "dpo", "--train-iters", 2, "--load", copy, "--trust-checkpoint")
     assert code == 0, out[-3000:]
     assert f"resumed from {copy / 'iter_0000002'} (iteration 2, 8 samples consumed)" in out, out[-3000:]
 
@@ -441,11 +395,12 @@ def test_logprob_cache_refuses_pickled_arrays(saved, work, tmp_path, victim):
     assert not marker.exists()
 
 
-def test_a_cache_of_another_run_is_a_flag_error_not_a_traceback(command_runs):
+def test_a_cache_of_another_run_is_a_flag_error_not_a_traceback(saved, work, tmp_path):
     """A real cache made for another reference (here: another seed's init) stops the run before any
     step with exit 2 and one line naming --logprob-cache and the mismatch."""
-    run = command_runs["other-cache"]  # ``--logprob-cache <a cache of seed SEED> --seed SEED+1``
-    cache, code, out = run.root, run.code, run.out
+    cache, _ = _cache(work, tmp_path / "cache")
+    code, out = _job(work, "other-cache", "--loss-type", "dpo", "--train-iters", 1, "--logprob-cache", cache,
+                     "--seed", SEED + 1)
     assert code == 2, out[-3000:]
     assert f"--logprob-cache {cache}:" in out and "seeded-init:" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
