@@ -11,7 +11,7 @@ import pytest
 
 from megatron_tgdpo.testing import read_metrics, run_command
 
-from suite import ROOT, side_by_side
+from suite import ROOT
 
 TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
 
@@ -40,34 +40,18 @@ COMMON = ["--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "-
           "--train-iters", "2", "--eval-iters", "1", "--no-tensorboard"]
 
 
-LOSSES = ("sft", "dpo", "simpo")
-
-
-@pytest.fixture(scope="module")
-def runs(sft_set, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """loss -> (``train --loss-type LOSS --data-path <the SFT set>``, its log directory): the three
-    commands are independent, so they run side by side."""
-    tmp = tmp_path_factory.mktemp("sft_runs")
-
-    def train(loss: str) -> tuple[subprocess.CompletedProcess, Path]:
-        log = tmp / loss / "log"
-        evaluation = ["--eval-data-path", str(sft_set)] if loss == "sft" else []
-        return _run([sys.executable, "-m", "megatron_tgdpo.train", *COMMON, "--loss-type", loss, "--data-path",
-                     str(sft_set), *evaluation, "--log-dir", str(log)]), log
-
-    return dict(zip(LOSSES, side_by_side(*(lambda loss=loss: train(loss) for loss in LOSSES))))
-
-
-def test_sft_trains_on_an_sft_set(runs):
-    result, log = runs["sft"]
+def test_sft_trains_on_an_sft_set(sft_set, tmp_path):
+    result = _run([sys.executable, "-m", "megatron_tgdpo.train", *COMMON, "--loss-type", "sft", "--data-path",
+                   str(sft_set), "--eval-data-path", str(sft_set), "--log-dir", str(tmp_path / "log")])
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(log)
+    rows = read_metrics(tmp_path / "log")
     assert [r["iteration"] for r in rows if "loss" in r][:2] == [1, 2]
 
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
-def test_preference_losses_refuse_an_sft_set(sft_set, runs, loss):
-    result, _ = runs[loss]
+def test_preference_losses_refuse_an_sft_set(sft_set, tmp_path, loss):
+    result = _run([sys.executable, "-m", "megatron_tgdpo.train", *COMMON, "--loss-type", loss, "--data-path",
+                   str(sft_set), "--log-dir", str(tmp_path / "log")])
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"--data-path {sft_set}: an SFT data set" in result.stderr
     assert f"--loss-type {loss} needs preference pairs" in result.stderr
