@@ -1,6 +1,7 @@
 """What the whole suite shares (imported by tests as ``suite``; ``tests/conftest.py`` applies the markers):
-where the repository is, how a test loads a command from ``tools/``, and the markers that let a
-contributor run it in parts.
+where the repository is, how a test loads a command from ``tools/``, how a test runs independent
+commands side by side (``side_by_side``: the suite's budget is two cores, and a short command keeps one
+busy), and the markers that let a contributor run it in parts.
 
 Markers (registered in ``pytest.ini``), given here by directory so that no test file has to repeat them:
 
@@ -15,9 +16,14 @@ Helpers that start ranks or commands (``run_on_ranks``, ``run_train``, ``run_com
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -126,8 +132,10 @@ SLOW: tuple[str, ...] = (
     "tests/realmodel/test_smollm2_source.py",
     "tests/realmodel/test_smollm2_training.py",
     "tests/realmodel/test_smollm2_pipeline.py",  # every pipeline stage on the real model, then its resume
-    "tests/e2e/test_replicate.py",  # 64.6: the whole smoke pipeline, then its resume
-    "tests/e2e/test_replicate_controls.py",  # ~95 CPU-s (measured on a loaded machine): smoke pipeline + controls
+    # the whole smoke pipeline, then its resume (64.6: the session fixture smoke_replication, tests/e2e/conftest.py)
+    "tests/e2e/test_replicate.py",
+    # the controls and cross-fitting, resumed from a copy of smoke_replication's work directory
+    "tests/e2e/test_replicate_controls.py",
     "tests/e2e/test_sft_data_training.py",  # 34.8: prepare, train and refuse through the CLI
 )
 
@@ -144,6 +152,16 @@ def load_tool(name: str) -> ModuleType:
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+def side_by_side(*calls: Callable[[], T]) -> list[T]:
+    """``calls`` in threads, as many at once as the machine has cores (two at least); their results in
+    order (or the first exception raised). For independent child processes (``subprocess.run``): a short
+    command spends most of its time importing torch and megatron-core on one core, so two of them take
+    about the time of one on the suite's two cores."""
+    with ThreadPoolExecutor(max_workers=min(len(calls), max(2, os.cpu_count() or 2))) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def slow_entry_matches(entry: str, nodeid: str) -> bool:

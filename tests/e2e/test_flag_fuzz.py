@@ -20,6 +20,8 @@ import pytest
 
 from megatron_tgdpo.testing import free_port
 
+from suite import side_by_side
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
@@ -71,28 +73,48 @@ def _all_bad(flags: dict[str, type], values: tuple[str, str]) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("values", sorted(VALUE_SETS))
-def test_trainer_refuses_every_bad_number_at_once(values):
-    result = _run("megatron_tgdpo.train", _all_bad(TRAIN_FLAGS, VALUE_SETS[values]))
-    _assert_refused(result, sorted(TRAIN_FLAGS))
+FRACTIONS = [("megatron_tgdpo.train", "--micro-batch-size"), ("megatron_tgdpo.ppo", "--samples-per-prompt")]
 
 
-@pytest.mark.parametrize("values", sorted(VALUE_SETS))
-def test_ppo_refuses_every_bad_number_at_once(values, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory) -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """The cases that parse flags only, by name: independent processes of a few seconds each, run side by
+    side (each still under its own CPU limit and timeout)."""
+    tmp = tmp_path_factory.mktemp("flag_fuzz")
+    prompts = tmp / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "hi"}\n')
     base = ["--prompts", str(prompts), "--reward", "sparse", "--train-iters", "1"]
-    result = _run("megatron_tgdpo.ppo", base + _all_bad(PPO_FLAGS, VALUE_SETS[values]))
-    _assert_refused(result, sorted(PPO_FLAGS))
+    cases: dict[tuple[str, ...], tuple[str, list[str]]] = {}
+    for values in sorted(VALUE_SETS):
+        cases["train", values] = ("megatron_tgdpo.train", _all_bad(TRAIN_FLAGS, VALUE_SETS[values]))
+        cases["ppo", values] = ("megatron_tgdpo.ppo", base + _all_bad(PPO_FLAGS, VALUE_SETS[values]))
+        # The trainer's flags are PPO's too, checked the same way.
+        cases["ppo-train-flags", values] = ("megatron_tgdpo.ppo", base[:4] + _all_bad(TRAIN_FLAGS, VALUE_SETS[values]))
+    for module, flag in FRACTIONS:
+        cases["fraction", module, flag] = (module, [flag, "1e9"])
+    kinds = wrong_kinds(tmp / "kinds")
+    cases["ppo-model-flags"] = ("megatron_tgdpo.ppo", ["--prompts", str(prompts), "--train-iters", "1",
+                                                        "--reward-model-load", str(kinds["file"]),
+                                                        "--critic-load", str(kinds["random"])])
+    done = side_by_side(*(lambda module=module, argv=argv: _run(module, argv) for module, argv in cases.values()))
+    return dict(zip(cases, done))
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_trainer_refuses_every_bad_number_at_once(fast_runs, values):
+    _assert_refused(fast_runs["train", values], sorted(TRAIN_FLAGS))
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_ppo_refuses_every_bad_number_at_once(fast_runs, values):
+    _assert_refused(fast_runs["ppo", values], sorted(PPO_FLAGS))
     # The trainer's flags are PPO's too, checked the same way.
-    result = _run("megatron_tgdpo.ppo", base[:4] + _all_bad(TRAIN_FLAGS, VALUE_SETS[values]))
-    _assert_refused(result, sorted(TRAIN_FLAGS))
+    _assert_refused(fast_runs["ppo-train-flags", values], sorted(TRAIN_FLAGS))
 
 
-@pytest.mark.parametrize("module,flag", [("megatron_tgdpo.train", "--micro-batch-size"),
-                                         ("megatron_tgdpo.ppo", "--samples-per-prompt")])
-def test_a_fraction_for_a_count_is_one_line(module, flag):
-    result = _run(module, [flag, "1e9"])
+@pytest.mark.parametrize("module,flag", FRACTIONS)
+def test_a_fraction_for_a_count_is_one_line(fast_runs, module, flag):
+    result = fast_runs["fraction", module, flag]
     _assert_refused(result, [flag])
     assert result.stderr.count("\n") == 1, result.stderr  # not the whole usage
 
@@ -126,14 +148,8 @@ def test_trainer_data_path_of_random_files(tmp_path):
     _assert_refused(result, ["--data-path"])
 
 
-def test_ppo_model_flags_of_the_wrong_kind(tmp_path):
-    kinds = wrong_kinds(tmp_path / "kinds")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "hi"}\n')
-    result = _run("megatron_tgdpo.ppo", ["--prompts", str(prompts), "--train-iters", "1",
-                                         "--reward-model-load", str(kinds["file"]),
-                                         "--critic-load", str(kinds["random"])])
-    _assert_refused(result, ["--reward-model-load", "--critic-load"])
+def test_ppo_model_flags_of_the_wrong_kind(fast_runs):
+    _assert_refused(fast_runs["ppo-model-flags"], ["--reward-model-load", "--critic-load"])
 
 
 def _has_cuda() -> bool:

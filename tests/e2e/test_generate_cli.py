@@ -16,6 +16,8 @@ import pytest
 
 from megatron_tgdpo.testing import free_port
 
+from suite import side_by_side
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "generate.py"
 PROMPTS = [
@@ -66,9 +68,15 @@ def _read(path: Path) -> list[dict]:
 def test_samples_file_and_data_parallel_run_agree(model_dir, prompt_file, tmp_path):
     from megatron_tgdpo.tasks.samples import load_sample_records
 
-    one = tmp_path / "one.jsonl"
-    single = _run([sys.executable, str(TOOL), "--load", str(model_dir), "--input", str(prompt_file),
-                   "--output", str(one), "--micro-batch-size", "3", *SAMPLING])
+    # One process, and two data-parallel ranks through torchrun with another micro-batch size: independent
+    # commands, run side by side; they must write the same file.
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    single, dp2 = side_by_side(
+        lambda: _run([sys.executable, str(TOOL), "--load", str(model_dir), "--input", str(prompt_file),
+                      "--output", str(one), "--micro-batch-size", "3", *SAMPLING]),
+        lambda: _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                      f"--master-port={free_port()}", str(TOOL), "--load", str(model_dir), "--input",
+                      str(prompt_file), "--output", str(two), "--micro-batch-size", "1", *SAMPLING]))
     assert single.returncode == 0, single.stderr[-3000:]
     assert "tokens/s" in single.stdout and f"wrote {one}" in single.stdout
     rows = _read(one)
@@ -83,11 +91,7 @@ def test_samples_file_and_data_parallel_run_agree(model_dir, prompt_file, tmp_pa
             assert sample["num_tokens"] == 6 if sample["finish_reason"] == "length" else sample["num_tokens"] <= 5
     assert len(load_sample_records(one)) == len(PROMPTS)  # the verifier/pair-building reader accepts it
 
-    # Two data-parallel ranks through torchrun, other micro-batch size: the same file.
-    two = tmp_path / "two.jsonl"
-    dp2 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-                str(TOOL), "--load", str(model_dir), "--input", str(prompt_file), "--output", str(two),
-                "--micro-batch-size", "1", *SAMPLING])
+    # The data-parallel run: the same file.
     assert dp2.returncode == 0, dp2.stderr[-3000:]
     assert "DP 2" in dp2.stdout
     assert two.read_text() == one.read_text()

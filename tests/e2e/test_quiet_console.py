@@ -12,7 +12,7 @@ import sys
 
 from megatron_tgdpo.testing import run_command, torchrun, user_env
 
-from suite import ROOT
+from suite import ROOT, side_by_side
 
 FALLBACK_NOTICE = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."
 
@@ -32,15 +32,15 @@ def test_no_library_warning_on_any_rank_unless_verbose(tmp_path):
               "--no-tensorboard"]
     dpo = _torchrun(*common, "--loss-type", "dpo", "--train-iters", "2", "--save", str(tmp_path / "dpo"))
     assert dpo.returncode == 0, dpo.stderr[-3000:]
-    tgdpo = _torchrun(*common, "--loss-type", "tgdpo", "--train-iters", "1", "--guidance-load", str(tmp_path / "dpo"))
+    guided = [*common, "--loss-type", "tgdpo", "--train-iters", "1", "--guidance-load", str(tmp_path / "dpo")]
+    # The same guided run without and with --verbose: both only read the DPO run's files, so side by side.
+    tgdpo, verbose = side_by_side(lambda: _torchrun(*guided), lambda: _torchrun(*guided, "--verbose"))
     assert tgdpo.returncode == 0, tgdpo.stderr[-3000:]
     for run in (dpo, tgdpo):
         assert _warning_lines(run.stderr) == [], run.stderr[-3000:]
         assert _warning_lines(run.stdout) == [], run.stdout[-3000:]
     assert "iter      1/1" in tgdpo.stdout
 
-    verbose = _torchrun(*common, "--loss-type", "tgdpo", "--train-iters", "1", "--guidance-load",
-                        str(tmp_path / "dpo"), "--verbose")
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert verbose.stderr.count(FALLBACK_NOTICE) == 2, verbose.stderr[-3000:]  # one per rank
     assert "deprecating ShardedTensor" in verbose.stderr  # the torch_dist loader's notice, hidden above
@@ -52,9 +52,11 @@ def test_the_environment_variable_is_verbose_too():
     code = ("from megatron_tgdpo.runtime.console import quiet_library_warnings; quiet_library_warnings(); "
             "import megatron.core.optimizer")
     env = user_env()
-    quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    loud = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, MEGATRON_TGDPO_VERBOSE="1"),
-                          capture_output=True, text=True, timeout=120)
+    quiet, loud = side_by_side(  # two independent processes: one on each core
+        lambda: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=120),
+        lambda: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, MEGATRON_TGDPO_VERBOSE="1"),
+                               capture_output=True, text=True, timeout=120))
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert _warning_lines(quiet.stderr) == [], quiet.stderr
     assert FALLBACK_NOTICE in loud.stderr, loud.stderr

@@ -1,10 +1,15 @@
 """``replicate --methods ...`` with TGDPO's controls, cross-fitted and reward-model guidance, at the smoke
 size: every row is printed, the shuffled control applies TGDPO's weights (same per-response sums, so the
 same logged weight means), the constant control's rejected weight is TGDPO's mean, cross-fitting scores
-every pair, and TGDPO guided by the reward model trained on the pairs applies weights of its own."""
+every pair, and TGDPO guided by the reward model trained on the pairs applies weights of its own.
+
+The run starts from a copy of the smoke pipeline's finished work directory (the session fixture
+``smoke_replication``, tests/e2e/conftest.py): its SFT model, samples, pairs, DPO and TGDPO runs have the
+settings this run asks for, so they are resumed, and the controls are trained on them."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,8 +28,10 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_controls_and_crossfit_run_end_to_end(tmp_path):
+def test_controls_and_crossfit_run_end_to_end(smoke_replication, tmp_path):
     work = tmp_path / "work"
+    if smoke_replication.again.returncode == 0:  # else from an empty directory: every stage runs here
+        shutil.copytree(smoke_replication.work, work, symlinks=True)
     result = run_command([sys.executable, "-m", "megatron_tgdpo.replicate", "--preset", "smoke", "--workdir", str(work),
                           "--methods", METHODS, "--eval-samples", "0"], cwd=ROOT, env=user_env(), timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -21,6 +21,8 @@ import torch
 
 from megatron_tgdpo.testing import free_port
 
+from suite import side_by_side
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,17 +102,17 @@ def test_pipeline_sample_stage_stops_at_generation_config_eos_like_the_generate_
 
     work = setup["work"]
     by_command = work / "generate.jsonl"
-    result = _run([sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(setup["model"]), "--input",
-                   str(setup["inputs"]), "--output", str(by_command), "--temperature", "0", "--num-samples", "1",
-                   "--max-new-tokens", str(MAX_NEW), "--micro-batch-size", "3"])
-    assert result.returncode == 0, result.stderr[-3000:]
-
     by_worker = work / "worker.jsonl"
     jobs = work / "jobs.json"
     jobs.write_text(json.dumps([{"load": str(setup["model"]), "input": str(setup["inputs"]), "output": str(by_worker),
                                  "temperature": 0.0, "num_samples": 1, "max_new_tokens": MAX_NEW, "seed": 1}]))
-    result = _run([sys.executable, "-m", "megatron_tgdpo.pipeline.sample", str(jobs)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    command, worker = side_by_side(  # independent processes: one on each core
+        lambda: _run([sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(setup["model"]), "--input",
+                      str(setup["inputs"]), "--output", str(by_command), "--temperature", "0", "--num-samples", "1",
+                      "--max-new-tokens", str(MAX_NEW), "--micro-batch-size", "3"]),
+        lambda: _run([sys.executable, "-m", "megatron_tgdpo.pipeline.sample", str(jobs)]))
+    for result in (command, worker):
+        assert result.returncode == 0, result.stderr[-3000:]
 
     tokenizer = setup["tokenizer"]
     stops = setup["own"] | {setup["extra"]}

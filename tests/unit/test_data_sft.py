@@ -21,7 +21,7 @@ from megatron_tgdpo.data.records import PROBLEM_CODES, Message, Problem, SFTReco
 from megatron_tgdpo.data.tokenizer import load_tokenizer
 from megatron_tgdpo.data.truncation import LengthPolicy
 
-from suite import ROOT
+from suite import ROOT, side_by_side
 
 SP_MODEL = SYNTHETIC_DIR / "tokenizer.model"
 U = {"role": "user", "content": "sort: 3 1 ="}
@@ -180,11 +180,12 @@ def test_cli_format_sft(tmp_path):
     source = _write(tmp_path / "sft.jsonl", [{"prompt": "sort: 3 1 =", "response": " 1 3"}])
     base = [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--input", str(source), "--tokenizer",
             str(SP_MODEL), "--chat-template", "plain", "--workers", "1", "--quiet", "--min-prompt-tokens", "4"]
-    done = subprocess.run(base + ["--format", "sft", "--output-prefix", str(tmp_path / "s")], capture_output=True,
-                          text=True)
+    done, wrong = side_by_side(  # two independent processes: one on each core
+        lambda: subprocess.run(base + ["--format", "sft", "--output-prefix", str(tmp_path / "s")],
+                               capture_output=True, text=True),
+        lambda: subprocess.run(base + ["--output-prefix", str(tmp_path / "p")], capture_output=True, text=True))
     assert done.returncode == 0, done.stderr
     assert json.loads(manifest_path(tmp_path / "s").read_text())["kind"] == "sft"
-    wrong = subprocess.run(base + ["--output-prefix", str(tmp_path / "p")], capture_output=True, text=True)
     assert wrong.returncode == 1 and "--format sft" in wrong.stderr
 
 
