@@ -32,7 +32,7 @@ own forward step; under pipeline parallelism the whole group's frozen activation
 micro-batch's message (the others carry only the policy's), which needs stages that exchange shapes
 (packed rows without virtual stages). Rows layouts, context parallelism and shared-prompt rows score
 one micro-batch per call. On CPU the log-probs are bit-identical to one call per micro-batch (every
-op is row- or segment-local; ``tests/distributed/test_frozen_scoring.py``); on a GPU a longer row may
+op is row- or segment-local; ``tests/distributed/test_frozen_grouping.py``); on a GPU a longer row may
 select other kernels, so that is not promised there and CUDA runs keep one call per micro-batch
 unless asked.
 """
@@ -172,7 +172,12 @@ class FrozenScorer:
         ``{key: logps * loss_mask}`` on the last stage, empty elsewhere). A micro-batch that an earlier
         one's call scored gets what that call kept for it."""
         if index is not None and index in self.grouped:
-            return [], self.kept.pop((self._stage_of(frozen), index), {})
+            if not gpt_model(frozen[0]).post_process:
+                return [], {}  # the group's activations went on in its first micro-batch's message
+            kept = self.kept.pop((self._stage_of(frozen), index), None)
+            if kept is None:  # a schedule that runs micro-batches out of order would land here
+                raise RuntimeError(f"micro-batch {index}'s frozen log-probs were not scored with its group's first")
+            return [], kept
         if index is not None and index in self.group_of:
             return self._forward_group(frozen, index)
         outputs, scored = [], {}
