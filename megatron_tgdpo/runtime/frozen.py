@@ -24,8 +24,8 @@ the last stage each one's ``[R, S]`` fp32 log-probs until the loss has read them
 
 **Several micro-batches per call.** A small model's forward costs mostly per-call host work (each
 layer's Python, one RoPE and attention call per segment), not per token. With ``per_call`` > 1 (or
-``0``, automatic: micro-batches up to :data:`AUTO_TOKENS_PER_CALL` positions per call on CPU, one per
-call with CUDA) a frozen model scores consecutive packed micro-batches as one longer packed row: the
+``0``, automatic: micro-batches up to :data:`AUTO_TOKENS_PER_CALL` positions per call on CPU without
+pipeline parallelism, one per call otherwise) a frozen model scores consecutive packed micro-batches as one longer packed row: the
 rows side by side, every segment still attending only to itself. It runs in the forward step of the
 group's first micro-batch; on the last stage each member's log-probs are split off and kept until its
 own forward step; under pipeline parallelism the whole group's frozen activations travel in the first
@@ -63,12 +63,16 @@ def call_groups(microbatches: Sequence[Batch], *, per_call: int, cuda: bool,
                 pipeline_shapes_vary: bool, pipeline_parallel: int, context_parallel: int) -> list[list[int]]:
     """Which micro-batches each frozen call scores (consecutive indices, in order), or one each.
 
-    ``per_call``: micro-batches per call, ``0`` for automatic (CPU: up to :data:`AUTO_TOKENS_PER_CALL`
-    row positions; CUDA: one). Groups only where it stays exact and the schedule can carry it: packed
+    ``per_call``: micro-batches per call, ``0`` for automatic (one pipeline stage on CPU: up to
+    :data:`AUTO_TOKENS_PER_CALL` row positions; with CUDA or pipeline parallelism: one). Groups only where it stays exact and the schedule can carry it: packed
     rows without shared prompts, no context parallelism, and under pipeline parallelism stages that
     exchange each message's shape."""
     single = [[i] for i in range(len(microbatches))]
-    if per_call == 1 or (per_call == 0 and cuda) or context_parallel > 1:
+    if per_call == 1 or context_parallel > 1:
+        return single
+    # Automatic: one stage on CPU only. Under PP a group's first micro-batch makes a long forward step
+    # on every stage while the others wait, and on CPU that measured no cheaper than one call each.
+    if per_call == 0 and (cuda or pipeline_parallel > 1):
         return single
     if pipeline_parallel > 1 and not pipeline_shapes_vary:
         return single

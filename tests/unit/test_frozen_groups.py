@@ -42,7 +42,9 @@ def test_an_explicit_count_and_where_calls_stay_single():
     assert _groups(batches, cuda=True, per_call=3) == [[0, 1, 2], [3, 4]]  # unless asked
     assert _groups(batches, context_parallel=2) == single
     assert _groups(batches, pipeline_parallel=2) == single  # fixed message shapes
-    assert _groups(batches, pipeline_parallel=2, pipeline_shapes_vary=True) == [list(range(5))]
+    assert _groups(batches, pipeline_parallel=2, per_call=5) == single  # fixed message shapes
+    assert _groups(batches, pipeline_parallel=2, pipeline_shapes_vary=True) == single  # automatic: PP 1 only
+    assert _groups(batches, pipeline_parallel=2, pipeline_shapes_vary=True, per_call=5) == [list(range(5))]
     shared = [_packed([3, 5], prefix_of=(-1, 0)) for _ in range(5)]
     assert _groups(shared) == single
     rows = [Batch.from_rows({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, num_pairs=1) for _ in range(3)]
