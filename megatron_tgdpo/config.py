@@ -167,6 +167,10 @@ class TrainConfig:
                 "[tokens, vocab/TP] logits (--no-fused-logprobs: megatron's output layer, then the plain op)"})
     logits_chunk_size: Optional[int] = field(default=None, metadata={
         "help": "tokens per log-prob chunk; default: chunks whose fp32 work buffer is 128 MiB"})
+    frozen_micro_batches_per_call: int = field(default=0, metadata={
+        "help": "packed micro-batches a frozen reference/guidance model scores per forward call, as one longer "
+                "row (exact on CPU); 0: automatic (CPU without pipeline parallelism: up to 4096 row positions per "
+                "call; otherwise 1)"})
 
     # --- the chosen method's own settings (sections) ------------------------------------------
     preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={"section": True})

@@ -109,6 +109,7 @@ BOUNDS: dict[str, Bound] = {
     "--global-batch-size": _int(1, 2**20),
     "--pad-to-multiple-of": _int(1, 2**16),
     "--logits-chunk-size": _int(1, 2**26),
+    "--frozen-micro-batches-per-call": _int(0, 2**16),
     # --- loss ---------------------------------------------------------------------------------
     "--beta": Bound(0.0, 1e3, low_open=True),
     "--alpha": Bound(0.0, 1e3),

@@ -31,7 +31,7 @@ from megatron_tgdpo import compat
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.data.packing import packed_seq_params_for
 from megatron_tgdpo.models.fused_head import disable_fused_head, enable_fused_head, output_logprobs
-from megatron_tgdpo.runtime.frozen import FrozenScorer, logps_key
+from megatron_tgdpo.runtime.frozen import FrozenScorer, call_groups, logps_key
 
 __all__ = ["Head", "LogprobSettings", "LossFn", "context_parallel", "local_batch", "run_schedule", "score_frozen",
            "score_logps"]
@@ -50,14 +50,17 @@ class LogprobSettings:
     inside the log-prob op, so the ``[tokens, V/tp]`` logits never exist (``models/fused_head.py``);
     otherwise megatron's output layer produces vocab-sharded logits and the plain op reads them.
     ``chunk_size``: tokens per chunk, ``None`` for one chunk, ``"auto"`` for chunks whose fp32 work
-    buffer is ``ops.DEFAULT_CHUNK_BYTES`` (128 MiB)."""
+    buffer is ``ops.DEFAULT_CHUNK_BYTES`` (128 MiB). ``frozen_per_call``: micro-batches a frozen model
+    scores per call, ``0`` automatic (``runtime/frozen.py``, "Several micro-batches per call")."""
 
     fused: bool = True
     chunk_size: Union[int, None, str] = "auto"
+    frozen_per_call: int = 0
 
     @classmethod
     def of(cls, cfg) -> "LogprobSettings":
-        return cls(fused=cfg.fused_logprobs, chunk_size=cfg.logits_chunk_size or "auto")
+        return cls(fused=cfg.fused_logprobs, chunk_size=cfg.logits_chunk_size or "auto",
+                   frozen_per_call=getattr(cfg, "frozen_micro_batches_per_call", 0))
 
 
 def context_parallel() -> tuple[int, int, Any]:
@@ -102,7 +105,15 @@ def run_schedule(
     cp_rank, cp_size, _ = context_parallel()
     scorer = None
     if frozen:
-        scorer = FrozenScorer(frozen, chunks=chunks, chunk_size=logprobs.chunk_size)
+        from megatron.core import parallel_state as ps
+
+        from megatron_tgdpo.models.state_dict import gpt_model
+
+        groups = call_groups(microbatches, per_call=logprobs.frozen_per_call, cuda=torch.cuda.is_available(),
+                             pipeline_shapes_vary=bool(getattr(gpt_model(chunks[0]).config, "variable_seq_lengths", False)),
+                             pipeline_parallel=ps.get_pipeline_model_parallel_world_size(), context_parallel=cp_size)
+        scorer = FrozenScorer(frozen, chunks=chunks, chunk_size=logprobs.chunk_size, microbatches=microbatches,
+                              groups=groups)
         for models in scorer.models.values():
             for chunk in models:
                 (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
@@ -123,8 +134,8 @@ def run_schedule(
         inputs = (batch["input_ids"], batch["position_ids"])
         with compat.hot_path(context_parallel_size=cp_size):
             if scorer is not None:  # the frozen models first: their transient memory is gone before ours exists
-                frozen_outputs, scored = scorer.forward(scorer.split_input(model), batch, inputs,
-                                                        dict(kwargs, attention_mask=None))
+                frozen_outputs, scored = scorer.forward(scorer.split_input(model, index), batch, inputs,
+                                                        dict(kwargs, attention_mask=None), index)
                 if scored:
                     batch = batch.with_per_token(**scored)
             output = model(*inputs, attention_mask=None, **kwargs)
