@@ -136,7 +136,7 @@ SLOW: tuple[str, ...] = (
     "tests/e2e/test_replicate.py",
     # the controls and cross-fitting, resumed from a copy of smoke_replication's work directory
     "tests/e2e/test_replicate_controls.py",
-    "tests/e2e/test_replicate_credit.py",  # the credit preset at smoke sizes: two seeds, each its own data
+    "tests/e2e/test_replicate_credit.py",  # the credit preset at smoke sizes: one seed with its own data, then its resume
     "tests/e2e/test_sft_data_training.py",  # 34.8: prepare, train and refuse through the CLI
 )
 
