@@ -528,7 +528,7 @@ def report(args, out: Path, results: dict) -> str:
     lines += _paired_lines(finals, baseline=next(name for name in finals if name.startswith("sparse PPO")), only="RTO")
     # sample efficiency: the first evaluation at which RTO's mean reaches sparse PPO's final mean
     sparse_final = fmean(_heldout(Path(results["seeds"][s]["sparse_ppo"]))[final]["score"] for s in seeds)
-    start = fmean(_heldout(Path(results["seeds"][s]["sparse_ppo"]))[0]["score"] for s in seeds)
+    start = fmean(results["seeds"][s]["sft"]["score"] for s in seeds)  # where both PPO runs start
     reached = None
     for n in ppo_points:
         if n > 0 and fmean(_heldout(Path(results["seeds"][s]["rto"]))[n]["score"] for s in seeds) >= sparse_final:

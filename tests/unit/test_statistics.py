@@ -116,3 +116,12 @@ def test_rto_comparison_reports_sample_sd_and_paired_differences(tmp_path):
     half = (0.95 / math.sqrt(2 * 0.975 * 0.025)) * statistics.stdev(diffs) / math.sqrt(3)
     mean_ = statistics.fmean(diffs)
     assert rto_line.split("|")[3].strip() == f"{mean_:+.3f} [{mean_ - half:+.3f}, {mean_ + half:+.3f}] 3/0/0"
+    # RTO against sparse PPO, paired by seed: 0.1, 0.05, 0.08
+    versus_sparse = text[text.index("paired difference to sparse PPO"):]
+    rto_vs_sparse = next(line for line in versus_sparse.splitlines() if line.startswith("| RTO"))
+    diffs = [0.1, 0.05, 0.08]
+    half = (0.95 / math.sqrt(2 * 0.975 * 0.025)) * statistics.stdev(diffs) / math.sqrt(3)
+    mean_ = statistics.fmean(diffs)
+    assert rto_vs_sparse.split("|")[3].strip() == f"{mean_:+.3f} [{mean_ - half:+.3f}, {mean_ + half:+.3f}] 3/0/0 *"
+    # Both improved on SFT (0.2): the sample-efficiency sentence is there.
+    assert "RTO's mean first reaches it at" in text
