@@ -4,7 +4,7 @@
     megatron-tgdpo replicate --seeds 3 --alphas 0.5,1,2 --curves 14 --figures docs/img
     megatron-tgdpo replicate --model smollm2 --seeds 3   # a real chat model: about 12 CPU-minutes a seed
     megatron-tgdpo replicate --preset credit --seeds 8 --figures docs/img   # long answers, every method and
-                                                    # control, each seed its own data: ~6 CPU-minutes a seed
+                                                    # control, each seed its own data: ~7 CPU-minutes a seed
 
 Make prompts (SFT / preference / held-out, disjoint) -> SFT on prompt + ideal answer -> sample k responses
 per preference prompt from the SFT model -> score them with the task's verifier -> best vs worst pairs ->

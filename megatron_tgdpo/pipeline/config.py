@@ -144,7 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # rarely exact; a best-vs-worst pair differs in a few positions of a 12-24-token response, which a
     # sequence-level loss can only credit as a whole. Every method, TGDPO at three alphas, its two
     # controls and cross-fitted guidance; each seed its own data; curves of seed 1.
-    # megatron-tgdpo replicate --preset credit --seeds 8 --figures docs/img: about 6 CPU-minutes a seed.
+    # megatron-tgdpo replicate --preset credit --seeds 8 --figures docs/img: about 7 CPU-minutes a seed.
     "credit": dict(task="reverse", task_params={"min_length": 12, "max_length": 24}, sft_prompts=4000,
                    pref_prompts=800, heldout_prompts=200, seq_length=64, max_new_tokens=26, pad_to_multiple_of=8,
                    sft=TrainSettings(600, 3e-3, 3e-4, global_batch_size=64, micro_batch_size=64),
