@@ -199,16 +199,19 @@ def test_score_file_errors_name_file_line_and_field(tmp_path, line, message):
         read_score_file(twice)
 
 
-def test_flags_name_what_each_plugin_needs(tmp_path):
+def _flag_problems(*argv: str) -> list[str]:
+    """What the configuration check says of a one-rank run with these flags (parse errors included)."""
     from megatron_tgdpo.config import ConfigError, parse_args, validate
 
-    def problems(*argv):
-        try:
-            cfg = parse_args(["--train-iters", "1", *argv])
-        except ConfigError as exc:
-            return exc.problems
-        return validate(cfg, world_size=1, num_heads=4, num_query_groups=4, num_layers=4)
+    try:
+        cfg = parse_args(["--train-iters", "1", *argv])
+    except ConfigError as exc:
+        return exc.problems
+    return validate(cfg, world_size=1, num_heads=4, num_query_groups=4, num_layers=4)
 
+
+def test_flags_name_what_each_plugin_needs(tmp_path):
+    problems = _flag_problems
     assert any("--rejected-weight" in p for p in problems("--token-weight", "constant-rejected"))
     assert not problems("--token-weight", "constant-rejected", "--rejected-weight", "1.1")  # no guidance needed
     assert any("--guidance-scores FILE" in p for p in problems("--guidance-source", "score-file"))
@@ -221,14 +224,8 @@ def test_flags_name_what_each_plugin_needs(tmp_path):
 
 def test_reward_model_source_flags():
     import megatron_tgdpo.algorithms  # noqa: F401 - registers --guidance-source reward-model
-    from megatron_tgdpo.config import ConfigError, parse_args, validate
 
-    def problems(*argv):
-        try:
-            cfg = parse_args(["--train-iters", "1", *argv])
-        except ConfigError as exc:
-            return exc.problems
-        return validate(cfg, world_size=1, num_heads=4, num_query_groups=4, num_layers=4)
+    problems = _flag_problems
 
     assert any("reward-model needs --guidance-load" in p for p in problems("--guidance-source", "reward-model"))
     assert any("--guidance-scale applies to --guidance-source reward-model only" in p
