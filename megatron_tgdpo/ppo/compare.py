@@ -68,18 +68,6 @@ def _builtin_tokenizer() -> str:
     return str(SYNTHETIC_DIR / "tokenizer.model")
 
 
-def tokenizer_identity(path: str) -> str:
-    """What a stage's fingerprint records for a tokenizer: a file's content hash, so the built-in tokenizer is
-    the same one from any checkout or install (its path differs) and an edited file at one path is not;
-    a directory (a Hugging Face tokenizer) by its resolved path."""
-    import hashlib
-
-    file = Path(path)
-    if file.is_file():
-        return "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
-    return str(file.resolve())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_tgdpo.ppo.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +174,14 @@ class Comparison:
         self.runner = StageRunner(out, log=_say)
         self.fp: dict[str, str] = {}  # stage name -> fingerprint, for the stages that read it
         self.tokenizer = str(Path(args.tokenizer).resolve()) if args.tokenizer else _builtin_tokenizer()
+        # Stages record the tokenizer by its files' bytes, not its path: a comparison resumes from any
+        # checkout or install (the built-in tokenizer moves with the package), and an edited file reruns.
+        from megatron_tgdpo.data.tokenizer import TokenizerError, tokenizer_content_hash
+
+        try:
+            self.tokenizer_hash = tokenizer_content_hash(self.tokenizer)
+        except TokenizerError as exc:
+            raise PipelineError(f"--tokenizer: {exc}") from None
 
     def _rel(self, values: Sequence[str]) -> list[str]:
         """Flags as a spec: paths relative to the output directory, so a moved directory still resumes."""
@@ -252,7 +248,7 @@ class Comparison:
                                     for r in records))
             self._prepare(data, prefix, fmt="sft")
 
-        self._stage("sft.data", {"tokenizer": tokenizer_identity(self.tokenizer), "seq_length": args.seq_length},
+        self._stage("sft.data", {"tokenizer": self.tokenizer_hash, "seq_length": args.seq_length},
                     [data, *prepared_files(prefix)], prepare, lambda: prepared_problem(prefix), inputs=["prompts"])
         flags = ["--loss-type", "sft", "--data-path", str(prefix), "--model", "tiny", "--micro-batch-size", "32",
                  "--global-batch-size", "32", "--seq-length", str(args.seq_length), "--lr", "3e-3", "--min-lr", "3e-4",
@@ -326,7 +322,7 @@ class Comparison:
 
         outputs = [d / "samples.jsonl", d / "pairs.jsonl", d / "pair_stats.jsonl", *prepared_files(d / "data"),
                    ckpt, d / "log"]
-        self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": tokenizer_identity(self.tokenizer), "flags": self._rel(flags)}, outputs,
+        self._stage(f"{tag}.dpo.n{n}", {"prompts": n, "tokenizer": self.tokenizer_hash, "flags": self._rel(flags)}, outputs,
                     run, lambda: _checkpoint_problem(ckpt), inputs=[self.sft_stage(seed), f"{tag}.dpo.samples"])
         return ckpt
 

@@ -139,12 +139,17 @@ def test_comparison_fingerprints_the_tokenizer_by_content(tmp_path):
     reruns nothing; an edited tokenizer file at the same path is a different tokenizer."""
     import shutil
 
-    from megatron_tgdpo.ppo.compare import _builtin_tokenizer, tokenizer_identity
+    from megatron_tgdpo.ppo.compare import Comparison, _builtin_tokenizer, build_parser
+
+    def recorded(*flags: str) -> str:
+        return Comparison(build_parser().parse_args(["--output", str(tmp_path / "out"), *flags]),
+                          tmp_path / "out").tokenizer_hash
 
     copy = tmp_path / "elsewhere" / "tokenizer.model"
     copy.parent.mkdir()
     shutil.copyfile(_builtin_tokenizer(), copy)
-    assert tokenizer_identity(str(copy)) == tokenizer_identity(_builtin_tokenizer())
-    assert str(tmp_path) not in tokenizer_identity(str(copy))
+    builtin = recorded()
+    assert recorded("--tokenizer", str(copy)) == builtin
+    assert str(tmp_path) not in builtin
     copy.write_bytes(copy.read_bytes() + b"\0")
-    assert tokenizer_identity(str(copy)) != tokenizer_identity(_builtin_tokenizer())
+    assert recorded("--tokenizer", str(copy)) != builtin
