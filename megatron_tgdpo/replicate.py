@@ -175,7 +175,7 @@ def config_from_args(args: argparse.Namespace):
               "curves": "curve_every", "nproc": "nproc",
               "task": "task", "sft_prompts": "sft_prompts", "pref_prompts": "pref_prompts",
               "heldout_prompts": "heldout_prompts", "sft_noise": "sft_noise", "beta": "beta",
-              "num_samples": "num_samples", "eval_samples": "eval_samples"}
+              "num_samples": "num_samples", "eval_samples": "eval_samples", "vary_data_seed": "vary_data_seed"}
     for flag, name in simple.items():
         if getattr(args, flag, None) is not None:
             overrides[name] = getattr(args, flag)
@@ -183,8 +183,6 @@ def config_from_args(args: argparse.Namespace):
         overrides["task_params"] = {}  # the task's own defaults
     if getattr(args, "task_params", None) is not None:
         overrides["task_params"] = {**overrides.get("task_params", cfg.task_params), **args.task_params}
-    if getattr(args, "vary_data_seed", None) is not None:
-        overrides["vary_data_seed"] = args.vary_data_seed
     if getattr(args, "sft_iters", None) is not None:
         overrides["sft"] = dataclasses.replace(cfg.sft, iters=args.sft_iters)
     pref = {}

@@ -79,6 +79,11 @@ class PipelineConfig:
     threads: int = 1  # torch threads per process (OMP_NUM_THREADS; divided among ranks): 1 is fastest for the
     # tiny model, and far faster than 2 when the cores are shared (spinning OpenMP threads wait on busy cores)
 
+    @property
+    def reward_model_settings(self) -> TrainSettings:
+        """tgdpo-rm's reward model schedule: ``reward_model``, or the preference schedule when unset."""
+        return self.reward_model or self.preference
+
     def tgdpo_alphas(self) -> tuple[float, ...]:
         """Every alpha a TGDPO model is trained with: the main one first, then the sensitivity sweep."""
         return tuple(dict.fromkeys((self.alpha, *self.alphas)))
@@ -143,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 12-24 digits, scored by the fraction of positions right. After SFT the greedy answer is ~0.8 right and
     # rarely exact; a best-vs-worst pair differs in a few positions of a 12-24-token response, which a
     # sequence-level loss can only credit as a whole. Every method, TGDPO at three alphas, its two
-    # controls and cross-fitted guidance; each seed its own data; curves of seed 1.
+    # controls, cross-fitted and reward-model guidance; each seed its own data; curves of seed 1.
     # megatron-tgdpo replicate --preset credit --seeds 8 --figures docs/img: about 7 CPU-minutes a seed.
     "credit": dict(task="reverse", task_params={"min_length": 12, "max_length": 24}, sft_prompts=4000,
                    pref_prompts=800, heldout_prompts=200, seq_length=64, max_new_tokens=26, pad_to_multiple_of=8,

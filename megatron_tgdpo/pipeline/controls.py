@@ -19,7 +19,8 @@ token weights differ (``megatron_tgdpo.guidance``, ``docs/guidance.md``):
   (``megatron_tgdpo.precompute``) and written as a score file; TGDPO then trains on all pairs with
   ``--guidance-source score-file``. The guidance never saw the pair it weights.
 * ``tgdpo-rm``: a Bradley–Terry reward model (``--loss-type rm``: the SFT model with a value head) is
-  trained on the seed's pairs with the preference schedule (stage ``rm``), and TGDPO is guided by its
+  trained on the seed's pairs with its own schedule (``reward_model``; the preference schedule when
+  unset; stage ``rm``), and TGDPO is guided by its
   per-token value differences (``--guidance-source reward-model``, ``--guidance-scale`` 1: the reward
   model's units are those of DPO's implicit reward, so the main alpha means the same). It asks whether a
   learned sequence reward's token split guides as well as the DPO model's log-ratio does.
@@ -119,7 +120,7 @@ def train_controls(rep: Any, seed: int, *, pairs: Path) -> None:
     if "tgdpo-rm" in wanted:
         first.append(("rm", reward_model_flags(cfg, seed=seed, data=pairs, sft=reference, save=s / "rm",
                                                log_dir=s / "logs" / "rm"), []))
-    iters = {"rm": (cfg.reward_model or cfg.preference).iters}
+    iters = {"rm": cfg.reward_model_settings.iters}
     rep._train_stages([(f"{tag}.{model}", flags, s / model, s / "logs" / model, iters.get(model, cfg.preference.iters),
                         inputs + extra) for model, flags, extra in first])
     second = []

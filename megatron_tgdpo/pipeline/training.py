@@ -77,5 +77,5 @@ def reward_model_flags(cfg: PipelineConfig, *, seed: int, data: Path, sft: Path,
     """A Bradley-Terry reward model (``--loss-type rm``) on the preference pairs, with its own schedule
     (``cfg.reward_model``; the preference schedule when unset); its backbone starts from the SFT model (the
     base without one), as every preference model does."""
-    return _common(cfg, cfg.reward_model or cfg.preference, seed=seed, data=data, save=save, log_dir=log_dir) + [
+    return _common(cfg, cfg.reward_model_settings, seed=seed, data=data, save=save, log_dir=log_dir) + [
         "--loss-type", "rm", "--ref-load", str(sft)]
