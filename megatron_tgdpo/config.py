@@ -110,9 +110,11 @@ class TrainConfig:
         "help": "pack several pairs into one row of up to 2 x micro-batch-size x seq-length tokens (no padding "
                 "between them; attention and RoPE stay within each sequence); --no-pack-sequences: one padded "
                 "row per sequence (PPO always uses rows)"})
-    share_prompt: bool = field(default=False, metadata={
-        "help": "with packed rows (the default): each pair's prompt computed once, both responses attending to "
-                "it (exact; on GPU not with --context-parallel-size > 1; no effect on --loss-type sft)"})
+    share_prompt: Optional[bool] = field(default=None, metadata={
+        "help": "each pair's prompt computed once per packed row, both responses attending to it (exact; no "
+                "effect on --loss-type sft). Default: on with packed rows on the local attention (CPU, or GPU "
+                "without TransformerEngine), off with --no-pack-sequences and on TransformerEngine attention "
+                "(--share-prompt turns it on there, at --context-parallel-size 1); --no-share-prompt: off"})
     data_cache_dir: str = "runs/data"
     # --- loss ---------------------------------------------------------------------------------
     loss_type: str = field(default="tgdpo", metadata={"choices": LOSS_TYPES})
@@ -528,8 +530,25 @@ def _guidance_problems(cfg: TrainConfig) -> list[str]:
     return p
 
 
+def shares_prompt(cfg: TrainConfig) -> bool:
+    """Whether packed preference rows hold each pair's prompt once (``--share-prompt``).
+
+    Asked for (``True``) or refused (``False``), it is what the user said (:func:`validate` refuses
+    ``True`` where it cannot apply). Unset (``None``), it is on wherever it is exact and verified: packed
+    rows on the local attention, whose shared-prompt path every layout's tests check against the
+    unshared rows. TransformerEngine's path (``models/te_shared_prompt.py``) is checked only where a GPU
+    runs ``tests/gpu``, so there it waits to be asked for."""
+    if cfg.share_prompt is not None:
+        return bool(cfg.share_prompt)
+    if not cfg.pack_sequences:
+        return False
+    from megatron_tgdpo import compat
+
+    return not compat.te_available()
+
+
 def _share_prompt_problems(cfg: TrainConfig) -> list[str]:
-    if not cfg.share_prompt:
+    if not cfg.share_prompt:  # off, or the default (shares_prompt decides, and never refuses)
         return []
     if cfg.context_parallel_size > 1:
         from megatron_tgdpo import compat

@@ -72,7 +72,7 @@ sys.path.insert(0, str(TOOLS))
 TOKENIZER = ROOT / "examples" / "data" / "synthetic" / "tokenizer.model"
 VARIANTS = {
     "padded": ["--no-pack-sequences"],
-    "packed": ["--pack-sequences"],
+    "packed": ["--pack-sequences", "--no-share-prompt"],
     "packed+shared": ["--pack-sequences", "--share-prompt"],
 }
 TRL = "TRL"

@@ -30,8 +30,8 @@ rows side by side, every segment still attending only to itself. It runs in the 
 group's first micro-batch; on the last stage each member's log-probs are split off and kept until its
 own forward step; under pipeline parallelism the whole group's frozen activations travel in the first
 micro-batch's message (the others carry only the policy's), which needs stages that exchange shapes
-(packed rows without virtual stages). Rows layouts, context parallelism and shared-prompt rows score
-one micro-batch per call. On CPU the log-probs are bit-identical to one call per micro-batch (every
+(packed rows without virtual stages). Rows layouts and context parallelism score one micro-batch per
+call; shared-prompt rows group like the others (each response keeps its own prompt segment). On CPU the log-probs are bit-identical to one call per micro-batch (every
 op is row- or segment-local; ``tests/distributed/test_frozen_grouping.py``); on a GPU a longer row may
 select other kernels, so that is not promised there and CUDA runs keep one call per micro-batch
 unless asked.
@@ -65,7 +65,7 @@ def call_groups(microbatches: Sequence[Batch], *, per_call: int, cuda: bool,
 
     ``per_call``: micro-batches per call, ``0`` for automatic (one pipeline stage on CPU: up to
     :data:`AUTO_TOKENS_PER_CALL` row positions; with CUDA or pipeline parallelism: one). Groups only where it stays exact and the schedule can carry it: packed
-    rows without shared prompts, no context parallelism, and under pipeline parallelism stages that
+    rows (shared prompts included), no context parallelism, and under pipeline parallelism stages that
     exchange each message's shape."""
     single = [[i] for i in range(len(microbatches))]
     if per_call == 1 or context_parallel > 1:
@@ -76,7 +76,7 @@ def call_groups(microbatches: Sequence[Batch], *, per_call: int, cuda: bool,
         return single
     if pipeline_parallel > 1 and not pipeline_shapes_vary:
         return single
-    if not all(b.packed and b.prefix_of is None and b.num_sequences > 0 for b in microbatches):
+    if not all(b.packed and b.num_sequences > 0 for b in microbatches):
         return single
     groups: list[list[int]] = []
     tokens = 0
@@ -92,19 +92,24 @@ def call_groups(microbatches: Sequence[Batch], *, per_call: int, cuda: bool,
 
 def joined_batch(batches: Sequence[Batch]) -> Batch:
     """Packed micro-batches as one packed row: the rows side by side, every segment its own (what a
-    frozen model's forward reads: token ids, positions, labels, segment bounds)."""
+    frozen model's forward reads: token ids, positions, labels, segment bounds, and for shared-prompt
+    rows the prompt segment each response also attends to, renumbered in the joined row)."""
     if len(batches) == 1:
         return batches[0]
-    bounds, offset = [0], 0
+    bounds, offset, prefix_of = [0], 0, []
     for batch in batches:
-        bounds += [offset + b for b in batch.segment_bounds()[1:]]
+        own = batch.segment_bounds()
+        segments_before = len(bounds) - 1
+        prefix_of += [p + segments_before if p >= 0 else -1 for p in (batch.prefix_of or (-1,) * (len(own) - 1))]
+        bounds += [offset + b for b in own[1:]]
         offset += batch.shape[1]
     first = batches[0]
     tensors = {key: torch.cat([b[key] for b in batches], dim=1) for key in ("input_ids", "position_ids", "labels")}
     tensors["cu_seqlens"] = torch.tensor(bounds, dtype=first["cu_seqlens"].dtype, device=first["cu_seqlens"].device)
     return Batch.from_packed(tensors, num_pairs=sum(b.num_pairs for b in batches),
                              num_sequences=sum(b.num_sequences for b in batches),
-                             real_tokens=sum(b.real_tokens for b in batches))
+                             real_tokens=sum(b.real_tokens for b in batches),
+                             prefix_of=tuple(prefix_of) if any(p >= 0 for p in prefix_of) else None)
 
 
 class FrozenScorer:

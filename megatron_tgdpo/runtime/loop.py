@@ -14,7 +14,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_tgdpo import compat, safe_pickle
-from megatron_tgdpo.config import ConfigError, TrainConfig
+from megatron_tgdpo.config import ConfigError, TrainConfig, shares_prompt
 from megatron_tgdpo.monitoring import FlopModel, MetricsLogger, peak_tflops
 from megatron_tgdpo.runtime import save_dir
 from megatron_tgdpo.runtime.algorithm import Algorithm, format_summary
@@ -76,6 +76,13 @@ def run(cfg: TrainConfig, algorithm_cls: type[Algorithm]) -> int:
             lock.release()
 
 
+def _rows(cfg: TrainConfig) -> str:
+    """How the step lays out its sequences, for the start-up line (sharing changes the positions computed)."""
+    if not cfg.pack_sequences:
+        return "padded rows"
+    return "packed rows, prompts shared" if shares_prompt(cfg) and cfg.loss_type != "sft" else "packed rows"
+
+
 def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, stop: StopRequest) -> int:
     trainer = Trainer(cfg, algorithm_cls)
     algorithm = trainer.setup()
@@ -93,7 +100,7 @@ def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, sto
         f"megatron_tgdpo: {algorithm.describe()} | model {arch_name} ({arch.num_parameters() / 1e6:.1f}M params) | "
         f"world {dist.get_world_size()} = TP {cfg.tensor_model_parallel_size} x PP {cfg.pipeline_model_parallel_size}"
         f" x CP {cfg.context_parallel_size} x DP {dp} | megatron-core {compat.mcore_version()} | "
-        f"{'TE' if compat.te_available() else 'local'} layers | {span}"
+        f"{'TE' if compat.te_available() else 'local'} layers | {_rows(cfg)} | {span}"
     )
     if meta is not None:
         logger.info(f"resumed from {meta['path']} (iteration {start_iteration}, {trainer.consumed_samples} samples "

@@ -76,8 +76,10 @@ CASES = {
     # one stage: the whole step's micro-batches in calls of at most 4096 positions
     "pp1-auto-fp32": (1, 0, []),
     "pp1-auto-bf16": (1, 0, ["--bf16"]),
+    "pp1-auto-unshared": (1, 0, ["--no-share-prompt"]),  # the others share prompts (the default)
     # two stages, uneven groups (3 + 3 + 2): a group's activations travel in its first message
-    "pp2-three-fp32": (2, 3, ["--pipeline-model-parallel-size", "2"]),
+    # (unshared rows: shared ones pack these pairs into fewer micro-batches than two groups of 3 need)
+    "pp2-three-fp32": (2, 3, ["--pipeline-model-parallel-size", "2", "--no-share-prompt"]),
 }
 
 

@@ -9,8 +9,9 @@ itself checked against each sequence alone (``test_packed_attention.py``) and ag
 rows in training (``test_packed_training.py``), so equality with it is equality with the plain model.
 
 Then the check is shown to catch a rejected response that sees its chosen response (with and without
-context parallelism), and training end to end: losses and grad norms of ``--share-prompt`` runs equal
-the unshared run's (data and context parallelism included), and the configurations it refuses exit 2
+context parallelism), and training end to end: losses and grad norms of shared-prompt runs (the
+default, and ``--share-prompt`` under CP) equal the ``--no-share-prompt`` run's (data and context
+parallelism included), and the configurations it refuses exit 2
 with one line.
 """
 from __future__ import annotations
@@ -253,12 +254,14 @@ def _argv(tmp: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_training_with_shared_prompts_matches_unshared(tmp_path):
-    assert run_on_ranks(1, run_train, _argv(tmp_path, "unshared"), model_parallel=False) == [0]
-    assert run_on_ranks(2, run_train, _argv(tmp_path, "shared", "--share-prompt"), model_parallel=False) == [0, 0]
+    assert run_on_ranks(1, run_train, _argv(tmp_path, "unshared", "--no-share-prompt"), model_parallel=False) == [0]
+    # The default shares prompts (local attention): no flag here, and the step's real/computed shows it.
+    assert run_on_ranks(2, run_train, _argv(tmp_path, "shared"), model_parallel=False) == [0, 0]
     assert run_on_ranks(2, run_train, _argv(tmp_path, "shared-cp2", "--share-prompt", "--context-parallel-size", "2"),
                         model_parallel=False) == [0, 0]
     ref, got = read_metrics(tmp_path / "unshared"), read_metrics(tmp_path / "shared")
     assert len(ref) == len(got) == 3
+    assert all(m["token_efficiency"] <= 1 for m in ref) and all(m["token_efficiency"] > 1 for m in got)
     for a, b in zip(ref, got):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])

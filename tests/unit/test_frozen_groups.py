@@ -45,8 +45,9 @@ def test_an_explicit_count_and_where_calls_stay_single():
     assert _groups(batches, pipeline_parallel=2, per_call=5) == single  # fixed message shapes
     assert _groups(batches, pipeline_parallel=2, pipeline_shapes_vary=True) == single  # automatic: PP 1 only
     assert _groups(batches, pipeline_parallel=2, pipeline_shapes_vary=True, per_call=5) == [list(range(5))]
-    shared = [_packed([3, 5], prefix_of=(-1, 0)) for _ in range(5)]
-    assert _groups(shared) == single
+    shared = [_packed([3, 5], prefix_of=(-1, 0)) for _ in range(5)]  # shared-prompt rows group too
+    assert _groups(shared) == [list(range(5))]
+    assert _groups(shared, context_parallel=2) == single
     rows = [Batch.from_rows({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, num_pairs=1) for _ in range(3)]
     assert _groups(rows) == [[0], [1], [2]]
 
@@ -61,3 +62,13 @@ def test_joined_batch_puts_rows_side_by_side_with_every_segment_its_own():
         assert torch.equal(joined[key], torch.cat([a[key], b[key]], dim=1))
     assert joined.num_sequences == 5 and joined.num_pairs == 2
     assert joined_batch([a]) is a
+    assert joined.prefix_of is None  # no shared prompts: none in the joined row either
+
+
+def test_joined_batch_renumbers_each_rows_prompt_segments():
+    a = _packed([3, 5, 4], prefix_of=(-1, 0, 0))  # a prompt and its two responses
+    b = _packed([2, 2], start=100)  # a row without shared prompts
+    c = _packed([2, 3, 3, 1], start=200, prefix_of=(-1, 0, 0, -1))
+    joined = joined_batch([a, b, c])
+    assert joined.segment_bounds() == [0, 3, 8, 12, 14, 16, 18, 21, 24, 25]
+    assert joined.prefix_of == (-1, 0, 0, -1, -1, -1, 5, 5, -1)

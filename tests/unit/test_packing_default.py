@@ -1,4 +1,4 @@
-"""Packed rows by default: the trainer, its YAML, PPO (rows only) and the pipeline presets; the
+"""Packed rows and shared prompts by default: the trainer, its YAML, PPO (rows only) and the pipeline presets; the
 virtual-stage plan (one row length per step, a multiple of PP micro-batches) against hand counts; and
 bench_step's single-stage positions against a hand count."""
 from __future__ import annotations
@@ -20,6 +20,29 @@ def test_trainer_packs_by_default_and_no_pack_sequences_keeps_rows(tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text("train_iters: 1\npack_sequences: false\n")
     assert parse_args(["--config", str(yaml)]).pack_sequences is False
+
+
+def test_prompts_are_shared_by_default_where_the_attention_is_verified(monkeypatch):
+    from megatron_tgdpo import compat
+    from megatron_tgdpo.config import shares_prompt, validate
+
+    base = ["--train-iters", "1"]
+    shape = dict(world_size=1, num_heads=4, num_query_groups=4, num_layers=2)
+    monkeypatch.setattr(compat, "te_available", lambda: False)  # the local attention
+    assert parse_args(base).share_prompt is None  # unset: shares_prompt decides
+    assert shares_prompt(parse_args(base)) is True
+    assert shares_prompt(parse_args(base + ["--no-share-prompt"])) is False
+    assert shares_prompt(parse_args(base + ["--context-parallel-size", "2"])) is True
+    # Padded rows share nothing, and the default is no reason to refuse them; asking for both is refused.
+    assert shares_prompt(parse_args(base + ["--no-pack-sequences"])) is False
+    assert not [p for p in validate(parse_args(base + ["--no-pack-sequences"]), **shape) if "share-prompt" in p]
+    assert [p for p in validate(parse_args(base + ["--no-pack-sequences", "--share-prompt"]), **shape)
+            if "share-prompt" in p] == ["--share-prompt needs --pack-sequences (the prompt is shared inside a packed row)"]
+    monkeypatch.setattr(compat, "te_available", lambda: True)  # TransformerEngine: only when asked for
+    assert shares_prompt(parse_args(base)) is False
+    assert shares_prompt(parse_args(base + ["--share-prompt"])) is True
+    assert not [p for p in validate(parse_args(base + ["--context-parallel-size", "2"]), **{**shape, "world_size": 2})
+                if "share-prompt" in p]
 
 
 def test_ppo_trains_rows_and_refuses_the_flag_by_name(tmp_path):
