@@ -32,7 +32,7 @@ from megatron_tgdpo.config import ConfigError, PreferenceConfig, TrainConfig
 from megatron_tgdpo.data.batch import Batch
 from megatron_tgdpo.losses.reward_model import bradley_terry_loss_sums, sequence_scores, token_value_differences
 from megatron_tgdpo.models.llama import LlamaArch
-from megatron_tgdpo.models.sources import ModelSource
+from megatron_tgdpo.models.sources import is_reward_model_checkpoint
 from megatron_tgdpo.models.state_dict import gpt_model
 from megatron_tgdpo.models.value_head import VALUE_HEAD, attach_value_head, has_value_head, value_output
 from megatron_tgdpo.runtime import setup
@@ -45,19 +45,6 @@ __all__ = ["RewardModelAlgorithm", "build_reward_model", "is_reward_model_checkp
 
 RM_METRICS = ("loss", "rm/accuracy", "rm/chosen", "rm/rejected", "rm/margin")
 EVAL_METRICS = RM_METRICS + ("rm/score", "rm/score_sq")
-
-
-def is_reward_model_checkpoint(path: Optional[str]) -> bool:
-    """Whether ``path`` is a torch_dist checkpoint saved by ``--loss-type rm`` (value head included)."""
-    from megatron_tgdpo import checkpointing
-
-    if path is None or ModelSource.of(path).kind != "torch_dist":
-        return False
-    try:
-        meta = checkpointing.read_metadata(checkpointing.resolve(path))
-    except checkpointing.CheckpointError:
-        return False
-    return (meta.get("config") or {}).get("loss_type") == "rm"
 
 
 def head_init_std(arch: LlamaArch) -> float:

@@ -32,7 +32,7 @@ from megatron_tgdpo.data.gguf_tokenizer import is_gguf_file
 from megatron_tgdpo.integrity import file_checksum
 from megatron_tgdpo.models.llama import LlamaArch, preset
 
-__all__ = ["ModelSource", "resolve_arch"]
+__all__ = ["ModelSource", "is_reward_model_checkpoint", "resolve_arch"]
 
 # What identifies a Hugging Face / converted directory without hashing tens of GB of weights.
 _MODEL_METADATA = ("tgdpo_converted.json", "config.json", "model.safetensors.index.json", "generation_config.json")
@@ -158,3 +158,15 @@ def resolve_arch(
     if tokenizer_vocab is not None and tokenizer_vocab > arch.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens but --model {model} only {arch.vocab_size}")
     return arch, f"preset {model}"
+
+
+def is_reward_model_checkpoint(path: Optional[str]) -> bool:
+    """Whether ``path`` is a torch_dist checkpoint saved by ``--loss-type rm`` (a value head where a
+    language model has its output layer): what reward-model flags take and language-model flags must not."""
+    if path is None or ModelSource.of(path).kind != "torch_dist":
+        return False
+    try:
+        meta = checkpointing.read_metadata(checkpointing.resolve(path))
+    except checkpointing.CheckpointError:
+        return False
+    return (meta.get("config") or {}).get("loss_type") == "rm"

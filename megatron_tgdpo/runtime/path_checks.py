@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["CACHE_FORMAT", "CACHE_MANIFEST", "MODEL_DIRECTORY", "config_problems", "logprob_cache_problem", "model_dir_problem"]
+__all__ = ["CACHE_FORMAT", "CACHE_MANIFEST", "MODEL_DIRECTORY", "config_problems", "logprob_cache_problem", "model_dir_problem",
+           "reward_model_problem"]
 
 #: what every model flag (--ref-load, --guidance-load, --reward-model-load, --critic-load) accepts
 MODEL_DIRECTORY = ("a checkpoint directory (a --save root with iter_* directories, or one iter_* directory) or a "
@@ -104,10 +105,26 @@ def _fp8_problem(fp8_format: Optional[str]) -> Optional[str]:
     return None
 
 
+def reward_model_problem(flag: str, path: Optional[str], *, takes: str) -> Optional[str]:
+    """A reward-model checkpoint given to a flag that loads a language model (its log-probs are read),
+    or None."""
+    from megatron_tgdpo.models.sources import is_reward_model_checkpoint
+
+    if path is None or not os.path.exists(path) or not is_reward_model_checkpoint(path):
+        return None
+    return f"{flag} {path}: a reward model checkpoint (saved by --loss-type rm), not a language model; {takes}"
+
+
 def config_problems(cfg: Any) -> list[str]:
     """Every wrong-kind path and unrunnable flag of a training configuration, one line each."""
     found = [model_dir_problem(flag, getattr(cfg, name, None)) for flag, name in
              (("--ref-load", "ref_load"), ("--guidance-load", "guidance_load"))]
+    found.append(reward_model_problem("--ref-load", getattr(cfg, "ref_load", None),
+                                      takes="--ref-load takes the reference policy (the model training starts from)"))
+    if getattr(cfg, "guidance_source", "dpo-model") == "dpo-model":
+        found.append(reward_model_problem(
+            "--guidance-load", getattr(cfg, "guidance_load", None),
+            takes="add --guidance-source reward-model to guide with it, or give a DPO-trained model"))
     found.append(model_dir_problem("--load", getattr(cfg, "load", None), checkpoint_root_ok=False))
     found.append(logprob_cache_problem(getattr(cfg, "logprob_cache", None)))
     found.append(_fp8_problem(getattr(cfg, "fp8_format", None)))

@@ -181,3 +181,40 @@ def test_refuses_what_is_not_a_reward_model_and_context_parallelism(reward_model
     with pytest.raises(RankFailure, match="ConfigError: --guidance-source reward-model does not work with "
                                           "--context-parallel-size 2"):
         run_on_ranks(2, run_train, cp, model_parallel=False)
+
+
+def test_language_model_flags_refuse_a_reward_model_checkpoint(reward_model):
+    """A reward model's checkpoint has a value head where a language model has its output layer: as
+    --ref-load, or as --guidance-load of DPO-model guidance (training or the log-prob cache tool), it is
+    refused by name before anything is built."""
+    from megatron_tgdpo.config import TrainConfig
+    from megatron_tgdpo.runtime.path_checks import config_problems
+
+    rm = str(reward_model / "rm")
+    plain = dict(data_cache_dir=str(reward_model / "data"), train_iters=1, micro_batch_size=2,
+                 global_batch_size=GLOBAL_BATCH, seq_length=SEQ, seed=SEED, loss_type="tgdpo")
+    as_guidance = TrainConfig(**plain)
+    as_guidance.preference.guidance_load = rm
+    (line,) = [p for p in config_problems(as_guidance) if "reward model" in p]
+    assert line.startswith(f"--guidance-load {rm}: a reward model checkpoint") and "--guidance-source reward-model" in line
+    guided = TrainConfig(**plain)  # the same checkpoint through the reward-model source is fine here
+    guided.preference.guidance_source, guided.preference.guidance_load = "reward-model", rm
+    assert not [p for p in config_problems(guided) if "reward model" in p]
+    as_reference = TrainConfig(**{**plain, "loss_type": "dpo"}, ref_load=rm)
+    assert [p for p in config_problems(as_reference) if "reward model" in p] == [
+        f"--ref-load {rm}: a reward model checkpoint (saved by --loss-type rm), not a language model; --ref-load "
+        "takes the reference policy (the model training starts from)"]
+    # The log-prob cache tool checks its configuration the same way (on a rank: it sizes the data layout).
+    (refusal,) = run_on_ranks(1, _scoring_refusal, as_guidance, model_parallel=False)
+    assert refusal.startswith(f"--guidance-load {rm}: a reward model checkpoint"), refusal
+
+
+def _scoring_refusal(cfg) -> str:
+    from megatron_tgdpo.precompute import ToolError, scoring_config
+
+    try:
+        scoring_config(cfg, 1)
+    except ToolError as exc:
+        line = next(line for line in str(exc).splitlines() if "reward model" in line).strip()
+        return line[2:] if line.startswith("- ") else line  # one problem of a list
+    return "accepted"
