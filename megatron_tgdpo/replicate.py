@@ -94,6 +94,10 @@ def build_parser(*, prog: str = "python -m megatron_tgdpo.replicate", doc: str =
     parser.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=None,
                         help="pack several examples into each row in every training job (default: the preset's; "
                         "on in every preset but full, whose docs/results.md figures were measured with padded rows)")
+    parser.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="preference jobs: each pair's prompt once per packed row (default: the trainer's, on "
+                        "for packed rows on the local attention; docs/results.md's figures were measured with "
+                        "--no-share-prompt)")
     parser.add_argument("--verbose", action="store_true", help="show library warnings (also MEGATRON_TGDPO_VERBOSE=1)")
     parser.add_argument("--nproc", type=int, help="ranks per training job (default 1: fastest for the tiny model)")
     sizes = parser.add_argument_group("task and sizes (defaults from --preset)")
@@ -171,7 +175,7 @@ def config_from_args(args: argparse.Namespace):
         overrides["seeds"] = tuple(range(1, args.seeds + 1))
     elif args.seed_list is not None:
         overrides["seeds"] = args.seed_list
-    simple = {"pack_sequences": "pack_sequences", "alpha": "alpha", "alphas": "alphas", "methods": "methods",
+    simple = {"pack_sequences": "pack_sequences", "share_prompt": "share_prompt", "alpha": "alpha", "alphas": "alphas", "methods": "methods",
               "curves": "curve_every", "nproc": "nproc",
               "task": "task", "sft_prompts": "sft_prompts", "pref_prompts": "pref_prompts",
               "heldout_prompts": "heldout_prompts", "sft_noise": "sft_noise", "beta": "beta",

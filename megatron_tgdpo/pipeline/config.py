@@ -55,6 +55,9 @@ class PipelineConfig:
     # --pack-sequences for every training job (the trainer's default). Off in "full": docs/results.md was
     # measured with padded rows (packing computes the same loss; a rerun packed differs in rounding only).
     pack_sequences: bool = True
+    # --share-prompt / --no-share-prompt for every training job (no effect on SFT); None: the trainer's
+    # default, and no flag (the specs of earlier runs still match).
+    share_prompt: Optional[bool] = None
     sft: TrainSettings = TrainSettings(iters=3000, lr=3e-3, min_lr=3e-4)
     preference: TrainSettings = TrainSettings(iters=112, lr=1e-4, min_lr=1e-5)  # DPO, TGDPO, SimPO, IPO alike
     # tgdpo-rm's Bradley-Terry reward model; None: the preference schedule. A value head learns from scratch,
@@ -104,6 +107,9 @@ class PipelineConfig:
             get_task(self.task, **self.task_params)
         except (TypeError, ValueError, KeyError) as exc:
             out.append(f"task {self.task} with parameters {self.task_params}: {exc}")
+        if self.share_prompt and not self.pack_sequences:
+            out.append("--share-prompt needs packed rows (the prompt is shared inside a packed row): drop "
+                       "--no-pack-sequences or --share-prompt")
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             out.append(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")

@@ -44,6 +44,8 @@ def _common(cfg: PipelineConfig, settings: TrainSettings, *, seed: int, data: Pa
         flags += ["--save-interval", str(save_interval)]
     # Named either way: packed runs keep the specs they had, padded ones say so (the trainer packs by default).
     flags += ["--pack-sequences" if cfg.pack_sequences else "--no-pack-sequences"]
+    if cfg.share_prompt is not None:
+        flags += ["--share-prompt" if cfg.share_prompt else "--no-share-prompt"]
     if cfg.pad_to_multiple_of != 16:  # the trainer's default; left out so specs of earlier runs still match
         flags += ["--pad-to-multiple-of", str(cfg.pad_to_multiple_of)]
     return flags

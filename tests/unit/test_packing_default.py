@@ -67,6 +67,18 @@ def test_pipeline_presets_name_their_layout():
     where = dict(seed=1, data=Path("d"), save=Path("s"), log_dir=Path("l"))
     assert "--no-pack-sequences" in sft_flags(preset("full"), **where)
     assert "--pack-sequences" in sft_flags(preset("demo"), **where)
+    # Shared prompts: the trainer's default unless a run names them (no flag: earlier runs' specs match).
+    from megatron_tgdpo.replicate import build_parser, config_from_args
+
+    assert preset("credit").share_prompt is None and not [f for f in sft_flags(preset("credit"), **where)
+                                                          if "share-prompt" in f]
+    for flag, expected in (("--no-share-prompt", False), ("--share-prompt", True)):
+        cfg = config_from_args(build_parser().parse_args(["--preset", "credit", flag]))
+        assert cfg.share_prompt is expected and flag in sft_flags(cfg, **where)
+    padded = config_from_args(build_parser().parse_args(["--preset", "full", "--share-prompt"]))
+    assert [p for p in padded.problems() if "share-prompt" in p] == [
+        "--share-prompt needs packed rows (the prompt is shared inside a packed row): drop --no-pack-sequences or "
+        "--share-prompt"]
 
 
 # Pairs (prompt 2, chosen 4, rejected 4): two sequences of 6 tokens, 12 a pair (CP 1 pads to 2: none).
