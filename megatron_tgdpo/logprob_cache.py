@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_tgdpo import integrity
+from megatron_tgdpo import compat, integrity
 from megatron_tgdpo.data.batch import Batch
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "ROLES",
     "cached_logps",
     "cached_role_logps",
+    "cached_step_logps",
     "fingerprint_dataset",
     "publish_cache",
     "staging_dir",
@@ -369,14 +370,24 @@ class LogprobCache:
         starts = self.offsets[sequences]
         return starts, self.offsets[sequences + 1] - starts
 
+    def value_index(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Indices into a values file of the spans ``[starts[i], starts[i] + lengths[i])`` back to back
+        (the same for every role: the roles share the offsets)."""
+        total = int(lengths.sum())
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
+        return np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
+
+    def read_values(self, role: str, index: np.ndarray) -> np.ndarray:
+        """fp32 values of ``role`` at ``index`` (:meth:`value_index`), in one indexed read of the
+        (memory-mapped) values file."""
+        self._check_role(role)
+        return np.asarray(self._values[role][index], dtype=np.float32)
+
     def gather(self, role: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """fp32 values of the spans ``[starts[i], starts[i] + lengths[i])`` back to back, in one indexed read
         of the (memory-mapped) values file."""
         self._check_role(role)
-        total = int(lengths.sum())
-        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
-        index = np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
-        return np.asarray(self._values[role][index], dtype=np.float32)
+        return self.read_values(role, self.value_index(starts, lengths))
 
     def batch_logps(self, batch: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
         """fp32 full-length log-probs of ``role`` for a collated batch (a :class:`Batch`, or the rows
@@ -409,28 +420,6 @@ def _response_counts(batch: Batch, owners: torch.Tensor, on: torch.Tensor) -> to
     return counts.index_add_(0, owners + 1, on.to(torch.int64))[1:]  # slot 0 collects the tail (-1)
 
 
-def _place(batch: Batch, owners: torch.Tensor, on: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``values`` (the batch's sequences' response-token log-probs back to back, in sequence order) put
-    at their positions: the k-th response position in (sequence, position) order gets ``values[k]``.
-
-    Positions are ordered by a stable sort on the owner, so any layout whose sequences keep their own
-    tokens in order works (rows, packed segments); all on device, no host synchronisation."""
-    if batch.packed:
-        order = torch.sort(owners, stable=True).indices
-        sorted_on = on[order]
-    else:  # row n is sequence n: row-major order is already (sequence, position) order
-        order, sorted_on = None, on
-    rank = torch.cumsum(sorted_on.to(torch.int64), 0) - 1
-    if values.numel() == 0:
-        picked = torch.zeros(rank.shape, dtype=torch.float32, device=on.device)
-    else:
-        picked = values[rank.clamp(min=0, max=values.numel() - 1)]
-    picked = torch.where(sorted_on, picked, torch.zeros((), dtype=torch.float32, device=on.device))
-    if order is not None:
-        picked = torch.empty_like(picked).index_copy_(0, order, picked)
-    return picked.reshape(batch["loss_mask"].shape)
-
-
 def _count_mismatch(cache: LogprobCache, batch: Batch, samples: np.ndarray, expected: np.ndarray) -> str:
     """The message for the first sequence whose response-token count differs from the cache's span."""
     owners = _owners(batch)
@@ -444,41 +433,95 @@ def _count_mismatch(cache: LogprobCache, batch: Batch, samples: np.ndarray, expe
             f"truncated differently from when the cache was made; {RERUN} on this data set")
 
 
-def cached_role_logps(cache: LogprobCache, batches: Sequence[Batch], role: str) -> list[torch.Tensor]:
-    """fp32 full-length log-probs of ``role`` for each batch (shaped like its ``loss_mask``, zero where it
-    is 0), on the batch's device.
+def _step_slots(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Every position of the step's batches, flattened and concatenated: (its slot, whether it is a
+    response token, whether any batch is packed). Batch ``b``'s sequence ``n`` is slot ``1 + n`` plus
+    the slots of the batches before it (each batch has ``1 + N_b`` slots; its first collects positions
+    of no sequence, the packed tail), so slots ascend in (batch, sequence) order: the order of the
+    cache's values for the step."""
+    device = batches[0]["loss_mask"].device
+    owners = torch.cat([_owners(batch) for batch in batches])
+    on = torch.cat([batch["loss_mask"].reshape(-1) for batch in batches]) != 0
+    if len(batches) == 1:
+        return owners + 1, on, batches[0].packed
+    sizes = torch.tensor([batch.num_tokens for batch in batches], device=device)
+    firsts = np.concatenate([[0], np.cumsum([1 + batch.num_sequences for batch in batches])[:-1]])
+    base = torch.from_numpy(firsts).to(device).repeat_interleave(sizes)
+    return owners + 1 + base, on, any(batch.packed for batch in batches)
 
-    Per call, not per sequence: one host read of the batches' sample ids, one indexed read of the
-    values file for all of them, one copy to the device, one synchronisation for the token-count check;
-    each batch's values are then placed on device (:func:`_place`) without touching its mask on the host."""
-    cache._check_role(role)
+
+def _place_step(slots: torch.Tensor, on: torch.Tensor, values: torch.Tensor, *, packed: bool) -> torch.Tensor:
+    """``values`` (``[R, V]``: per role, the step's response-token log-probs back to back in slot order)
+    put at their positions (``[R, positions]``): the k-th response position in (slot, position) order
+    gets ``values[:, k]``, every other position 0.
+
+    Positions are ordered by a stable sort on the slot, so any layout whose sequences keep their own
+    tokens in order works (rows, packed segments in any order); all on device, no host synchronisation."""
+    if packed:
+        order = torch.sort(slots, stable=True).indices
+        sorted_on = on[order]
+    else:  # row n of each batch is its sequence n: the concatenation is already in slot order
+        order, sorted_on = None, on
+    if values.shape[1] == 0:
+        picked = torch.zeros((values.shape[0], on.numel()), dtype=torch.float32, device=on.device)
+    else:
+        rank = torch.cumsum(sorted_on.to(torch.int64), 0) - 1
+        picked = values[:, rank.clamp(min=0, max=values.shape[1] - 1)]
+        picked = torch.where(sorted_on, picked, torch.zeros((), dtype=torch.float32, device=on.device))
+    if order is not None:
+        picked = torch.empty_like(picked).index_copy_(1, order, picked)
+    return picked
+
+
+def cached_step_logps(cache: LogprobCache, batches: Sequence[Batch], roles: Sequence[str]
+                      ) -> dict[str, list[torch.Tensor]]:
+    """``{role: [fp32 full-length log-probs per batch]}`` (each shaped like its ``loss_mask``, zero where
+    it is 0), on the batches' device.
+
+    Per step, not per batch or sequence: one host read of the batches' sample ids, one indexed read of
+    each role's values file, one copy to the device, one synchronisation for the token-count check,
+    and one placement of every role on all the batches' positions at once (:func:`_place_step`), without
+    touching a mask on the host. The torch calls do not depend on the number of micro-batches."""
+    for role in roles:
+        cache._check_role(role)
     if not batches:
-        return []
+        return {role: [] for role in roles}
     for batch in batches:
         _check_pairs(batch)
     ids = torch.cat([batch["sample_idx"].reshape(-1) for batch in batches]).cpu().numpy()
     splits = np.cumsum([batch.num_pairs for batch in batches])[:-1]
     samples = np.split(ids, splits)
     spans = [cache.sequence_spans(s) for s in samples]
-    values = cache.gather(role, np.concatenate([start for start, _ in spans]),
-                          np.concatenate([length for _, length in spans]))
+    starts = np.concatenate([start for start, _ in spans])
+    lengths = np.concatenate([length for _, length in spans])
+    index = cache.value_index(starts, lengths)
     device = batches[0]["loss_mask"].device
-    values = torch.from_numpy(values).to(device)
-    owners = [_owners(batch) for batch in batches]
-    on = [batch["loss_mask"].reshape(-1) != 0 for batch in batches]
-    expected = torch.from_numpy(np.concatenate([length for _, length in spans])).to(device)
-    counts = torch.cat([_response_counts(b, o, m) for b, o, m in zip(batches, owners, on)])
-    if not bool(torch.equal(counts, expected)):  # the step's one synchronisation
+    values = torch.from_numpy(np.stack([cache.read_values(role, index) for role in roles])).to(device)
+    slots, on, packed = _step_slots(batches)
+    expected = torch.from_numpy(lengths).to(device)
+    slot_count = int(sum(1 + batch.num_sequences for batch in batches))
+    counts = torch.zeros(slot_count, dtype=torch.int64, device=device).index_add_(0, slots, on.to(torch.int64))
+    firsts = np.concatenate([[0], np.cumsum([1 + batch.num_sequences for batch in batches])[:-1]])
+    sequence_slots = np.ones(slot_count, dtype=bool)
+    sequence_slots[firsts] = False  # each batch's first slot collects positions of no sequence
+    if not bool(torch.equal(counts[torch.from_numpy(sequence_slots).to(device)], expected)):  # one synchronisation
         for batch, sample_ids, (_, length) in zip(batches, samples, spans):
             if not torch.equal(_response_counts(batch, _owners(batch), batch["loss_mask"].reshape(-1) != 0).cpu(),
                                torch.from_numpy(length)):
                 raise CacheMismatchError(_count_mismatch(cache, batch, sample_ids, length))
-    out, start = [], 0
-    for batch, owner, mask, (_, length) in zip(batches, owners, on, spans):
-        end = start + int(length.sum())
-        out.append(_place(batch, owner, mask, values[start:end]))
-        start = end
+    placed = _place_step(slots, on, values, packed=packed)
+    sizes = [batch.num_tokens for batch in batches]
+    out = {role: [] for role in roles}
+    for r, role in enumerate(roles):
+        for part, batch in zip(placed[r].split(sizes), batches):
+            out[role].append(part.reshape(batch["loss_mask"].shape))
     return out
+
+
+def cached_role_logps(cache: LogprobCache, batches: Sequence[Batch], role: str) -> list[torch.Tensor]:
+    """fp32 full-length log-probs of ``role`` for each batch (shaped like its ``loss_mask``, zero where it
+    is 0), on the batch's device: :func:`cached_step_logps` of one role."""
+    return cached_step_logps(cache, batches, (role,))[role]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,7 +540,8 @@ def attach_cached_logps(cache: LogprobCache, batches: list[Batch]) -> list[Batch
 
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return list(batches)
-    per_role = {role: cached_role_logps(cache, batches, role) for role in cache.roles}
+    with compat.cpu_device_hook_paused():  # device arguments here are the batches' own: nothing to rewrite
+        per_role = cached_step_logps(cache, batches, cache.roles)
     return [batch.with_per_token(**{logps_key(role): per_role[role][i] for role in cache.roles})
             for i, batch in enumerate(batches)]
 

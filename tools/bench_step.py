@@ -19,7 +19,9 @@ and the measured steps give:
   median of each round; ratios between variants are of medians (a mean of a few steps on a shared
   machine follows its load bursts); tokens/s (computed positions, padding included) and real tokens/s
   (prompt + response tokens), both for the whole job over the summed step times;
-* computed tokens / real tokens and the padding fraction, and where the padding comes from (rows
+* computed tokens / real tokens and the padding fraction (``pad %``: positions that hold no token
+  over computed positions; a shared prompt's tokens count once, as its row computes them, so the
+  figure is never negative), and where the padding comes from (rows
   padded to the longest row or to ``--seq-length``; per-sequence padding to 2 x CP; packed row tails
   rounded to ``--pad-to-multiple-of`` or, with virtual stages, to the step's fullest row). With
   pipeline parallelism padded rows are padded to ``--seq-length`` (one shape for every micro-batch), so
@@ -447,13 +449,26 @@ def _content_segments(batch) -> int:
     return batch.num_sequences + len({p for p in (batch.prefix_of or ()) if p >= 0})
 
 
-def _padding_breakdown(batch) -> tuple[int, int]:
-    """(per-sequence padding, row padding) positions of one micro-batch."""
+def held_tokens(batch, lengths: np.ndarray, *, context_parallel_size: int) -> int:
+    """Positions of one micro-batch that hold a token: its real tokens, but each shared prompt's tokens
+    once (a shared-prompt row computes a pair's prompt once; the prompt tokens that start each response
+    segment are held there too). Without shared prompts, the real tokens."""
+    if not (batch.packed and batch.prefix_of and any(p >= 0 for p in batch.prefix_of)):
+        return batch.real_tokens
+    from megatron_tgdpo.data.packing import shared_prompt_split
+
+    once = sum(shared_prompt_split(int(lengths[i, 0]), context_parallel_size=context_parallel_size)[0]
+               for i in batch["sample_idx"].tolist())
+    return batch.real_tokens - once
+
+
+def _padding_breakdown(batch, held: int) -> tuple[int, int]:
+    """(per-sequence padding, row padding) positions of one micro-batch that holds ``held`` tokens."""
     if not batch.packed:
-        return 0, batch.num_tokens - batch.real_tokens
+        return 0, batch.num_tokens - held
     bounds = batch.segment_bounds()
     segments = bounds[_content_segments(batch)] - bounds[0]  # the sequences' segments come first, the tail last
-    return segments - batch.real_tokens, batch.num_tokens - segments
+    return segments - held, batch.num_tokens - segments
 
 
 def single_stage_positions(batch, lengths: np.ndarray, *, multiple: int) -> int:
@@ -523,10 +538,12 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
         losses.append(float(reduced.get("loss", float("nan"))))
         if not measured:
             continue
-        seq_pad = row_pad = single_stage = 0
+        seq_pad = row_pad = single_stage = held = 0
         useful = 0.0
         for batch in batches:
-            a, b = _padding_breakdown(batch)
+            holds = held_tokens(batch, lengths, context_parallel_size=cfg.context_parallel_size)
+            held += holds
+            a, b = _padding_breakdown(batch, holds)
             seq_pad, row_pad = seq_pad + a, row_pad + b
             single_stage += single_stage_positions(batch, lengths, multiple=multiple)
             for sample in batch["sample_idx"].tolist():
@@ -537,6 +554,7 @@ def measure_variant(cfg: TrainConfig, *, steps: int, warmup: int, threads: Optio
             "elapsed_s": elapsed, "cpu_s": cpu, "computed_tokens": computed, "real_tokens": result.real_tokens,
             "micro_batches": len(batches), "longest_row": max(b.shape[1] for b in batches),
             "max_tokens_per_micro_batch": max(b.num_tokens for b in batches), "sequence_padding": seq_pad,
+            "held_tokens": held,
             "row_padding": row_pad, "updated": bool(result.updated), "single_stage_tokens": single_stage,
             "loop_flops": flops.step_flops(tokens=computed, seq_length=result.attention_span,
                                            frozen_models=passes - 3.0),
@@ -597,7 +615,7 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
     world = len(per_rank)
     first = per_rank[0]
     totals = {}
-    for key in ("computed_tokens", "real_tokens", "micro_batches", "sequence_padding", "row_padding", "loop_flops",
+    for key in ("computed_tokens", "real_tokens", "held_tokens", "micro_batches", "sequence_padding", "row_padding", "loop_flops",
                 "useful_flops", "single_stage_tokens"):
         totals[key] = sum(sum(s.get(key, 0) for s in r["steps"]) for r in per_rank) / model_parallel
     times = [max(r["steps"][i]["elapsed_s"] for r in per_rank) for i in range(steps)]
@@ -626,7 +644,8 @@ def merge_ranks(per_rank: list[dict], *, model_parallel: int, steps: int, peak: 
         "micro_batches_per_step": totals["micro_batches"] / steps,
         "computed_per_real": computed / real if real else float("nan"),
         "single_stage_per_real": totals["single_stage_tokens"] / real if real else float("nan"),
-        "padding_fraction": 1 - real / computed if computed else float("nan"),
+        # padding positions over computed positions (a shared prompt's tokens held once: never negative)
+        "padding_fraction": 1 - totals["held_tokens"] / computed if computed else float("nan"),
         "sequence_padding_per_step": totals["sequence_padding"] / steps,
         "row_padding_per_step": totals["row_padding"] / steps,
         "longest_row": max(max(s["longest_row"] for s in r["steps"]) for r in per_rank),

@@ -42,12 +42,20 @@ from round to round (a busy machine's load then falls on every side alike). Per 
   ``os.wait4``), start-up and imports included;
 * process CPU seconds (user + system, same source): the whole run, start-up included; on a machine
   shared with other jobs it moves less with the load than wall time does;
+* computed positions per real token over the timed steps: the positions each side's policy forward
+  actually ran (padding included; a shared prompt counted once) over the real tokens. TRL: rows x width
+  of every collated micro-batch its ``compute_loss`` received (chosen and rejected rows padded to the
+  longest of the micro-batch), summed per optimizer step; this project: each step's computed tokens
+  from ``metrics.jsonl`` (``tokens_per_s`` x ``step_time_s``). The reference forward runs the same
+  positions on each side, so the ratio is the whole step's;
 * step 1..3: loss, mean chosen / rejected sequence log-prob and gradient norm (before clipping).
 
 The table gives per side the median and min..max of real tokens/s over the rounds, the ratio of the
-medians to TRL's (project / TRL), the median peak RSS and its ratio, and then the first three losses
-of every side with their difference from TRL's (from round 1; every round must give the same losses,
-which is checked). Exit status 0, 2 on a configuration error, 1 when a run fails.
+medians to TRL's (project / TRL), computed positions per real token and the **position bound** (TRL's
+positions / the side's: the speed ratio a side reaches when a step's cost is proportional to the
+positions it computes, as it is when matrix products dominate), the median peak RSS and its ratio,
+and then the first three losses of every side with their difference from TRL's (from round 1; every
+round must give the same losses, which is checked). Exit status 0, 2 on a configuration error, 1 when a run fails.
 """
 from __future__ import annotations
 
@@ -254,6 +262,8 @@ def run_project(variant: str, *, work: Path, args: argparse.Namespace, steps: in
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = sorted(rows, key=lambda r: r["iteration"])
     return {"step_time_s": [r["step_time_s"] for r in rows],
+            # computed positions (padding included, a shared prompt once) of each step, as the loop logs them
+            "computed_positions": [round(r["tokens_per_s"] * r["step_time_s"]) for r in rows],
             "loss": [r["loss"] for r in rows[:COMPARED_STEPS]],
             "logps_chosen": [r["logps/chosen"] for r in rows[:COMPARED_STEPS]],
             "logps_rejected": [r["logps/rejected"] for r in rows[:COMPARED_STEPS]],
@@ -300,6 +310,7 @@ def trl_worker(spec_path: str) -> int:
         """DPOTrainer over pairs given as token ids, read in the order given."""
 
         micro_losses: list[float] = []
+        micro_positions: list[int] = []  # rows x width of every collated training micro-batch
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # ids already given
             return dataset
@@ -308,6 +319,9 @@ def trl_worker(spec_path: str) -> int:
             return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                rows, width = inputs["input_ids"].shape
+                self.micro_positions.append(int(rows) * int(width))
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if isinstance(result, tuple) else result
             self.micro_losses.append(float(loss.detach()))
@@ -352,8 +366,11 @@ def trl_worker(spec_path: str) -> int:
     step_losses = [sum(losses[s * accumulation:(s + 1) * accumulation]) / accumulation
                    for s in range(len(losses) // accumulation)]
     logs = record.logs
+    positions = trainer.micro_positions
     result = {
         "step_time_s": [b - a for a, b in zip(record.ends, record.ends[1:])],
+        "computed_positions": [sum(positions[s * accumulation:(s + 1) * accumulation])
+                               for s in range(len(positions) // accumulation)],
         "loss": step_losses[:COMPARED_STEPS],
         "logps_chosen": [row.get("logps/chosen") for row in logs[:COMPARED_STEPS]],
         "logps_rejected": [row.get("logps/rejected") for row in logs[:COMPARED_STEPS]],
@@ -372,6 +389,14 @@ def real_tokens_per_s(run: dict, tokens_per_step: Sequence[int]) -> float:
     """Steps 2..N: real tokens over wall seconds."""
     times = run["step_time_s"][1:len(tokens_per_step)]
     return sum(tokens_per_step[1:len(times) + 1]) / sum(times)
+
+
+def positions_per_real_token(run: dict, tokens_per_step: Sequence[int]) -> Optional[float]:
+    """Steps 2..N (the timed ones): computed positions over real tokens (None: not recorded)."""
+    if not run.get("computed_positions"):
+        return None
+    steps = min(len(run["computed_positions"]), len(tokens_per_step))
+    return sum(run["computed_positions"][1:steps]) / sum(tokens_per_step[1:steps])
 
 
 def versions() -> dict:
@@ -395,6 +420,9 @@ def summarize(sides: Sequence[str], runs: dict[str, list[dict]], tokens: Sequenc
                                            "max": max(speeds), "rounds": speeds},
                      "peak_rss_mib": statistics.median(rss) / 2**20,
                      "process_cpu_s": statistics.median(r["process_cpu_s"] for r in runs[side]),
+                     "positions_per_real_token": positions_per_real_token(runs[side][0], tokens),
+                     "positions_same_in_every_round": all(
+                         r.get("computed_positions") == runs[side][0].get("computed_positions") for r in runs[side]),
                      **{k: runs[side][0][k] for k in ("loss", "logps_chosen", "logps_rejected", "grad_norm")},
                      "loss_spread_over_rounds": max(
                          abs(a - b) for r in runs[side] for a, b in zip(r["loss"], runs[side][0]["loss"]))}
@@ -403,18 +431,23 @@ def summarize(sides: Sequence[str], runs: dict[str, list[dict]], tokens: Sequenc
         s = out[side]
         s["speed_ratio"] = s["real_tokens_per_s"]["median"] / base["real_tokens_per_s"]["median"]
         s["rss_ratio"] = s["peak_rss_mib"] / base["peak_rss_mib"]
+        mine, trl = s["positions_per_real_token"], base["positions_per_real_token"]
+        s["position_bound"] = trl / mine if mine and trl else None
         s["loss_diff"] = [a - b for a, b in zip(s["loss"], base["loss"])]
     return out
 
 
 def table(summary: dict, sides: Sequence[str]) -> str:
-    lines = [f"{'side':<14} {'real tok/s median':>17} {'min..max':>15} {'ratio':>6} {'peak RSS MiB':>12} "
-             f"{'ratio':>6} {'process CPU s':>13}"]
+    lines = [f"{'side':<14} {'real tok/s median':>17} {'min..max':>15} {'ratio':>6} {'positions/real':>14} "
+             f"{'bound':>6} {'peak RSS MiB':>12} {'ratio':>6} {'process CPU s':>13}"]
     for side in sides:
         s = summary[side]
         t = s["real_tokens_per_s"]
         lines.append(f"{side:<14} {t['median']:>17.0f} {t['min']:>7.0f}..{t['max']:<7.0f} {s['speed_ratio']:>6.2f} "
+                     f"{fmt([s['positions_per_real_token']], 0, 14, 3)} {fmt([s['position_bound']], 0, 6, 2)} "
                      f"{s['peak_rss_mib']:>12.0f} {s['rss_ratio']:>6.2f} {s['process_cpu_s']:>13.1f}")
+    lines.append("ratio: real tokens/s over TRL's; positions/real: computed positions per real token (steps 2..N); "
+                 "bound: TRL's positions / the side's")
     lines.append("")
     lines.append(f"{'side':<14} {'step':>4} {'loss':>12} {'- TRL':>10} {'logp chosen':>12} {'logp rejected':>13} "
                  f"{'grad norm':>10}")
@@ -474,7 +507,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"bench_vs_trl.py: {exc}", file=sys.stderr)
                 return 1
             runs[side].append(run)
-            print(f"round {r + 1} {side:<14} {real_tokens_per_s(run, tokens):8.0f} real tok/s  peak RSS "
+            print(f"round {r + 1} {side:<14} {real_tokens_per_s(run, tokens):8.0f} real tok/s  "
+                  f"{fmt([positions_per_real_token(run, tokens)], 0, 5, 3)} positions/real  peak RSS "
                   f"{run['peak_rss_bytes'] / 2**20:6.0f} MiB  process CPU {run['process_cpu_s']:6.1f} s  "
                   f"losses {['%.8f' % x for x in run['loss']]}", flush=True)
     summary = summarize(sides, runs, tokens)

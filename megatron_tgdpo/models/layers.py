@@ -292,11 +292,17 @@ class ContextParallelAttention(MegatronModule):
                 raise ValueError(f"packed row of {bounds[-1]} tokens (cu_seqlens) does not match {query.shape[0]} "
                                  f"queries / {key.shape[0]} keys")
             # Packed, no CP split: attend per block (sum of n_i^2 scores, not row^2), see blocks().
+            plans = getattr(packed_seq_params, "plans", None)
             if any(p >= 0 for p in prefix_of):
-                blocks = shared_prefix_blocks(bounds, prefix_of)
+                # the row's blocks follow from its params alone: built by the first layer, kept for the others
+                blocks_key = ("shared_prefix_blocks", tuple(bounds), tuple(prefix_of))
+                blocks = plans.get(blocks_key) if plans is not None else None
+                if blocks is None:
+                    blocks = shared_prefix_blocks(bounds, prefix_of)
+                    if plans is not None:
+                        plans[blocks_key] = blocks
             else:
                 blocks = self.blocks(bounds)
-            plans = getattr(packed_seq_params, "plans", None)
             return self._attend_blocks(query, key, value, blocks, plans=plans).squeeze(1)
         where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
                      cp_size=cp_size, device=query.device)

@@ -196,6 +196,44 @@ def test_every_layout_gets_each_sequences_cached_span(workspace):
             assert torch.equal(full[mask & (owners == sequence)], torch.from_numpy(want)), sequence
 
 
+def test_a_steps_batches_and_roles_at_once_get_each_sequences_cached_span(workspace):
+    """A step's micro-batches placed in one call for both roles (rows, and packed rows with sequences in
+    and out of order): each batch's loss-mask positions hold its own samples' spans, read one sample at
+    a time, zero elsewhere; a count that differs in a later batch names that batch's sample."""
+    from megatron_tgdpo.data import PreferenceCollator, PreferenceDataset
+    from megatron_tgdpo.data.batch import Batch
+    from megatron_tgdpo.data.packing import PackedPreferenceCollator
+    from megatron_tgdpo.logprob_cache import cached_step_logps
+
+    cache = _open(workspace)
+    dataset = PreferenceDataset(workspace["train"])
+    groups = [(9, 2, 41), (17, 5), (30, 11, 4)]
+    packer = PackedPreferenceCollator(pad_id=0, pad_to_multiple_of=64)
+    layouts = {
+        "rows": [Batch.from_rows(PreferenceCollator(pad_id=0)([dataset[i] for i in g]), num_pairs=len(g))
+                 for g in groups],
+        "packed": [packer([dataset[i] for i in g]) for g in groups],
+    }
+    layouts["packed, reordered"] = [_reversed_segments(b) if n != 1 else b for n, b in enumerate(layouts["packed"])]
+    for name, batches in layouts.items():
+        placed = cached_step_logps(cache, batches, ("reference", "guidance"))
+        for role in ("reference", "guidance"):
+            assert len(placed[role]) == len(batches)
+            for group, batch, full in zip(groups, batches, placed[role]):
+                mask = batch["loss_mask"] == 1
+                n = 2 * len(group)
+                owners = batch["sequence_ids"] if "sequence_ids" in batch else torch.arange(n)[:, None].expand_as(mask)
+                assert full.shape == mask.shape and full.dtype == torch.float32 and torch.all(full[~mask] == 0)
+                for sequence in range(n):
+                    want = cache.sample_logps(group[sequence % len(group)], role)[sequence // len(group)]
+                    assert torch.equal(full[mask & (owners == sequence)], torch.from_numpy(want)), (name, role, sequence)
+    batches = layouts["rows"]
+    first = int(batches[2]["loss_mask"][4].nonzero()[0])
+    batches[2]["loss_mask"][4, first] = 0  # as if the rejected response of sample 11 were one token shorter
+    with pytest.raises(CacheMismatchError, match=r"sample 11 \(rejected\) has \d+ response tokens in this batch"):
+        cached_step_logps(cache, batches, ("reference",))
+
+
 def test_tensor_parallel_cache_bit_exact_online_and_close_to_single_rank(workspace):
     ws = workspace
     out = ws["tmp"] / "cache-tp2"

@@ -176,3 +176,21 @@ def test_merge_ratios_and_table():
               "settings": {"steps": 1, "warmup": 1}}
     text = bs.format_report(report)
     assert "step time packed/padded 0.500x" in text and "est. err" in text and "MFU" in text
+
+
+def test_padding_counts_a_shared_prompt_once_and_is_never_negative():
+    """pad % of shared-prompt rows: positions holding no token over computed positions, a pair's prompt
+    held once (plus its last token, which starts each response segment); unshared rows as before."""
+    from megatron_tgdpo.data.packing import PackedPreferenceCollator
+
+    bench = load_tool("bench_step")
+    lengths = np.array([[5, 7, 3], [1, 4, 6], [9, 2, 2]], dtype=np.int64)
+    items = [{k: np.arange(1, 1 + int(n), dtype=np.int32) for k, n in zip(("prompt", "chosen", "rejected"), row)}
+             | {"index": i} for i, row in enumerate(lengths)]
+    for share in (False, True):
+        batch = PackedPreferenceCollator(pad_id=0, pad_to_multiple_of=64, share_prompt=share)(items)
+        held = bench.held_tokens(batch, lengths, context_parallel_size=1)
+        # unshared: every sequence's tokens; shared: the prompt once, its last token again per response
+        assert held == sum(p + c + r + (min(p, 1) if share else p) for p, c, r in lengths)
+        sequence_pad, row_pad = bench._padding_breakdown(batch, held)
+        assert sequence_pad >= 0 and row_pad >= 0 and held + sequence_pad + row_pad == batch.num_tokens == 64

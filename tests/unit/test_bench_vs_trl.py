@@ -85,3 +85,22 @@ def test_speed_is_steps_after_the_first_and_ratios_are_project_over_trl():
     assert summary["packed"]["loss_diff"] == pytest.approx([0.0, 0.01])
     assert math.isfinite(summary["packed"]["loss_spread_over_rounds"])
     assert "packed" in bench.table(summary, [bench.TRL, "packed"])
+
+
+def test_positions_per_real_token_and_the_bound_are_over_the_timed_steps():
+    bench = load_tool("bench_vs_trl")
+    tokens = [100, 200, 300]
+
+    def run(positions):
+        return {"step_time_s": [1.0, 1.0, 1.0], "loss": [0.5], "logps_chosen": [-1.0], "logps_rejected": [-2.0],
+                "grad_norm": [3.0], "peak_rss_bytes": 2**20, "process_cpu_s": 1.0, "computed_positions": positions}
+
+    # step 1 (untimed) differs wildly: it must not count
+    runs = {bench.TRL: [run([999, 300, 450])], "packed": [run([1, 220, 280])]}
+    summary = bench.summarize([bench.TRL, "packed"], runs, tokens)
+    assert summary[bench.TRL]["positions_per_real_token"] == pytest.approx(750 / 500)
+    assert summary["packed"]["positions_per_real_token"] == pytest.approx(500 / 500)
+    assert summary["packed"]["position_bound"] == pytest.approx(1.5)
+    assert summary[bench.TRL]["position_bound"] == pytest.approx(1.0)
+    text = bench.table(summary, [bench.TRL, "packed"])
+    assert "1.500" in text and "1.50" in text and "bound" in text
