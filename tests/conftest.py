@@ -2,6 +2,7 @@
 ``-n N`` (pytest-xdist) hands the tests to the workers by work unit, longest first."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,16 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.dist = "loadscope"  # distributed by scope, the scope being the work unit
         config.option.loadscopereorder = False  # not reordered by test count
         config.stash[BY_WORK_UNIT] = True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        # Its share of the cores for what a test computes in the worker itself (ranks and commands set
+        # their own): two workers with two threads each would fight over two cores.
+        import torch
+
+        workers = int(config.workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown without it
