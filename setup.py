@@ -22,7 +22,7 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "matplotlib", "wandb", "gguf>=0.16", "scipy"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "transformers>=4.45", "matplotlib", "wandb", "gguf>=0.16", "scipy"],
         # GGUF model files (llama.cpp) as a model source: dequantization
         "gguf": ["gguf>=0.16"],
         "plot": ["matplotlib"],

@@ -18,13 +18,14 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from megatron_tgdpo.distributed import free_port  # noqa: F401 - part of this module's API (tests use it)
+from megatron_tgdpo import distributed
 
 __all__ = ["TIMING_METRICS", "RankFailure", "TrainingJob", "free_port", "quiet_env", "read_metrics", "run_command",
            "run_on_ranks", "run_train", "simulate_ddp", "torchrun", "user_env"]
@@ -36,6 +37,55 @@ class RankFailure(AssertionError):
 
 _PRELOADED = False
 _GRACE_AFTER_FAILURE = 5.0  # seconds the other ranks get to report once one rank has failed
+
+
+# Loopback ports for the jobs a test starts. A port picked as free is closed again before the job binds it,
+# so another process can take it in between. The kernel hands out ports for bind(0) and outgoing connections
+# only inside net.ipv4.ip_local_port_range (32768-60999 by default), and every gloo rank binds several such
+# ports while it starts: a port below that range is safe from them. Under pytest-xdist each worker takes
+# its ports from a block of its own, so two workers never pick the same port at the same time.
+_PORT_BLOCKS = range(20000, 29000, 500)  # 18 blocks, clear of torch's default MASTER_PORT 29500
+_port_lock = threading.Lock()
+_port_next: dict[int, int] = {}
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now, for a job's ``MASTER_PORT``: the next free one of this
+    process's block (pytest-xdist worker ``gwN``: block N + 1; any other process: block 0), or the kernel's
+    choice where the machine's ephemeral range leaves no room below it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    start = _PORT_BLOCKS[index % len(_PORT_BLOCKS)]
+    size = _PORT_BLOCKS.step
+    if start + size > _ephemeral_low():
+        return distributed.free_port()
+    with _port_lock:
+        # Start at an offset of this process's own, so that two sessions on one machine rarely meet.
+        offset = _port_next.get(start, os.getpid() % size)
+        for step in range(size):
+            port = start + (offset + step) % size
+            if _bindable(port):
+                _port_next[start] = (offset + step + 1) % size
+                return port
+    return distributed.free_port()
 
 
 def _preload() -> None:
