@@ -10,6 +10,17 @@ Markers (registered in ``pytest.ini``), given here by directory so that no test 
     gpu         tests/gpu/          needs CUDA (skipped without it)
     slow        the tests in SLOW below: what ``pytest -m "not slow"`` leaves out
 
+Two workers (``pytest -n 2``, pytest-xdist; the README's and CI's command): much of a test's time is one
+process waiting, for a command to import torch and megatron-core or for one rank while another computes,
+so one worker leaves the second core idle about 40 % of the time. ``tests/conftest.py`` hands the workers
+whole work units (``work_unit``: a test file, so its module fixtures are computed once, or the files that
+share a session fixture, ``SESSION_GROUPS``), the longest first (``FIRST``, then the units with a slow test),
+so the run does not end on one long test with the other worker idle. A worker's own torch threads are its
+share of the cores, and the ports its jobs take come from a block of its own
+(``megatron_tgdpo.testing.free_port``). ``pytest tests/unit/test_x.py::case`` without ``-n`` starts no
+worker; without pytest-xdist installed, ``-n`` is an unknown option: leave it out and the tests run one
+at a time.
+
 Helpers that start ranks or commands (``run_on_ranks``, ``run_train``, ``run_command``, ``torchrun``,
 ``read_metrics``) live in ``megatron_tgdpo.testing``: the benchmarks use them too.
 """
@@ -152,19 +163,20 @@ SESSION_GROUPS: dict[str, str] = {
 
 #: The longest work units (a file or a group above), longest first: the workers take these before any
 #: other, then the other units with a slow test, then the rest, so that the suite ends on short tests
-#: rather than on one worker running a long one alone. The figure after each is its wall seconds under
-#: ``-n 2`` on 2 cores.
+#: rather than on one worker running a long one alone. The figure after each is its seconds in a two-worker
+#: run of the whole suite on a shared machine (load ~10, so about three times an idle machine's; all ten:
+#: 73 % of the suite's 5808 test-seconds).
 FIRST: tuple[str, ...] = (
-    "realmodel",
-    "smoke_replication",
-    "tests/e2e/test_reliability.py",
-    "tests/e2e/test_signal_windows.py",
-    "tests/e2e/test_replicate_credit.py",
-    "tests/e2e/test_flag_fuzz.py",
-    "tests/distributed/test_resume.py",
-    "tests/e2e/test_quiet_console.py",
-    "tests/e2e/test_wheel_install.py",
-    "tests/e2e/test_cli.py",
+    "realmodel",  # 918
+    "tests/e2e/test_signal_windows.py",  # 870
+    "tests/e2e/test_reliability.py",  # 681
+    "smoke_replication",  # 438
+    "tests/e2e/test_quiet_console.py",  # 269
+    "tests/distributed/test_ppo.py",  # 236
+    "tests/e2e/test_wheel_install.py",  # 225
+    "tests/e2e/test_replicate_credit.py",  # 221
+    "tests/e2e/test_cli.py",  # 212
+    "tests/e2e/test_checkpoint_trust.py",  # 148
 )
 
 
