@@ -481,7 +481,8 @@ def cached_step_logps(cache: LogprobCache, batches: Sequence[Batch], roles: Sequ
     Per step, not per batch or sequence: one host read of the batches' sample ids, one indexed read of
     each role's values file, one copy to the device, one synchronisation for the token-count check,
     and one placement of every role on all the batches' positions at once (:func:`_place_step`), without
-    touching a mask on the host. The torch calls do not depend on the number of micro-batches."""
+    touching a mask on the host. Per batch only its owners and mask are concatenated in and its
+    views cut out."""
     for role in roles:
         cache._check_role(role)
     if not batches:
