@@ -433,19 +433,22 @@ def _count_mismatch(cache: LogprobCache, batch: Batch, samples: np.ndarray, expe
             f"truncated differently from when the cache was made; {RERUN} on this data set")
 
 
-def _step_slots(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _first_slots(batches: Sequence[Batch]) -> np.ndarray:
+    """Each batch's first slot (see :func:`_step_slots`): batch ``b`` has ``1 + N_b`` slots."""
+    return np.concatenate([[0], np.cumsum([1 + batch.num_sequences for batch in batches])[:-1]]).astype(np.int64)
+
+
+def _step_slots(batches: Sequence[Batch], firsts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Every position of the step's batches, flattened and concatenated: (its slot, whether it is a
-    response token, whether any batch is packed). Batch ``b``'s sequence ``n`` is slot ``1 + n`` plus
-    the slots of the batches before it (each batch has ``1 + N_b`` slots; its first collects positions
-    of no sequence, the packed tail), so slots ascend in (batch, sequence) order: the order of the
-    cache's values for the step."""
+    response token, whether any batch is packed). Batch ``b``'s sequence ``n`` is slot
+    ``firsts[b] + 1 + n``; its first slot ``firsts[b]`` collects positions of no sequence (the packed
+    tail), so slots ascend in (batch, sequence) order: the order of the cache's values for the step."""
     device = batches[0]["loss_mask"].device
     owners = torch.cat([_owners(batch) for batch in batches])
     on = torch.cat([batch["loss_mask"].reshape(-1) for batch in batches]) != 0
     if len(batches) == 1:
         return owners + 1, on, batches[0].packed
     sizes = torch.tensor([batch.num_tokens for batch in batches], device=device)
-    firsts = np.concatenate([[0], np.cumsum([1 + batch.num_sequences for batch in batches])[:-1]])
     base = torch.from_numpy(firsts).to(device).repeat_interleave(sizes)
     return owners + 1 + base, on, any(batch.packed for batch in batches)
 
@@ -481,7 +484,8 @@ def cached_step_logps(cache: LogprobCache, batches: Sequence[Batch], roles: Sequ
     Per step, not per batch or sequence: one host read of the batches' sample ids, one indexed read of
     each role's values file, one copy to the device, one synchronisation for the token-count check,
     and one placement of every role on all the batches' positions at once (:func:`_place_step`), without
-    touching a mask on the host. The torch calls do not depend on the number of micro-batches."""
+    touching a mask on the host. Per batch only its owners and mask are concatenated in and its
+    views cut out."""
     for role in roles:
         cache._check_role(role)
     if not batches:
@@ -497,11 +501,11 @@ def cached_step_logps(cache: LogprobCache, batches: Sequence[Batch], roles: Sequ
     index = cache.value_index(starts, lengths)
     device = batches[0]["loss_mask"].device
     values = torch.from_numpy(np.stack([cache.read_values(role, index) for role in roles])).to(device)
-    slots, on, packed = _step_slots(batches)
+    firsts = _first_slots(batches)
+    slots, on, packed = _step_slots(batches, firsts)
     expected = torch.from_numpy(lengths).to(device)
     slot_count = int(sum(1 + batch.num_sequences for batch in batches))
     counts = torch.zeros(slot_count, dtype=torch.int64, device=device).index_add_(0, slots, on.to(torch.int64))
-    firsts = np.concatenate([[0], np.cumsum([1 + batch.num_sequences for batch in batches])[:-1]])
     sequence_slots = np.ones(slot_count, dtype=bool)
     sequence_slots[firsts] = False  # each batch's first slot collects positions of no sequence
     if not bool(torch.equal(counts[torch.from_numpy(sequence_slots).to(device)], expected)):  # one synchronisation
