@@ -27,8 +27,8 @@ What is held equal, so that the losses compare and the speeds measure the implem
 * threads: every run gets ``--threads`` torch threads (``OMP_NUM_THREADS``).
 
 Variants of this project: ``padded`` (``--no-pack-sequences``: rows padded to the longest row of the
-micro-batch, as TRL pads), ``packed`` (``--pack-sequences``) and ``packed+shared``
-(``--pack-sequences --share-prompt``: each pair's prompt once per row), the last only when
+micro-batch, as TRL pads), ``packed`` (``--pack-sequences --no-share-prompt``) and ``packed+shared``
+(``--pack-sequences --share-prompt``: each pair's prompt once per row, the trainer's default on CPU), the last only when
 ``megatron-tgdpo train --help`` lists ``--share-prompt`` (otherwise skipped with a note).
 
 Each round runs TRL and every variant once, each in its own process, in an order that alternates
