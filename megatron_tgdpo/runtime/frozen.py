@@ -189,17 +189,23 @@ class FrozenScorer:
             return [], kept
         if index is not None and index in self.group_of:
             return self._forward_group(frozen, index)
-        outputs, scored = [], {}
+        outputs, logps = self._run(frozen, inputs, kwargs, batch["labels"])
+        return outputs, {logps_key(role): value * batch["loss_mask"] for role, value in logps.items()}
+
+    def _run(self, frozen: list[torch.nn.Module], inputs: tuple, kwargs: dict, labels: torch.Tensor
+             ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Every frozen chunk on ``inputs``, without autograd: (stage outputs to send on, empty on the
+        last stage; ``{role: log-probs of labels}`` on the last stage, empty elsewhere)."""
+        outputs, logps = [], {}
         with torch.no_grad():
             for role, chunk in zip(self.roles, frozen):
                 output = chunk(*inputs, **kwargs)
                 if gpt_model(chunk).post_process:
-                    logps = output_logprobs(chunk, output, batch["labels"], chunk_size=self.chunk_size)
-                    scored[logps_key(role)] = logps * batch["loss_mask"]
+                    logps[role] = output_logprobs(chunk, output, labels, chunk_size=self.chunk_size)
                     del output  # the last stage's hidden states: only the log-probs are kept
                 else:
                     outputs.append(output)
-        return outputs, scored
+        return outputs, logps
 
     def _stage_of(self, frozen: list[torch.nn.Module]) -> int:
         return self.models[self.roles[0]].index(frozen[0])
@@ -211,15 +217,7 @@ class FrozenScorer:
         members = [self.microbatches[i] for i in self.group_of[index]]
         joined = joined_batch(members)
         kwargs = {"attention_mask": None, "packed_seq_params": packed_seq_params_for(joined)}
-        outputs, logps = [], {}
-        with torch.no_grad():
-            for role, chunk in zip(self.roles, frozen):
-                output = chunk(joined["input_ids"], joined["position_ids"], **kwargs)
-                if gpt_model(chunk).post_process:
-                    logps[role] = output_logprobs(chunk, output, joined["labels"], chunk_size=self.chunk_size)
-                    del output
-                else:
-                    outputs.append(output)
+        outputs, logps = self._run(frozen, (joined["input_ids"], joined["position_ids"]), kwargs, joined["labels"])
         if not logps:
             return outputs, {}
         stage = self._stage_of(frozen)
