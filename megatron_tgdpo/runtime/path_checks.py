@@ -121,7 +121,9 @@ def config_problems(cfg: Any) -> list[str]:
              (("--ref-load", "ref_load"), ("--guidance-load", "guidance_load"))]
     found.append(reward_model_problem("--ref-load", getattr(cfg, "ref_load", None),
                                       takes="--ref-load takes the reference policy (the model training starts from)"))
-    if getattr(cfg, "guidance_source", "dpo-model") == "dpo-model":
+    from megatron_tgdpo.guidance import DEFAULT_SOURCE, DpoModelSource
+
+    if getattr(cfg, "guidance_source", DEFAULT_SOURCE) == DpoModelSource.name:  # reads --guidance-load's log-probs
         found.append(reward_model_problem(
             "--guidance-load", getattr(cfg, "guidance_load", None),
             takes="add --guidance-source reward-model to guide with it, or give a DPO-trained model"))
