@@ -537,7 +537,10 @@ def shares_prompt(cfg: TrainConfig) -> bool:
     ``True`` where it cannot apply). Unset (``None``), it is on wherever it is exact and verified: packed
     rows on the local attention, whose shared-prompt path every layout's tests check against the
     unshared rows. TransformerEngine's path (``models/te_shared_prompt.py``) is checked only where a GPU
-    runs ``tests/gpu``, so there it waits to be asked for."""
+    runs ``tests/gpu``, so there it waits to be asked for. SFT rows hold single sequences: nothing to
+    share, whatever was asked."""
+    if cfg.loss_type == "sft":
+        return False
     if cfg.share_prompt is not None:
         return bool(cfg.share_prompt)
     if not cfg.pack_sequences:

@@ -433,9 +433,11 @@ def _count_mismatch(cache: LogprobCache, batch: Batch, samples: np.ndarray, expe
             f"truncated differently from when the cache was made; {RERUN} on this data set")
 
 
-def _first_slots(batches: Sequence[Batch]) -> np.ndarray:
-    """Each batch's first slot (see :func:`_step_slots`): batch ``b`` has ``1 + N_b`` slots."""
-    return np.concatenate([[0], np.cumsum([1 + batch.num_sequences for batch in batches])[:-1]]).astype(np.int64)
+def _slot_layout(batches: Sequence[Batch]) -> tuple[np.ndarray, int]:
+    """(each batch's first slot, the number of slots) of a step (see :func:`_step_slots`): batch ``b``
+    has ``1 + N_b`` slots."""
+    ends = np.cumsum([1 + batch.num_sequences for batch in batches]).astype(np.int64)
+    return np.concatenate([[0], ends[:-1]]).astype(np.int64), int(ends[-1])
 
 
 def _step_slots(batches: Sequence[Batch], firsts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -501,10 +503,9 @@ def cached_step_logps(cache: LogprobCache, batches: Sequence[Batch], roles: Sequ
     index = cache.value_index(starts, lengths)
     device = batches[0]["loss_mask"].device
     values = torch.from_numpy(np.stack([cache.read_values(role, index) for role in roles])).to(device)
-    firsts = _first_slots(batches)
+    firsts, slot_count = _slot_layout(batches)
     slots, on, packed = _step_slots(batches, firsts)
     expected = torch.from_numpy(lengths).to(device)
-    slot_count = int(sum(1 + batch.num_sequences for batch in batches))
     counts = torch.zeros(slot_count, dtype=torch.int64, device=device).index_add_(0, slots, on.to(torch.int64))
     sequence_slots = np.ones(slot_count, dtype=bool)
     sequence_slots[firsts] = False  # each batch's first slot collects positions of no sequence

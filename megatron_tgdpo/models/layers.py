@@ -351,14 +351,17 @@ class ContextParallelAttention(MegatronModule):
                 pieces.append(self._attend(query[start:end], key[start:end], value[start:end])[:, 0])
                 continue
             n, length = group.index.shape
+            flat = group.index.view(-1)
 
+            # index_select, not advanced indexing: one gather kernel forward and an index_add backward,
+            # where x[index, 0] takes torch's general indexing path (and an accumulating index_put back)
             def as_batch(x: torch.Tensor) -> torch.Tensor:  # [t, 1, h, d] -> [L, n, h, d]: n blocks of L
-                return x[group.index.reshape(-1), 0].view(n, length, *x.shape[2:]).transpose(0, 1)
+                return x[:, 0].index_select(0, flat).view(n, length, *x.shape[2:]).transpose(0, 1)
 
             out = self._attend(as_batch(query), as_batch(key), as_batch(value))  # [L, n, heads * d]
-            pieces.append(out.transpose(0, 1).reshape(n * length, -1)[group.keep])
+            pieces.append(out.transpose(0, 1).reshape(n * length, -1).index_select(0, group.keep))
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return (out if plan.order is None else out[plan.order]).unsqueeze(1)
+        return (out if plan.order is None else out.index_select(0, plan.order)).unsqueeze(1)
 
     def _attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor] = None

@@ -42,7 +42,7 @@ def install_row_positions(model: torch.nn.Module) -> None:
             return None
         # The table covers max_seqlen positions, which packed_seq_params_for sizes to the longest
         # prompt + response span (no device-to-host check here: it would sync every forward).
-        return output[positions.to(output.device)]
+        return output.index_select(0, positions.to(output.device))
 
     model.register_forward_pre_hook(note, with_kwargs=True)
     model.register_forward_hook(forget)

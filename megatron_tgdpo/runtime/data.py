@@ -77,7 +77,7 @@ class BatchSource:
             self.packer = PackedPreferenceCollator(
                 pad_id=pad_id, context_parallel_size=cp, pad_to_multiple_of=multiple,
                 sides=("chosen",) if sequences else PAIR_SIDES,
-                share_prompt=shares_prompt(cfg) and not sequences)  # single sequences (SFT) share nothing
+                share_prompt=shares_prompt(cfg))
             vpp = cfg.virtual_pipeline_model_parallel_size
             # The interleaved schedule wants whole groups of PP micro-batches: pad with empty ones.
             self.micro_multiple = cfg.pipeline_model_parallel_size if vpp else 1

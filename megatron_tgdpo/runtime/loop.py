@@ -80,7 +80,7 @@ def _rows(cfg: TrainConfig) -> str:
     """How the step lays out its sequences, for the start-up line (sharing changes the positions computed)."""
     if not cfg.pack_sequences:
         return "padded rows"
-    return "packed rows, prompts shared" if shares_prompt(cfg) and cfg.loss_type != "sft" else "packed rows"
+    return "packed rows, prompts shared" if shares_prompt(cfg) else "packed rows"
 
 
 def _train(cfg: TrainConfig, algorithm_cls: type[Algorithm], *, rank0: bool, stop: StopRequest) -> int:

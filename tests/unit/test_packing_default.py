@@ -33,6 +33,10 @@ def test_prompts_are_shared_by_default_where_the_attention_is_verified(monkeypat
     assert shares_prompt(parse_args(base)) is True
     assert shares_prompt(parse_args(base + ["--no-share-prompt"])) is False
     assert shares_prompt(parse_args(base + ["--context-parallel-size", "2"])) is True
+    # SFT rows are single sequences: nothing to share, asked for or not (the packer and the start-up line
+    # both read this one rule).
+    assert shares_prompt(parse_args(base + ["--loss-type", "sft"])) is False
+    assert shares_prompt(parse_args(base + ["--loss-type", "sft", "--share-prompt"])) is False
     # Padded rows share nothing, and the default is no reason to refuse them; asking for both is refused.
     assert shares_prompt(parse_args(base + ["--no-pack-sequences"])) is False
     assert not [p for p in validate(parse_args(base + ["--no-pack-sequences"]), **shape) if "share-prompt" in p]
