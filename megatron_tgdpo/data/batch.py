@@ -37,7 +37,7 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-__all__ = ["Batch", "PER_TOKEN_KEYS", "cp_chunk_positions", "cp_row_positions"]
+__all__ = ["Batch", "PER_TOKEN_KEYS", "cp_chunk_positions", "cp_row_positions", "host_loss_positions"]
 
 PER_TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
 
@@ -72,6 +72,15 @@ def cp_row_positions(segment_bounds: list[int], *, cp_rank: int, cp_size: int, d
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
+def host_loss_positions(tensors: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """Flat indices of ``loss_mask``'s nonzero positions when the mask is on the host (collation), else
+    None: on a GPU the count would cost a device sync, and every position is computed instead."""
+    mask = tensors.get("loss_mask")
+    if mask is None or mask.device.type != "cpu":
+        return None
+    return torch.nonzero(mask.reshape(-1)).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Batch(Mapping[str, torch.Tensor]):
     """One micro-batch (see the module docstring for the layouts and keys)."""
@@ -89,6 +98,11 @@ class Batch(Mapping[str, torch.Tensor]):
     prefix_of: Optional[tuple[int, ...]] = None
     #: set when this is one context-parallel rank's slice: (cp_rank, cp_size, full sequence length)
     cp_slice: Optional[tuple[int, int, int]] = field(default=None, compare=False)
+    #: flat indices into ``[R * S]`` of the trained positions (``loss_mask`` nonzero), ascending; taken on
+    #: the host where the batch is collated (:func:`host_loss_positions`), so that the LM head computes
+    #: log-probs there only without a device sync. None where not known (a mask built on a device, a
+    #: context-parallel slice): every position is then computed.
+    loss_positions: Optional[torch.Tensor] = field(default=None, compare=False)
 
     # ---- mapping -------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -107,7 +121,8 @@ class Batch(Mapping[str, torch.Tensor]):
         rows = int(tensors["input_ids"].shape[0])
         if num_pairs and rows != 2 * num_pairs:
             raise ValueError(f"a pair batch in the rows layout has 2 x {num_pairs} rows, got {rows}")
-        return cls(dict(tensors), num_pairs=num_pairs, num_sequences=rows, real_tokens=real_tokens)
+        return cls(dict(tensors), num_pairs=num_pairs, num_sequences=rows, real_tokens=real_tokens,
+                   loss_positions=host_loss_positions(tensors))
 
     @classmethod
     def from_packed(cls, tensors: Mapping[str, torch.Tensor], *, num_pairs: int, num_sequences: int,
@@ -119,7 +134,7 @@ class Batch(Mapping[str, torch.Tensor]):
             raise ValueError(f"prefix_of names {len(prefix_of)} segments, cu_seqlens {len(bounds) - 1}")
         return cls(dict(tensors), per_token=PER_TOKEN_KEYS + ("sequence_ids",), num_pairs=num_pairs,
                    num_sequences=num_sequences, packed=True, real_tokens=real_tokens, bounds=bounds,
-                   prefix_of=prefix_of)
+                   prefix_of=prefix_of, loss_positions=host_loss_positions(tensors))
 
     def with_per_token(self, **extra: torch.Tensor) -> "Batch":
         """A batch with more per-token tensors (shaped like ``input_ids``), sliced with it under CP."""
@@ -128,10 +143,14 @@ class Batch(Mapping[str, torch.Tensor]):
             if tuple(value.shape) != tuple(shape):
                 raise ValueError(f"per-token tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         keys = self.per_token + tuple(k for k in extra if k not in self.per_token)
-        return replace(self, tensors={**self.tensors, **extra}, per_token=keys)
+        tensors = {**self.tensors, **extra}
+        positions = host_loss_positions(tensors) if "loss_mask" in extra else self.loss_positions
+        return replace(self, tensors=tensors, per_token=keys, loss_positions=positions)
 
     def to(self, device: torch.device, *, non_blocking: bool = True) -> "Batch":
-        return replace(self, tensors={k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
+        positions = self.loss_positions
+        return replace(self, tensors={k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()},
+                       loss_positions=None if positions is None else positions.to(device, non_blocking=non_blocking))
 
     # ---- shape ---------------------------------------------------------------------------------
     @property
@@ -182,7 +201,7 @@ class Batch(Mapping[str, torch.Tensor]):
             raise ValueError("batch is already a context-parallel slice")
         idx = self.cp_positions(cp_rank=cp_rank, cp_size=cp_size)
         tensors = {k: (v[:, idx] if k in self.per_token else v) for k, v in self.tensors.items()}
-        return replace(self, tensors=tensors, cp_slice=(cp_rank, cp_size, self.shape[1]))
+        return replace(self, tensors=tensors, cp_slice=(cp_rank, cp_size, self.shape[1]), loss_positions=None)
 
     def gather_context_parallel(self, local: torch.Tensor, *, group) -> torch.Tensor:
         """Inverse of :meth:`for_context_parallel` for one per-token tensor of this (sliced) batch:

@@ -149,9 +149,11 @@ def fused_logprobs(
     labels: torch.Tensor,
     *,
     chunk_size: ChunkSize = "auto",
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """fp32 ``[b, s]`` log-probs of ``labels`` from a fused-head model's ``output``, equal to
-    ``vocab_parallel_logprobs(logits, labels)`` of the same model with its normal head.
+    ``vocab_parallel_logprobs(logits, labels)`` of the same model with its normal head (at ``positions``
+    only, when given: see :func:`output_logprobs`).
 
     Args:
         model: the (possibly DDP-wrapped) last-stage ``GPTModel`` chunk that produced ``output``, with
@@ -174,11 +176,28 @@ def fused_logprobs(
         )
     if getattr(layer, "sequence_parallel", False):
         # Megatron's SP shards dim 0 of [s, b, H]; the op gathers along dim 0, so go back to that layout.
+        # Every position is computed: this rank holds a sequence shard, the positions index the whole row.
         logps = fused_vocab_parallel_logprobs(
             output.transpose(0, 1), weight, labels.t(), tp_group=group, sequence_parallel=True, chunk_size=chunk_size
         )
-        return logps.t().contiguous()
-    return fused_vocab_parallel_logprobs(output, weight, labels, tp_group=group, chunk_size=chunk_size)
+        return _only_at(logps.t().contiguous(), positions)
+    if positions is None or positions.numel() == 0:  # none trained (a filler micro-batch): zeros, still in the graph
+        return _only_at(fused_vocab_parallel_logprobs(output, weight, labels, tp_group=group, chunk_size=chunk_size),
+                        positions)
+    # The head's GEMMs and log-softmax for the positions the loss reads only (the responses): a prompt's
+    # and the padding's logits are never used.
+    hidden = output.reshape(-1, output.shape[-1]).index_select(0, positions)
+    picked = fused_vocab_parallel_logprobs(hidden, weight, labels.reshape(-1).index_select(0, positions),
+                                           tp_group=group, chunk_size=chunk_size)
+    return picked.new_zeros(labels.numel()).index_copy(0, positions, picked).view(labels.shape)
+
+
+def _only_at(logps: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``logps`` where ``positions`` (flat indices) say, 0 elsewhere; all of it for None."""
+    if positions is None:
+        return logps
+    flat = logps.reshape(-1)
+    return flat.new_zeros(flat.shape).index_copy(0, positions, flat.index_select(0, positions)).view(logps.shape)
 
 
 def output_logprobs(
@@ -187,12 +206,17 @@ def output_logprobs(
     labels: torch.Tensor,
     *,
     chunk_size: ChunkSize = "auto",
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """fp32 ``[b, s]`` log-probs from ``model``'s output, fused head or not: what a schedule's loss
     function calls. ``chunk_size``: tokens per chunk, ``None`` for one chunk, or ``"auto"`` (by bytes,
-    :func:`megatron_tgdpo.ops.chunk_tokens`) for either path."""
+    :func:`megatron_tgdpo.ops.chunk_tokens`) for either path.
+
+    ``positions``: flat indices into ``labels`` (a batch's ``loss_positions``): the log-probs there, 0
+    everywhere else. The fused head without sequence parallelism then runs its GEMMs and log-softmax
+    on those positions alone; the other paths compute every position and zero the rest."""
     if is_fused_head_enabled(model):
-        return fused_logprobs(model, output, labels, chunk_size=chunk_size)
+        return fused_logprobs(model, output, labels, chunk_size=chunk_size, positions=positions)
     if isinstance(chunk_size, str) and chunk_size == "auto":
         chunk_size = chunk_tokens(output.shape[-1])
-    return vocab_parallel_logprobs(output, labels, chunk_size=chunk_size)
+    return _only_at(vocab_parallel_logprobs(output, labels, chunk_size=chunk_size), positions)

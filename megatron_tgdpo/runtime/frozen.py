@@ -38,6 +38,8 @@ unless asked.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -106,10 +108,16 @@ def joined_batch(batches: Sequence[Batch]) -> Batch:
     first = batches[0]
     tensors = {key: torch.cat([b[key] for b in batches], dim=1) for key in ("input_ids", "position_ids", "labels")}
     tensors["cu_seqlens"] = torch.tensor(bounds, dtype=first["cu_seqlens"].dtype, device=first["cu_seqlens"].device)
-    return Batch.from_packed(tensors, num_pairs=sum(b.num_pairs for b in batches),
-                             num_sequences=sum(b.num_sequences for b in batches),
-                             real_tokens=sum(b.real_tokens for b in batches),
-                             prefix_of=tuple(prefix_of) if any(p >= 0 for p in prefix_of) else None)
+    joined = Batch.from_packed(tensors, num_pairs=sum(b.num_pairs for b in batches),
+                               num_sequences=sum(b.num_sequences for b in batches),
+                               real_tokens=sum(b.real_tokens for b in batches),
+                               prefix_of=tuple(prefix_of) if any(p >= 0 for p in prefix_of) else None)
+    if any(b.loss_positions is None for b in batches):
+        return joined
+    # one row each, side by side: a member's flat positions move by the row positions before it
+    starts = [0, *itertools.accumulate(b.shape[1] for b in batches)][:-1]
+    return dataclasses.replace(joined, loss_positions=torch.cat([b.loss_positions + start
+                                                                 for b, start in zip(batches, starts)]))
 
 
 class FrozenScorer:
@@ -189,19 +197,20 @@ class FrozenScorer:
             return [], kept
         if index is not None and index in self.group_of:
             return self._forward_group(frozen, index)
-        outputs, logps = self._run(frozen, inputs, kwargs, batch["labels"])
+        outputs, logps = self._run(frozen, inputs, kwargs, batch)
         return outputs, {logps_key(role): value * batch["loss_mask"] for role, value in logps.items()}
 
-    def _run(self, frozen: list[torch.nn.Module], inputs: tuple, kwargs: dict, labels: torch.Tensor
+    def _run(self, frozen: list[torch.nn.Module], inputs: tuple, kwargs: dict, batch: Batch
              ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Every frozen chunk on ``inputs``, without autograd: (stage outputs to send on, empty on the
-        last stage; ``{role: log-probs of labels}`` on the last stage, empty elsewhere)."""
+        """Every frozen chunk on ``inputs`` (``batch``'s), without autograd: (stage outputs to send on,
+        empty on the last stage; ``{role: log-probs of its labels}`` on the last stage, empty elsewhere)."""
         outputs, logps = [], {}
         with torch.no_grad():
             for role, chunk in zip(self.roles, frozen):
                 output = chunk(*inputs, **kwargs)
                 if gpt_model(chunk).post_process:
-                    logps[role] = output_logprobs(chunk, output, labels, chunk_size=self.chunk_size)
+                    logps[role] = output_logprobs(chunk, output, batch["labels"], chunk_size=self.chunk_size,
+                                                  positions=batch.loss_positions)
                     del output  # the last stage's hidden states: only the log-probs are kept
                 else:
                     outputs.append(output)
@@ -217,7 +226,7 @@ class FrozenScorer:
         members = [self.microbatches[i] for i in self.group_of[index]]
         joined = joined_batch(members)
         kwargs = {"attention_mask": None, "packed_seq_params": packed_seq_params_for(joined)}
-        outputs, logps = self._run(frozen, (joined["input_ids"], joined["position_ids"]), kwargs, joined["labels"])
+        outputs, logps = self._run(frozen, (joined["input_ids"], joined["position_ids"]), kwargs, joined)
         if not logps:
             return outputs, {}
         stage = self._stage_of(frozen)

@@ -6,8 +6,9 @@ evaluation. Same micro-batch shapes, same model call, same vocab-parallel log-pr
 makes step-0 policy and reference log-probs identical when both start from one checkpoint.
 
 **The loss contract.** A :data:`LossFn` gets ``(index, batch, logps)`` on the last pipeline stage —
-``batch`` is this context-parallel rank's slice and ``logps`` its fp32 ``[R, S_local]`` token log-probs —
-and returns ``(loss, count, report)``:
+``batch`` is this context-parallel rank's slice and ``logps`` its fp32 ``[R, S_local]`` token log-probs
+(read them where ``loss_mask`` is set: where the batch knows its trained positions, ``loss_positions``,
+the LM head computes only those and the rest are 0) — and returns ``(loss, count, report)``:
 
 * ``loss``: this rank's share of the global *numerator*: summing the gradients of every rank's
   ``loss`` over data- and context-parallel ranks must give the gradient of the numerator;
@@ -122,7 +123,8 @@ def run_schedule(
             (enable_fused_head if logprobs.fused else disable_fused_head)(chunk)
 
         def head(model: torch.nn.Module, batch: Batch, output: torch.Tensor) -> torch.Tensor:
-            return output_logprobs(model, output, batch["labels"], chunk_size=logprobs.chunk_size)
+            return output_logprobs(model, output, batch["labels"], chunk_size=logprobs.chunk_size,
+                                   positions=batch.loss_positions)
 
     def forward_step(data_iterator, model):
         index = next(data_iterator)

@@ -28,12 +28,13 @@ CHUNK = 5  # tokens per fused chunk: 32 tokens per micro-batch -> several forwar
 def _microbatches(vocab: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(11)
     out = []
-    for _ in range(N_MICRO):
+    for n in range(N_MICRO):
         out.append(dict(
             input_ids=torch.randint(0, vocab, (B, S), generator=g),
             position_ids=torch.arange(S).expand(B, S),
             labels=torch.randint(0, vocab, (B, S), generator=g),
-            loss_mask=(torch.rand(B, S, generator=g) < 0.7).float(),
+            # the last micro-batch trains nothing (a filler micro-batch): the head must still backpropagate
+            loss_mask=(torch.rand(B, S, generator=g) < 0.7).float() * (n < N_MICRO - 1),
         ))
     return out
 
@@ -51,9 +52,10 @@ def _context_parallel_slice(batch: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v[:, idx] for k, v in batch.items()}
 
 
-def _run(ddp_chunks, batches, *, fused: bool, forward_only: bool = False):
+def _run(ddp_chunks, batches, *, fused: bool, forward_only: bool = False, at_loss_positions: bool = False):
     """One schedule pass; (log-probs per micro-batch on the last stage, main_grad per parameter name,
-    names of parameters left with a .grad, shapes of the model outputs)."""
+    names of parameters left with a .grad, shapes of the model outputs). ``at_loss_positions``: the head
+    is given the trained positions (this rank's ``loss_mask``), as the trainer's batches give them."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_tgdpo.models.fused_head import fused_logprobs
@@ -70,7 +72,8 @@ def _run(ddp_chunks, batches, *, fused: bool, forward_only: bool = False):
         def loss_func(output):
             shapes.append(tuple(output.shape))
             if fused:
-                logps = fused_logprobs(model, output, batch["labels"], chunk_size=CHUNK)
+                positions = batch["loss_mask"].reshape(-1).nonzero().reshape(-1) if at_loss_positions else None
+                logps = fused_logprobs(model, output, batch["labels"], chunk_size=CHUNK, positions=positions)
             else:
                 logps = vocab_parallel_logprobs(output, batch["labels"])
             logps_out.append(logps.detach().clone())
@@ -118,6 +121,8 @@ def _fused_vs_plain(*, tied: bool, bf16: bool, layout: dict):
     keys_after = [list(c.state_dict().keys()) for c in chunks]
     fused_logps, fused_grads, fused_stray, fused_shapes = _run(ddp, batches, fused=True)
     scored, _, _, _ = _run(ddp, batches, fused=True, forward_only=True)
+    at_positions = _run(ddp, batches, fused=True, at_loss_positions=True)
+    masks = [_context_parallel_slice(b)["loss_mask"] for b in batches]
 
     last = chunks[-1].post_process
     tied_weight = None
@@ -132,6 +137,8 @@ def _fused_vs_plain(*, tied: bool, bf16: bool, layout: dict):
         plain=(plain_logps, plain_grads, plain_stray, plain_shapes),
         fused=(fused_logps, fused_grads, fused_stray, fused_shapes),
         scored=scored,
+        at_positions=at_positions,
+        masks=masks,
         keys_unchanged=keys_before == keys_after,
         tied_weight=tied_weight,
         embedding=embedding,
@@ -175,17 +182,25 @@ def test_fused_head_matches_plain_head(case):
             # The fused model returned hidden states ([b, s(/tp with SP), H]), never logits.
             assert all(shape[-1] == hidden for shape in fused_shapes), fused_shapes
             assert all(shape[-1] != hidden for shape in plain_shapes), plain_shapes
-            for plain, fused, scored in zip(plain_logps, fused_logps, res["scored"]):
+            for plain, fused, scored, only, mask in zip(plain_logps, fused_logps, res["scored"],
+                                                         res["at_positions"][0], res["masks"]):
                 assert fused.dtype == torch.float32 and fused.shape == plain.shape
                 assert (fused - plain).abs().max().item() < logp_tol, rank
                 torch.testing.assert_close(scored, fused, rtol=0, atol=0)  # forward-only: same numbers
+                # Only at the trained positions: the same log-probs there, exactly 0 elsewhere.
+                assert only.shape == plain.shape
+                assert ((only - plain) * mask).abs().max().item() < logp_tol, rank
+                assert torch.count_nonzero(only * (mask == 0)) == 0, rank
         else:
             assert fused_logps == [] and not any(res["enabled"])
-        assert set(plain_grads) == set(fused_grads)
+        assert set(plain_grads) == set(fused_grads) == set(res["at_positions"][1])
+        assert res["at_positions"][2] == [], rank
         for name, plain in plain_grads.items():
             scale = plain.abs().max().item()
-            err = (fused_grads[name] - plain).abs().max().item()
-            assert err <= grad_rel * scale + 1e-12, f"rank {rank} {name}: |diff| {err:.3g} vs max |grad| {scale:.3g}"
+            for what, grads in (("fused", fused_grads), ("fused at the loss positions", res["at_positions"][1])):
+                err = (grads[name] - plain).abs().max().item()
+                assert err <= grad_rel * scale + 1e-12, \
+                    f"rank {rank} {name} ({what}): |diff| {err:.3g} vs max |grad| {scale:.3g}"
             assert scale > 0 or name.endswith("bias"), f"rank {rank} {name}: no gradient at all"
     if case == "pp2-tied":
         # finalize_model_grads all-reduced the last stage's copy of the tied weight with the embedding.
