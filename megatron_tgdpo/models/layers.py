@@ -304,6 +304,11 @@ class ContextParallelAttention(MegatronModule):
             else:
                 blocks = self.blocks(bounds)
             return self._attend_blocks(query, key, value, blocks, plans=plans).squeeze(1)
+        if bounds is None and cp_size == 1 and query.shape[0] == key.shape[0]:
+            # Rows of one sequence each, whole on this rank: plain causal attention. The causal kernel
+            # skips the masked half and needs no [s, s] mask per layer (a row's padding sits after its
+            # tokens, so no real token sees it).
+            return self._attend(query, key, value)
         where = dict(sq=query.shape[0], sk=key.shape[0], cp_rank=parallel_state.get_context_parallel_rank(),
                      cp_size=cp_size, device=query.device)
         if bounds is None:

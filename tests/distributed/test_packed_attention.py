@@ -367,19 +367,23 @@ def _attention_rank():
     q = torch.randn(sk, b, heads, d, generator=g)
     k = torch.randn(sk, b, groups, d, generator=g)
     v = torch.randn(sk, b, groups, d, generator=g)
-    full = attn(q, k, v)  # [sk, b, heads * d]
-    decode = {sq: attn(q[sk - sq :], k, v) for sq in (1, 3, sk)}
+    full = attn(q, k, v)  # [sk, b, heads * d]: rows, CP 1 -> the causal kernel without a mask
+    from megatron_tgdpo.models.layers import _sequence_layout
+
+    masked = attn._attend(q, k, v, attn.allowed(_sequence_layout(sq=sk, sk=sk, cp_rank=0, cp_size=1, device=q.device)))
+    decode = {sq: attn(q[sk - sq :], k, v) for sq in (1, 3, sk)}  # fewer queries: the offset causal mask
     # thd: [t, heads, d] in, [t, heads * d] out; each segment equals that segment alone.
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
     packed = attn(q[:, 0], k[:, 0], v[:, 0], packed_seq_params=params)
     alone = [attn(q[s:e, :1], k[s:e, :1], v[s:e, :1])[:, 0] for s, e in ((0, 5), (5, 12))]
-    return full, decode, packed, alone
+    return full, masked, decode, packed, alone
 
 
 def test_attention_thd_shapes_and_kv_cache_decoding():
-    full, decode, packed, alone = run_on_ranks(1, _attention_rank)[0]
+    full, masked, decode, packed, alone = run_on_ranks(1, _attention_rank)[0]
     sk = full.shape[0]
+    torch.testing.assert_close(full, masked, atol=1e-6, rtol=0, msg="causal kernel vs the masked square")
     for sq, out in decode.items():
         assert out.shape == (sq, *full.shape[1:])
         torch.testing.assert_close(out, full[sk - sq :], atol=1e-6, rtol=0, msg=f"{sq} new queries")
