@@ -142,13 +142,16 @@ def _label_modules(chunk, *, prefix: str) -> None:
 
 def instrument(algorithm) -> None:
     """Phase scopes (functions wrapped by name) and part scopes (module hooks) for one algorithm."""
-    from megatron_tgdpo import compat
+    from megatron_tgdpo import compat, logprob_cache
     from megatron_tgdpo.algorithms import preference
-    from megatron_tgdpo.runtime import data, metrics, prefetch, schedule
+    from megatron_tgdpo.runtime import data, frozen, metrics, prefetch, schedule
 
     prefetch.Prefetcher.next_global_batch = _labelled(prefetch.Prefetcher.next_global_batch, "phase:data")
     data.BatchSource.next_global_batch = _timed(data.BatchSource.next_global_batch, HOST_DATA_S)
-    preference.score_logps = _labelled(preference.score_logps, "phase:reference forward")
+    # The frozen models run inside the policy's schedule (runtime/frozen.py): that phase nests in the
+    # policy's, and attribute() takes its time out of the policy's. The cached path reads the cache.
+    frozen.FrozenScorer.forward = _labelled(frozen.FrozenScorer.forward, "phase:reference forward")
+    logprob_cache.attach_cached_logps = _labelled(logprob_cache.attach_cached_logps, "phase:reference forward")
     preference.run_schedule = _labelled(preference.run_schedule, "phase:policy forward + backward")
     compat.guarded_optimizer_step = _labelled(compat.guarded_optimizer_step, "phase:optimizer")
     metrics.StepMetrics.reduce = _labelled(metrics.StepMetrics.reduce, "phase:metrics reduce")
@@ -180,6 +183,9 @@ def attribute(events) -> dict:
         name = event.name
         if name.startswith("phase:"):
             totals[name[6:]] += event.cpu_time_total
+            outer = _scope(event.cpu_parent, "phase")
+            if outer is not None:  # a phase inside another (frozen scoring in the policy's schedule): not the outer's
+                totals[outer] -= event.cpu_time_total
         elif name.startswith("part:") and _scope(event.cpu_parent, "part") is None:
             totals[(name[5:], "forward")] += event.cpu_time_total  # outermost part scopes only
         elif name.startswith("autograd::engine::evaluate_function"):
