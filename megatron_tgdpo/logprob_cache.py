@@ -383,12 +383,6 @@ class LogprobCache:
         self._check_role(role)
         return np.asarray(self._values[role][index], dtype=np.float32)
 
-    def gather(self, role: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """fp32 values of the spans ``[starts[i], starts[i] + lengths[i])`` back to back, in one indexed read
-        of the (memory-mapped) values file."""
-        self._check_role(role)
-        return self.read_values(role, self.value_index(starts, lengths))
-
     def batch_logps(self, batch: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
         """fp32 full-length log-probs of ``role`` for a collated batch (a :class:`Batch`, or the rows
         layout's tensors), shaped like its ``loss_mask`` and zero where ``loss_mask == 0``. Sequences

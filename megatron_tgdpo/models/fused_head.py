@@ -189,15 +189,19 @@ def fused_logprobs(
     hidden = output.reshape(-1, output.shape[-1]).index_select(0, positions)
     picked = fused_vocab_parallel_logprobs(hidden, weight, labels.reshape(-1).index_select(0, positions),
                                            tp_group=group, chunk_size=chunk_size)
-    return picked.new_zeros(labels.numel()).index_copy(0, positions, picked).view(labels.shape)
+    return _placed(picked, positions, labels.shape)
+
+
+def _placed(values: torch.Tensor, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A zero tensor of ``shape`` holding ``values[k]`` at flat position ``positions[k]``."""
+    return values.new_zeros(shape.numel()).index_copy(0, positions, values).view(shape)
 
 
 def _only_at(logps: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
     """``logps`` where ``positions`` (flat indices) say, 0 elsewhere; all of it for None."""
     if positions is None:
         return logps
-    flat = logps.reshape(-1)
-    return flat.new_zeros(flat.shape).index_copy(0, positions, flat.index_select(0, positions)).view(logps.shape)
+    return _placed(logps.reshape(-1).index_select(0, positions), positions, logps.shape)
 
 
 def output_logprobs(
