@@ -34,7 +34,8 @@ Three jobs, nothing else:
      the optimizer and set-up, where the hard-coded ``device="cuda"`` calls are, keep it.
 
 3. **torch differences** the hot path cares about: grouped-query attention without copying K/V
-   (:func:`grouped_query_sdpa`).
+   (:func:`grouped_query_sdpa`), and causal attention that pays for the lower triangle only on CPU,
+   whose flash kernel computes whole 512-key tiles (:func:`causal_sdpa`).
 """
 from __future__ import annotations
 
@@ -93,6 +94,41 @@ def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if sdpa_has_gqa():
         return sdpa(query, key, value, enable_gqa=True, **kwargs)
     return sdpa(query, key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), **kwargs)
+
+
+# Query rows per call of :func:`causal_sdpa`'s CPU path (measured best of 64-256 at 200-1,000 tokens).
+CPU_CAUSAL_CHUNK = 128
+
+
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal :func:`grouped_query_sdpa` over ``[b, heads, s, d]`` / ``[b, groups, s, d]``, the same
+    queries as keys.
+
+    On CPU, sequences longer than :data:`CPU_CAUSAL_CHUNK` run in query chunks. torch's CPU flash
+    kernel computes whole key tiles of up to 512 columns and masks the part above the diagonal, so a
+    causal sequence of up to 512 tokens costs what full attention does (about 0.9-1.1x, forward and
+    backward) and longer ones pay for a 512-wide triangle per query tile. Chunk ``[m, e)`` of the
+    queries attends to keys ``[0, e)`` under an additive mask (bottom-right causal), and only the
+    first chunk is a causal square: about ``s^2 / 2 + s * chunk / 2`` scores instead of ``~s^2``,
+    0.7-0.85x the time of one causal call at 200-1,000 tokens. The result is the same softmax over
+    the same keys (rounding differs). CUDA kernels skip the masked tiles themselves, so GPU calls,
+    and calls with dropout (whose random stream chunking would change), go straight through."""
+    s = query.shape[2]
+    chunk = CPU_CAUSAL_CHUNK
+    if query.device.type != "cpu" or dropout_p or s <= chunk or key.shape[2] != s:
+        return grouped_query_sdpa(query, key, value, is_causal=True, dropout_p=dropout_p, scale=scale)
+    # One band for every chunk: band[i, j] = 0 where j <= i + s, else -inf. Chunk [m, e)'s mask is
+    # band[:e - m, s - m : s - m + e]: query m + i sees key p where p <= m + i.
+    band = torch.full((chunk, s + chunk), float("-inf"), dtype=query.dtype, device=query.device).triu(s + 1)
+    outs = [grouped_query_sdpa(query[:, :, :chunk], key[:, :, :chunk], value[:, :, :chunk], is_causal=True,
+                               scale=scale)]
+    for m in range(chunk, s, chunk):
+        e = min(m + chunk, s)
+        mask = band[: e - m, s - m : s - m + e]
+        outs.append(grouped_query_sdpa(query[:, :, m:e], key[:, :, :e], value[:, :, :e], attn_mask=mask,
+                                       scale=scale))
+    return torch.cat(outs, dim=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_tgdpo.compat import grouped_query_sdpa
+from megatron_tgdpo.compat import causal_sdpa, grouped_query_sdpa
 
 # Re-exported: existing callers import the CP position helper from here (one definition, in batch.py).
 from megatron_tgdpo.data.batch import cp_chunk_positions, cp_row_positions
@@ -372,16 +372,18 @@ class ContextParallelAttention(MegatronModule):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """``[s, b, heads|groups, d]`` -> ``[sq, b, heads * d]``: attention under ``mask`` (True = may
-        attend; ``[sq, sk]`` or ``[b, 1, sq, sk]``), or plain causal without one. Grouped-query K/V are
-        broadcast over the heads inside the kernel where torch can (``compat.grouped_query_sdpa``)."""
+        attend; ``[sq, sk]`` or ``[b, 1, sq, sk]``), or plain causal without one (``compat.causal_sdpa``:
+        on CPU in query chunks). Grouped-query K/V are broadcast over the heads inside the kernel where
+        torch can (``compat.grouped_query_sdpa``)."""
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        out = grouped_query_sdpa(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
-            scale=self.softmax_scale,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            out = causal_sdpa(q, k, v, scale=self.softmax_scale, dropout_p=dropout_p)
+        else:
+            out = grouped_query_sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale)
         # [b, h, sq, d] -> [sq, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.heads * self.head_dim)
 

@@ -24,6 +24,21 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Sort: pear, apple, fig"},
      {"role": "assistant", "content": "apple, fig, pear"}],
     [{"role": "user", "content": "2 + 3 * 4 = ?"}, {"role": "assistant", "content": "14"}],
+    # Long enough (~300 tokens) that a row's causal attention runs in several query chunks on CPU
+    # (compat.causal_sdpa), padding the short rows above to its width.
+    [{"role": "user", "content": "Describe how bread is made, step by step."},
+     {"role": "assistant", "content": (
+         "First, mix flour, water, salt and yeast in a large bowl until a rough dough forms. Knead the dough "
+         "on a floured table for about ten minutes, folding and pressing it until it becomes smooth and "
+         "elastic. Place it in an oiled bowl, cover it with a cloth, and leave it somewhere warm for an "
+         "hour or two, until it has doubled in size. Then press the air out of the dough, shape it into a "
+         "loaf or a few rolls, and set it on a baking tray or in a tin. Let it rise again for forty minutes "
+         "while the oven heats to a high temperature. Before baking, cut a few shallow lines across the top "
+         "so that the loaf can expand evenly, and brush it with a little water or milk for a golden crust. "
+         "Bake it for thirty to forty minutes, until the crust is brown and the bottom sounds hollow when "
+         "you tap it. Finally, let the bread cool on a wire rack for at least half an hour before slicing, "
+         "because the inside keeps cooking while the steam escapes. Stored in a paper bag, it stays fresh "
+         "for two or three days, and slices can be frozen and toasted later.")}],
 ]
 
 

@@ -1,0 +1,63 @@
+"""``compat.causal_sdpa``: the CPU path runs long sequences in query chunks under a band mask; it
+must be causal attention exactly (float64 softmax reference), forward and backward, at every length
+around the chunk edges, with grouped-query K/V."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_tgdpo import compat
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention written out in float64: [b, h, s, d] queries, [b, g, s, d] keys/values."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    s = q.shape[2]
+    future = torch.ones(s, s, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("length", [1, 5, 127, 128, 129, 255, 256, 257, 300, 513])
+@pytest.mark.parametrize("heads,groups", [(4, 2), (2, 2)])
+def test_matches_float64_causal_attention(length: int, heads: int, groups: int) -> None:
+    gen = torch.Generator().manual_seed(length * 10 + heads)
+    shape = (2, heads, length, 16)
+    q = torch.randn(shape, generator=gen)
+    k = torch.randn(2, groups, length, 16, generator=gen)
+    v = torch.randn(2, groups, length, 16, generator=gen)
+    grad = torch.randn(shape, generator=gen)
+    scale = 1 / math.sqrt(16)
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compat.causal_sdpa(*inputs, scale=scale)
+    out.backward(grad)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_inputs, scale)
+    ref.backward(grad.double())
+
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=5e-5)
+
+
+def test_long_sequences_are_chunked_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked path is what runs (one causal square, then masked chunks), not a silent fallback."""
+    calls = []
+    real = compat.grouped_query_sdpa
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape[2], k.shape[2], kwargs.get("is_causal", False), kwargs.get("attn_mask") is not None))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(compat, "grouped_query_sdpa", spy)
+    chunk = compat.CPU_CAUSAL_CHUNK
+    q = torch.randn(1, 2, 2 * chunk + 3, 8)
+    compat.causal_sdpa(q, q, q, scale=1.0)
+    assert calls == [(chunk, chunk, True, False), (chunk, 2 * chunk, False, True), (3, 2 * chunk + 3, False, True)]
+    calls.clear()
+    compat.causal_sdpa(q, q, q, scale=1.0, dropout_p=0.1)  # dropout: one call, its random stream unchanged
+    assert calls == [(2 * chunk + 3, 2 * chunk + 3, True, False)]
