@@ -96,8 +96,63 @@ def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return sdpa(query, key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), **kwargs)
 
 
-# Query rows per call of :func:`causal_sdpa`'s CPU path (measured best of 64-256 at 200-1,000 tokens).
+# Query rows per kernel call of :func:`causal_sdpa`'s CPU path (measured best of 64-256 at 200-1,000 tokens).
 CPU_CAUSAL_CHUNK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flash_ops() -> Any:
+    """torch's CPU flash-attention forward and backward ops (``None`` where this torch lacks them)."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu")
+            and hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward")):
+        return None
+    return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _ChunkedCausalAttention(torch.autograd.Function):
+    """Causal attention as query chunks over key prefixes (see :func:`causal_sdpa`), with the kernel's
+    own backward per chunk. The key and value gradients of the chunks are added into one buffer in
+    place: through autograd, every chunk's prefix slice would cost a zero-filled full-size gradient, a
+    copy and an add, which takes back what the chunks save."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                chunk: int) -> torch.Tensor:
+        forward_op, _ = _cpu_flash_ops()
+        s = query.shape[2]
+        # band[i, j] = 0 where j <= i + s, else -inf. Chunk [m, e)'s mask is band[:e - m, s - m : s - m + e]:
+        # query m + i sees key p where p <= m + i (bottom-right causal over the prefix [0, e)).
+        band = torch.full((chunk, s + chunk), float("-inf"), dtype=query.dtype, device=query.device).triu(s + 1)
+        spans, outs, lses = [], [], []
+        for m in range(0, s, chunk):
+            e = min(m + chunk, s)
+            mask = None if m == 0 else band[: e - m, s - m : s - m + e]
+            out, lse = forward_op(query[:, :, m:e], key[:, :, :e], value[:, :, :e], 0.0, m == 0,
+                                  attn_mask=mask, scale=scale)
+            spans.append((m, e, mask))
+            outs.append(out)
+            lses.append(lse)
+        ctx.save_for_backward(query, key, value, *outs, *lses)
+        ctx.spans, ctx.scale = spans, scale
+        return torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        _, backward_op = _cpu_flash_ops()
+        query, key, value, *rest = ctx.saved_tensors
+        n = len(ctx.spans)
+        outs, lses = rest[:n], rest[n:]
+        grad_q = torch.empty_like(query)
+        grad_k = torch.zeros_like(key)
+        grad_v = torch.zeros_like(value)
+        for (m, e, mask), out, lse in zip(ctx.spans, outs, lses):
+            gq, gk, gv = backward_op(grad[:, :, m:e], query[:, :, m:e], key[:, :, :e], value[:, :, :e], out, lse,
+                                     0.0, m == 0, attn_mask=mask, scale=ctx.scale)
+            grad_q[:, :, m:e] = gq
+            grad_k[:, :, :e] += gk
+            grad_v[:, :, :e] += gv
+        return grad_q, grad_k, grad_v, None, None
 
 
 def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float,
@@ -110,25 +165,15 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
     causal sequence of up to 512 tokens costs what full attention does (about 0.9-1.1x, forward and
     backward) and longer ones pay for a 512-wide triangle per query tile. Chunk ``[m, e)`` of the
     queries attends to keys ``[0, e)`` under an additive mask (bottom-right causal), and only the
-    first chunk is a causal square: about ``s^2 / 2 + s * chunk / 2`` scores instead of ``~s^2``,
-    0.7-0.85x the time of one causal call at 200-1,000 tokens. The result is the same softmax over
-    the same keys (rounding differs). CUDA kernels skip the masked tiles themselves, so GPU calls,
-    and calls with dropout (whose random stream chunking would change), go straight through."""
+    first chunk is a causal square: about ``s^2 / 2 + s * chunk / 2`` scores instead of ``~s^2``.
+    The result is the same softmax over the same keys (rounding differs). CUDA kernels skip the
+    masked tiles themselves, so GPU calls go straight through, as do calls with dropout (whose
+    random stream chunking would change) and a torch without the CPU flash ops."""
     s = query.shape[2]
-    chunk = CPU_CAUSAL_CHUNK
-    if query.device.type != "cpu" or dropout_p or s <= chunk or key.shape[2] != s:
+    if (query.device.type != "cpu" or dropout_p or s <= CPU_CAUSAL_CHUNK or key.shape[2] != s
+            or _cpu_flash_ops() is None):
         return grouped_query_sdpa(query, key, value, is_causal=True, dropout_p=dropout_p, scale=scale)
-    # One band for every chunk: band[i, j] = 0 where j <= i + s, else -inf. Chunk [m, e)'s mask is
-    # band[:e - m, s - m : s - m + e]: query m + i sees key p where p <= m + i.
-    band = torch.full((chunk, s + chunk), float("-inf"), dtype=query.dtype, device=query.device).triu(s + 1)
-    outs = [grouped_query_sdpa(query[:, :, :chunk], key[:, :, :chunk], value[:, :, :chunk], is_causal=True,
-                               scale=scale)]
-    for m in range(chunk, s, chunk):
-        e = min(m + chunk, s)
-        mask = band[: e - m, s - m : s - m + e]
-        outs.append(grouped_query_sdpa(query[:, :, m:e], key[:, :, :e], value[:, :, :e], attn_mask=mask,
-                                       scale=scale))
-    return torch.cat(outs, dim=2)
+    return _ChunkedCausalAttention.apply(query, key, value, scale, CPU_CAUSAL_CHUNK)
 
 
 # --------------------------------------------------------------------------------------------

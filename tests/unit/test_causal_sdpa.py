@@ -45,19 +45,27 @@ def test_matches_float64_causal_attention(length: int, heads: int, groups: int) 
 
 
 def test_long_sequences_are_chunked_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The chunked path is what runs (one causal square, then masked chunks), not a silent fallback."""
+    """The chunked path is what runs (a causal square, then masked chunks over key prefixes, forward
+    and backward), not a silent fallback; dropout keeps one call (its random stream unchanged)."""
+    forward_op, backward_op = compat._cpu_flash_ops()
     calls = []
-    real = compat.grouped_query_sdpa
 
-    def spy(q, k, v, **kwargs):
-        calls.append((q.shape[2], k.shape[2], kwargs.get("is_causal", False), kwargs.get("attn_mask") is not None))
-        return real(q, k, v, **kwargs)
+    def spy(op, name):
+        def run(q, k, v, *args, **kwargs):
+            calls.append((name, q.shape[2], k.shape[2], kwargs.get("attn_mask") is not None))
+            return op(q, k, v, *args, **kwargs)
+        return run
 
-    monkeypatch.setattr(compat, "grouped_query_sdpa", spy)
+    def spy_backward(grad, q, k, v, *args, **kwargs):
+        calls.append(("backward", q.shape[2], k.shape[2], kwargs.get("attn_mask") is not None))
+        return backward_op(grad, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(compat, "_cpu_flash_ops", lambda: (spy(forward_op, "forward"), spy_backward))
     chunk = compat.CPU_CAUSAL_CHUNK
-    q = torch.randn(1, 2, 2 * chunk + 3, 8)
-    compat.causal_sdpa(q, q, q, scale=1.0)
-    assert calls == [(chunk, chunk, True, False), (chunk, 2 * chunk, False, True), (3, 2 * chunk + 3, False, True)]
+    q = torch.randn(1, 2, 2 * chunk + 3, 8, requires_grad=True)
+    compat.causal_sdpa(q, q, q, scale=1.0).sum().backward()
+    spans = [(chunk, chunk, False), (chunk, 2 * chunk, True), (3, 2 * chunk + 3, True)]
+    assert calls == [("forward", *s) for s in spans] + [("backward", *s) for s in spans]
     calls.clear()
-    compat.causal_sdpa(q, q, q, scale=1.0, dropout_p=0.1)  # dropout: one call, its random stream unchanged
-    assert calls == [(2 * chunk + 3, 2 * chunk + 3, True, False)]
+    compat.causal_sdpa(q, q, q, scale=1.0, dropout_p=0.1)
+    assert calls == []
