@@ -69,3 +69,22 @@ def test_long_sequences_are_chunked_on_cpu(monkeypatch: pytest.MonkeyPatch) -> N
     calls.clear()
     compat.causal_sdpa(q, q, q, scale=1.0, dropout_p=0.1)
     assert calls == []
+
+
+def test_bench_attention_prints_every_shape_and_refuses_a_wrong_chunked_result(capsys, monkeypatch):
+    from suite import load_tool
+
+    bench = load_tool("bench_attention")
+    assert bench.main(["--shapes", "2x150", "1x40", "--rounds", "2", "--head-dim", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("forward + backward") and "chunk 128" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["2x150", "1x40"]
+    assert all(float(r[-1]) > 0 and float(r[-2]) > 0 for r in rows)
+    # A chunked path that lets queries see later keys is caught before anything is timed.
+    monkeypatch.setattr(compat, "causal_sdpa", lambda q, k, v, *, scale, dropout_p=0.0:
+                        compat.grouped_query_sdpa(q, k, v, scale=scale))
+    with pytest.raises(SystemExit, match="differs from one causal call"):
+        bench.main(["--shapes", "2x150", "--rounds", "1", "--head-dim", "8"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "4x"])
