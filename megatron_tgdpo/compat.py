@@ -96,7 +96,8 @@ def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return sdpa(query, key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), **kwargs)
 
 
-# Query rows per kernel call of :func:`causal_sdpa`'s CPU path (measured best of 64-256 at 200-1,000 tokens).
+# Query rows per kernel call of :func:`causal_sdpa`'s CPU path: 96-192 measured alike at 300-1,024 tokens, 256 slower
+# (docs/performance.md, "Causal attention on CPU: query chunks").
 CPU_CAUSAL_CHUNK = 128
 
 

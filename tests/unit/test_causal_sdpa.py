@@ -44,6 +44,28 @@ def test_matches_float64_causal_attention(length: int, heads: int, groups: int) 
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=5e-5)
 
 
+def test_gradients_through_the_models_layout():
+    """As the local attention calls it: [s, b, h, d] tensors permuted in, the output laid back out as
+    [s, b, h * d], so the gradient reaching the chunks is a non-contiguous view."""
+    gen = torch.Generator().manual_seed(7)
+    s, b = 300, 2
+    q, k, v = (torch.randn(s, b, h, 16, generator=gen) for h in (4, 2, 2))
+    grad = torch.randn(s, b, 4 * 16, generator=gen)
+
+    def run(fn, q, k, v):
+        out = fn(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))
+        out.permute(2, 0, 1, 3).reshape(s, b, -1).backward(grad.to(out.dtype))
+        return out
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = run(lambda *t: compat.causal_sdpa(*t, scale=0.25), *inputs)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = run(lambda *t: reference(*t, 0.25), *ref_inputs)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=5e-5)
+
+
 def test_long_sequences_are_chunked_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The chunked path is what runs (a causal square, then masked chunks over key prefixes, forward
     and backward), not a silent fallback; dropout keeps one call (its random stream unchanged)."""
