@@ -134,22 +134,23 @@ class _ChunkedCausalAttention(torch.autograd.Function):
             spans.append((m, e, mask))
             outs.append(out)
             lses.append(lse)
-        ctx.save_for_backward(query, key, value, *outs, *lses)
+        out = torch.cat(outs, dim=2)
+        # The joined output, not the chunks': backward reads each chunk's rows as a view of it, so the
+        # attention output is held once (the projection after it keeps it too).
+        ctx.save_for_backward(query, key, value, out, *lses)
         ctx.spans, ctx.scale = spans, scale
-        return torch.cat(outs, dim=2)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         _, backward_op = _cpu_flash_ops()
-        query, key, value, *rest = ctx.saved_tensors
-        n = len(ctx.spans)
-        outs, lses = rest[:n], rest[n:]
+        query, key, value, out, *lses = ctx.saved_tensors
         grad_q = torch.empty_like(query)
         grad_k = torch.zeros_like(key)
         grad_v = torch.zeros_like(value)
-        for (m, e, mask), out, lse in zip(ctx.spans, outs, lses):
-            gq, gk, gv = backward_op(grad[:, :, m:e], query[:, :, m:e], key[:, :, :e], value[:, :, :e], out, lse,
-                                     0.0, m == 0, attn_mask=mask, scale=ctx.scale)
+        for (m, e, mask), lse in zip(ctx.spans, lses):
+            gq, gk, gv = backward_op(grad[:, :, m:e], query[:, :, m:e], key[:, :, :e], value[:, :, :e],
+                                     out[:, :, m:e], lse, 0.0, m == 0, attn_mask=mask, scale=ctx.scale)
             grad_q[:, :, m:e] = gq
             grad_k[:, :, :e] += gk
             grad_v[:, :, :e] += gv
