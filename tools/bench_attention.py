@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from megatron_tgdpo import compat
+
     torch.set_num_threads(args.threads)
     scale = args.head_dim ** -0.5
     generator = torch.Generator().manual_seed(args.seed)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
                 q, k, v = inputs(*shape, args, generator=generator)
                 times[shape, name].append(timed(fns[name], q, k, v))
     print(f"forward + backward, ms (median, min..max of {args.rounds} rounds); heads {args.heads}, groups "
-          f"{args.groups}, head dim {args.head_dim}, {args.threads} thread(s), chunk {chunk_size()}")
+          f"{args.groups}, head dim {args.head_dim}, {args.threads} thread(s), chunk {compat.CPU_CAUSAL_CHUNK}")
     print(f"{'shape':>9}  " + "  ".join(f"{name:>20}" for name in VARIANTS) + "  causal/full  chunked/causal")
     for shape in args.shapes:
         med = {name: statistics.median(times[shape, name]) * 1e3 for name in VARIANTS}
@@ -125,12 +127,6 @@ def main(argv=None) -> int:
         print(f"{shape[0]:>4}x{shape[1]:<4}  " + "  ".join(f"{c:>20}" for c in cells)
               + f"  {med['causal'] / med['full']:11.2f}  {med['chunked'] / med['causal']:13.2f}")
     return 0
-
-
-def chunk_size() -> int:
-    from megatron_tgdpo import compat
-
-    return compat.CPU_CAUSAL_CHUNK
 
 
 if __name__ == "__main__":
